@@ -608,6 +608,35 @@ class Adamax:
         self._run_step(present)
         self._raw_iterations += 1
 
+    def gradient_buffer(self, name: str) -> Any:
+        """The writable staging buffer for ``name``'s gradient (variable shape and dtype).
+
+        A server writes received gradient bytes here directly and then calls
+        ``apply_staged``; that skips one full copy of the gradients. Backend arrays: NumPy on
+        the CPU, CuPy on the GPU.
+        """
+        return self._view("g", self._require_var(name))
+
+    def apply_staged(self, present: Iterable[str] | None = None) -> None:
+        """Apply the gradients already written into ``gradient_buffer``s.
+
+        Args:
+            present: names of the variables that have a gradient this step (None: all).
+        """
+        if not self.built:
+            raise ValueError("The optimizer must be built before `apply_staged`.")
+        if present is None:
+            flags = [True] * len(self._vars)
+        else:
+            names = set(present)
+            for n in names:
+                self._require_var(n)
+            flags = [v.name in names for v in self._vars]
+        if not any(flags):
+            raise ValueError("No gradients provided for any variable.")
+        self._run_step(flags)
+        self._raw_iterations += 1
+
     def _run_step(self, present: list[bool]) -> None:
         """One Keras ``_backend_apply_gradients`` over every dtype group."""
         steps = self.gradient_accumulation_steps

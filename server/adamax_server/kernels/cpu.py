@@ -24,6 +24,7 @@ from .base import (
     CLIP_VALUE,
     FlatGroup,
     GroupStep,
+    SegmentTable,
 )
 
 try:  # numba is a hard dependency of the package, but keep the module importable without it.
@@ -33,6 +34,10 @@ try:  # numba is a hard dependency of the package, but keep the module importabl
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
+
+
+# 16K elements: the slices of w, m, u, g, acc and avg that one task touches fit in L2 together.
+CPU_TASK_ELEMENTS = 1 << 14
 
 
 def _dummy(dtype: np.dtype) -> np.ndarray:
@@ -56,15 +61,6 @@ class _HostBackendBase:
 
 
 if HAVE_NUMBA:
-
-    @njit(inline="always")
-    def _nan_max(a, b):
-        # np.maximum: a NaN operand is returned.
-        if a != a:
-            return a
-        if b != b:
-            return b
-        return a if a >= b else b
 
     @njit(inline="always")
     def _clip(x, lo, hi):
@@ -161,6 +157,76 @@ if HAVE_NUMBA:
             if top == 1:
                 out[s] = stack[0]
 
+    @njit(inline="always", nogil=True)
+    def _update_task(
+        w, m, u, g, acc, avg, has_grad, decays, denom,
+        use_loss_scale, loss_scale, acc_mode, acc_steps,
+        clip_mode, clip_value, clip_norm, global_scale, global_scale_wide,
+        wd, wd_lr, lr, one_minus_beta_1, beta_2, epsilon, one_minus_beta_1_power,
+        use_ema, ema_m, ema_one_minus_m, overwrite,
+    ):  # fmt: skip
+        # One task: every array is the task's slice (indexed from 0, L2-sized), and each
+        # option is its own branch-free loop so that LLVM vectorises every pass. The staged
+        # gradient ``g`` is the engine's scratch buffer and is transformed in place.
+        zero = w.dtype.type(0)
+        n = w.shape[0]
+        if has_grad:
+            if use_loss_scale:
+                for i in range(n):
+                    g[i] = g[i] / loss_scale
+            if acc_mode == 1:
+                for i in range(n):
+                    acc[i] = g[i] + acc[i]
+            else:
+                if acc_mode == 2:
+                    for i in range(n):
+                        g[i] = (g[i] + acc[i]) / acc_steps
+                        acc[i] = zero
+                if clip_mode == 1:
+                    lo = -clip_value
+                    for i in range(n):
+                        x = g[i]
+                        y = lo if x < lo else x
+                        y = clip_value if y > clip_value else y
+                        g[i] = x if x != x else y  # np.clip: NaN stays NaN
+                elif clip_mode == 2:
+                    for i in range(n):
+                        g[i] = (g[i] * clip_norm) / denom
+                elif clip_mode == 3:
+                    if global_scale_wide:
+                        for i in range(n):
+                            g[i] = w.dtype.type(np.float64(g[i]) * global_scale)
+                    else:
+                        scale = w.dtype.type(global_scale)
+                        for i in range(n):
+                            g[i] = g[i] * scale
+                if decays:
+                    for i in range(n):
+                        wi = w[i]
+                        w[i] = wi - wi * wd * wd_lr
+                for i in range(n):
+                    gi = g[i]
+                    mi = m[i]
+                    mi = mi + (gi - mi) * one_minus_beta_1
+                    x = beta_2 * u[i]
+                    y = abs(gi)
+                    ui = x if (x != x or x >= y) else y  # np.maximum: NaN wins
+                    w[i] = w[i] - (lr * mi) / (one_minus_beta_1_power * (ui + epsilon))
+                    m[i] = mi
+                    u[i] = ui
+        elif acc_mode == 2:
+            for i in range(n):
+                acc[i] = zero
+        if use_ema:
+            if overwrite:
+                for i in range(n):
+                    av = ema_m * avg[i] + ema_one_minus_m * w[i]
+                    avg[i] = av
+                    w[i] = av
+            else:
+                for i in range(n):
+                    avg[i] = ema_m * avg[i] + ema_one_minus_m * w[i]
+
     @njit(parallel=True, nogil=True, cache=True)
     def _fused_step(
         w, m, u, g, acc, avg,
@@ -171,70 +237,29 @@ if HAVE_NUMBA:
         lr, one_minus_beta_1, beta_2, epsilon, one_minus_beta_1_power,
         use_ema, ema_m, ema_one_minus_m, overwrite,
     ):  # fmt: skip
-        zero = w.dtype.type(0)
-        neg_clip_value = -clip_value
+        has_acc = acc.shape[0] == w.shape[0]
+        has_avg = avg.shape[0] == w.shape[0]
         for t in prange(task_seg.shape[0]):
             s = task_seg[t]
             a = task_start[t]
             b = task_end[t]
-            if has_grad[s]:
-                if acc_mode == 1:
-                    for i in range(a, b):
-                        gi = g[i]
-                        if use_loss_scale:
-                            gi = gi / loss_scale
-                        acc[i] = gi + acc[i]
-                else:
-                    decays = use_wd and decay[s] != 0
-                    denom = clip_denom[s]
-                    for i in range(a, b):
-                        gi = g[i]
-                        if use_loss_scale:
-                            gi = gi / loss_scale
-                        if acc_mode == 2:
-                            gi = (gi + acc[i]) / acc_steps
-                            acc[i] = zero
-                        if clip_mode == 1:
-                            gi = _clip(gi, neg_clip_value, clip_value)
-                        elif clip_mode == 2:
-                            gi = (gi * clip_norm) / denom
-                        elif clip_mode == 3:
-                            if global_scale_wide:
-                                gi = w.dtype.type(np.float64(gi) * global_scale)
-                            else:
-                                gi = gi * w.dtype.type(global_scale)
-                        wi = w[i]
-                        if decays:
-                            wi = wi - wi * wd * wd_lr
-                        mi = m[i]
-                        mi = mi + (gi - mi) * one_minus_beta_1
-                        ui = _nan_max(beta_2 * u[i], abs(gi))
-                        wi = wi - (lr * mi) / (one_minus_beta_1_power * (ui + epsilon))
-                        m[i] = mi
-                        u[i] = ui
-                        if use_ema:
-                            av = ema_m * avg[i] + ema_one_minus_m * wi
-                            avg[i] = av
-                            if overwrite:
-                                wi = av
-                        w[i] = wi
-                    continue
-            # Segments without a gradient, and accumulation-only steps: the per-call tail.
-            if acc_mode == 2 and not has_grad[s]:
-                for i in range(a, b):
-                    acc[i] = zero
-            if use_ema:
-                for i in range(a, b):
-                    av = ema_m * avg[i] + ema_one_minus_m * w[i]
-                    avg[i] = av
-                    if overwrite:
-                        w[i] = av
+            acc_t = acc[a:b] if has_acc else acc
+            avg_t = avg[a:b] if has_avg else avg
+            _update_task(
+                w[a:b], m[a:b], u[a:b], g[a:b], acc_t, avg_t,
+                has_grad[s] != 0, use_wd and decay[s] != 0, clip_denom[s],
+                use_loss_scale, loss_scale, acc_mode, acc_steps,
+                clip_mode, clip_value, clip_norm, global_scale, global_scale_wide,
+                wd, wd_lr, lr, one_minus_beta_1, beta_2, epsilon, one_minus_beta_1_power,
+                use_ema, ema_m, ema_one_minus_m, overwrite,
+            )  # fmt: skip
 
 
 class NumbaBackend(_HostBackendBase):
     """Fused, parallel, GIL-free CPU kernels (numba)."""
 
     name = "numba"
+    task_elements = CPU_TASK_ELEMENTS
 
     def __init__(self) -> None:
         if not HAVE_NUMBA:
@@ -265,7 +290,11 @@ class NumbaBackend(_HostBackendBase):
     def step(self, group: FlatGroup, step: GroupStep) -> None:
         dt = group.dtype.type
         acc, avg = self._aux(group, step)
-        t = group.table
+        t = group.cache.get("cpu_tasks")
+        if t is None:
+            t = group.cache["cpu_tasks"] = SegmentTable.build(
+                group.table.sizes.tolist(), self.task_elements
+            )
         denom = step.clip_denom
         if denom is None:
             denom = group.cache.get("zero_denom")

@@ -1,0 +1,258 @@
+"""CuPy backend: the fused Adamax step as one CUDA kernel per dtype group.
+
+Buffers live in GPU memory as flat CuPy arrays. A step launches one kernel for all variables of
+a dtype group: blocks take tasks of ``GPU_TASK`` elements from a device-side task table (each
+task inside one variable), so the launch count does not depend on the number of variables.
+Per-variable data (has-gradient, weight-decay flag, clipnorm denominator) travels as small
+per-segment arrays, cached on the device while unchanged.
+
+Compiled with ``--fmad=false`` and IEEE division (no fast-math), so each float operation rounds
+like NumPy's; the element-wise results equal the CPU backends. Sums of squares for clipnorm /
+global_clipnorm are accumulated per task in float64 and added per segment on the host, which
+can differ from NumPy's float32 pairwise sum in the last bits of the norm.
+"""
+
+from __future__ import annotations
+
+from string import Template
+from typing import Any
+
+import numpy as np
+
+from .base import ACC_UPDATE, FlatGroup, GroupStep
+
+try:
+    import cupy as cp
+except ImportError:  # pragma: no cover - only where CuPy is absent
+    cp = None
+
+GPU_TASK = 8192  # elements per task (one thread block)
+THREADS = 256
+
+_SOURCE = Template(
+    r"""
+typedef ${T} T;
+
+__device__ __forceinline__ T nan_max(T a, T b) {
+    if (a != a) return a;
+    if (b != b) return b;
+    return a >= b ? a : b;
+}
+
+__device__ __forceinline__ T clip_value(T x, T lo, T hi) {
+    if (x != x) return x;
+    if (x < lo) x = lo;
+    if (x > hi) x = hi;
+    return x;
+}
+
+extern "C" __global__ void adamax_step_${T}(
+    T* __restrict__ w, T* __restrict__ m, T* __restrict__ u, const T* __restrict__ g,
+    T* __restrict__ acc, T* __restrict__ avg,
+    const long long* __restrict__ task_seg, const long long* __restrict__ task_start,
+    const long long* __restrict__ task_end, const unsigned char* __restrict__ has_grad,
+    const unsigned char* __restrict__ decay, const T* __restrict__ clip_denom,
+    int use_loss_scale, T loss_scale, int acc_mode, T acc_steps,
+    int clip_mode, T clip_v, T clip_norm, double global_scale, int global_scale_wide,
+    int use_wd, T wd, T wd_lr,
+    T lr, T one_minus_beta_1, T beta_2, T epsilon, T one_minus_beta_1_power,
+    int use_ema, T ema_m, T ema_one_minus_m, int overwrite)
+{
+    const long long t = blockIdx.x;
+    const long long s = task_seg[t];
+    const long long a = task_start[t];
+    const long long b = task_end[t];
+    const bool grad = has_grad[s] != 0;
+    const bool decays = use_wd && decay[s] != 0;
+    const T denom = clip_denom[s];
+    const T zero = (T)0;
+    for (long long i = a + threadIdx.x; i < b; i += blockDim.x) {
+        T wi = w[i];
+        if (grad) {
+            T gi = g[i];
+            if (use_loss_scale) gi = gi / loss_scale;
+            if (acc_mode == 1) {
+                acc[i] = gi + acc[i];
+            } else {
+                if (acc_mode == 2) { gi = (gi + acc[i]) / acc_steps; acc[i] = zero; }
+                if (clip_mode == 1) gi = clip_value(gi, -clip_v, clip_v);
+                else if (clip_mode == 2) gi = (gi * clip_norm) / denom;
+                else if (clip_mode == 3) {
+                    if (global_scale_wide) gi = (T)((double)gi * global_scale);
+                    else gi = gi * (T)global_scale;
+                }
+                if (decays) wi = wi - wi * wd * wd_lr;
+                T mi = m[i];
+                mi = mi + (gi - mi) * one_minus_beta_1;
+                T ui = nan_max(beta_2 * u[i], fabs(gi));
+                wi = wi - (lr * mi) / (one_minus_beta_1_power * (ui + epsilon));
+                m[i] = mi;
+                u[i] = ui;
+            }
+        } else if (acc_mode == 2) {
+            acc[i] = zero;
+        }
+        if (use_ema) {
+            T av = ema_m * avg[i] + ema_one_minus_m * wi;
+            avg[i] = av;
+            if (overwrite) wi = av;
+        }
+        if (grad || use_ema) w[i] = wi;
+    }
+}
+
+extern "C" __global__ void sumsq_${T}(
+    const T* __restrict__ g, const T* __restrict__ acc,
+    const long long* __restrict__ task_start, const long long* __restrict__ task_end,
+    int use_loss_scale, T loss_scale, int acc_mode, T acc_steps, double* __restrict__ out)
+{
+    __shared__ double partial[${THREADS}];
+    const long long t = blockIdx.x;
+    double sum = 0.0;
+    for (long long i = task_start[t] + threadIdx.x; i < task_end[t]; i += blockDim.x) {
+        T gi = g[i];
+        if (use_loss_scale) gi = gi / loss_scale;
+        if (acc_mode == 2) gi = (gi + acc[i]) / acc_steps;
+        T sq = gi * gi;
+        sum += (double)sq;
+    }
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) partial[threadIdx.x] += partial[threadIdx.x + k];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[t] = partial[0];
+}
+"""
+)
+
+_CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_modules: dict[np.dtype, Any] = {}
+
+
+def _module(dtype: np.dtype):
+    mod = _modules.get(dtype)
+    if mod is None:
+        src = _SOURCE.substitute(T=_CTYPE[dtype], THREADS=THREADS)
+        mod = cp.RawModule(code=src, options=("--fmad=false", "-std=c++14"))
+        _modules[dtype] = mod
+    return mod
+
+
+class CupyBackend:
+    """Adamax state in GPU memory, updated by fused CUDA kernels."""
+
+    name = "cupy"
+
+    def __init__(self) -> None:
+        if cp is None:
+            raise RuntimeError("CuPy is not installed (pip install adamax-ps[gpu])")
+        self.xp = cp
+
+    def zeros(self, n: int, dtype: np.dtype):
+        return cp.zeros(n, dtype=dtype)
+
+    def to_host(self, array) -> np.ndarray:
+        return cp.asnumpy(array)
+
+    def write(self, dst, src) -> None:
+        if isinstance(src, cp.ndarray):
+            dst[...] = src.reshape(dst.shape).astype(dst.dtype, copy=False)
+            return
+        host = np.ascontiguousarray(np.asarray(src).reshape(dst.shape), dtype=dst.dtype)
+        dst.set(host)
+
+    def synchronize(self) -> None:
+        cp.cuda.get_current_stream().synchronize()
+
+    # -------------------------------------------------------------- device tables
+    def _tables(self, group: FlatGroup) -> dict[str, Any]:
+        tab = group.cache.get("gpu_tables")
+        if tab is None:
+            seg, start, end = [], [], []
+            for s, (off, n) in enumerate(
+                zip(group.table.offsets.tolist(), group.table.sizes.tolist())
+            ):
+                starts = np.arange(off, off + n, GPU_TASK, dtype=np.int64)
+                seg.append(np.full(starts.shape, s, dtype=np.int64))
+                start.append(starts)
+                end.append(np.minimum(starts + GPU_TASK, off + n))
+            cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+            host_seg, host_start, host_end = cat(seg), cat(start), cat(end)
+            tab = {
+                "n_tasks": int(host_seg.shape[0]),
+                "seg_host": host_seg,
+                "seg": cp.asarray(host_seg),
+                "start": cp.asarray(host_start),
+                "end": cp.asarray(host_end),
+                "dummy": cp.zeros(1, dtype=group.dtype),
+                "small": {},
+            }
+            group.cache["gpu_tables"] = tab
+        return tab
+
+    @staticmethod
+    def _small(tab: dict[str, Any], key: str, host: np.ndarray):
+        """A small per-segment array on the device, re-uploaded only when it changes."""
+        cached = tab["small"].get(key)
+        raw = host.tobytes()
+        if cached is None or cached[0] != raw:
+            cached = (raw, cp.asarray(host))
+            tab["small"][key] = cached
+        return cached[1]
+
+    # -------------------------------------------------------------- passes
+    def sumsq(self, group: FlatGroup, step: GroupStep) -> np.ndarray:
+        tab = self._tables(group)
+        dt = group.dtype.type
+        out = cp.empty(max(tab["n_tasks"], 1), dtype=cp.float64)
+        if tab["n_tasks"]:
+            _module(group.dtype).get_function(f"sumsq_{_CTYPE[group.dtype]}")(
+                (tab["n_tasks"],), (THREADS,),
+                (
+                    group.buffers["g"], group.buffers.get("acc", tab["dummy"]),
+                    tab["start"], tab["end"],
+                    np.int32(step.use_loss_scale), dt(step.loss_scale),
+                    np.int32(ACC_UPDATE if step.acc_mode == ACC_UPDATE else 0), dt(step.acc_steps),
+                    out,
+                ),
+            )  # fmt: skip
+        partial = cp.asnumpy(out)[: tab["n_tasks"]]
+        sums = np.zeros(len(group.table.sizes), dtype=np.float64)
+        np.add.at(sums, tab["seg_host"], partial)
+        sums[step.has_grad == 0] = 0
+        return sums.astype(group.dtype)
+
+    def step(self, group: FlatGroup, step: GroupStep) -> None:
+        tab = self._tables(group)
+        if not tab["n_tasks"]:
+            return
+        dt = group.dtype.type
+        nseg = len(group.table.sizes)
+        denom_host = (
+            step.clip_denom.astype(group.dtype)
+            if step.clip_denom is not None
+            else np.zeros(nseg, dtype=group.dtype)
+        )
+        dummy = tab["dummy"]
+        _module(group.dtype).get_function(f"adamax_step_{_CTYPE[group.dtype]}")(
+            (tab["n_tasks"],), (THREADS,),
+            (
+                group.buffers["w"], group.buffers["m"], group.buffers["u"], group.buffers["g"],
+                group.buffers.get("acc", dummy), group.buffers.get("avg", dummy),
+                tab["seg"], tab["start"], tab["end"],
+                self._small(tab, "has_grad", np.ascontiguousarray(step.has_grad, np.uint8)),
+                self._small(tab, "decay", np.ascontiguousarray(step.decay, np.uint8)),
+                self._small(tab, "denom", denom_host),
+                np.int32(step.use_loss_scale), dt(step.loss_scale),
+                np.int32(step.acc_mode), dt(step.acc_steps),
+                np.int32(step.clip_mode), dt(step.clip_value), dt(step.clip_norm),
+                np.float64(step.global_scale), np.int32(step.global_scale_wide),
+                np.int32(step.use_wd), dt(step.wd), dt(step.wd_lr),
+                dt(step.lr), dt(step.one_minus_beta_1), dt(step.beta_2), dt(step.epsilon),
+                dt(step.one_minus_beta_1_power),
+                np.int32(step.use_ema), dt(step.ema_m), dt(step.ema_one_minus_m),
+                np.int32(step.overwrite),
+            ),
+        )  # fmt: skip
