@@ -328,7 +328,7 @@ class Adamax:
         for group, sizes in group_sizes.items():
             dtype = np.dtype(group)
             table = SegmentTable.build(sizes)
-            total = int(sum(sizes))
+            total = table.total
             slots = ["w", "m", "u", "g"]
             if self.use_ema:
                 slots.append("avg")
@@ -343,6 +343,17 @@ class Adamax:
         self._vars = specs
         self._var_index = {v.name: v.index for v in specs}
         self._groups = groups
+        # Per group: the build-order index of each segment, and the weight-decay flags (fixed
+        # once built, since exclusions can only be configured before build).
+        self._group_members = {
+            g: np.asarray([v.index for v in specs if v.group == g], dtype=np.int64) for g in groups
+        }
+        self._group_decay = {
+            g: np.asarray(
+                [self._use_weight_decay(v) for v in specs if v.group == g], dtype=np.uint8
+            )
+            for g in groups
+        }
         for v, value in zip(specs, values):
             be.write(self._view("w", v), value)
         if self.use_ema:
@@ -661,9 +672,10 @@ class Adamax:
             and self.ema_overwrite_frequency
             and (iterations + 1) % self.ema_overwrite_frequency == 0
         )
+        present_arr = np.asarray(present, dtype=np.uint8)
         plans: dict[str, GroupStep] = {}
         for gname, group in self._groups.items():
-            plans[gname] = self._group_step(group, present, acc_mode, clip_mode, iterations, lr, overwrite)
+            plans[gname] = self._group_step(group, present_arr, acc_mode, clip_mode, iterations, lr, overwrite)
 
         if clip_mode in (CLIP_NORM, CLIP_GLOBAL):
             sums = {gname: self._backend.sumsq(group, plans[gname]) for gname, group in self._groups.items()}
@@ -672,9 +684,7 @@ class Adamax:
                     plan.clip_denom = self._clipnorm_denominators(sums[gname], self._groups[gname].dtype)
             else:
                 # Keras stacks the per-variable sums in the order of the filtered gradient list.
-                ordered = [
-                    sums[v.group][v.seg] for v, p in zip(self._vars, present) if p
-                ]
+                ordered = [sums[v.group][v.seg] for v, p in zip(self._vars, present) if p]
                 scale = _keras_global_scale(ordered, self.global_clipnorm)
                 for gname, plan in plans.items():
                     dtype = self._groups[gname].dtype
@@ -686,7 +696,7 @@ class Adamax:
     def _group_step(
         self,
         group: FlatGroup,
-        present: list[bool],
+        present_arr: np.ndarray,
         acc_mode: int,
         clip_mode: int,
         iterations: int,
@@ -694,16 +704,9 @@ class Adamax:
         overwrite: bool,
     ) -> GroupStep:
         dtype = group.dtype
-        n = len(group.table.sizes)
-        has_grad = np.zeros(n, dtype=np.uint8)
-        decay = np.zeros(n, dtype=np.uint8)
+        has_grad = present_arr[self._group_members[dtype.name]]
+        decay = self._group_decay[dtype.name]
         use_wd = self.weight_decay is not None and acc_mode != ACC_ONLY
-        for v in self._vars:
-            if v.group != dtype.name:
-                continue
-            has_grad[v.seg] = present[v.index]
-            if use_wd and self._use_weight_decay(v):
-                decay[v.seg] = 1
 
         def cast(x: Any):
             return _as_dtype_scalar(x, dtype)

@@ -40,6 +40,9 @@ import numpy as np
 # Element-wise passes are split into tasks of at most this many elements, inside one segment.
 TASK_ELEMENTS = 1 << 16
 
+# Segment start alignment in elements.
+SEGMENT_ALIGN = 16
+
 # NumPy's pairwise summation: blocks of at most 128 elements, 8 partial sums inside a block.
 PAIRWISE_BLOCK = 128
 
@@ -66,11 +69,20 @@ class SegmentTable:
     pairwise: PairwisePlan | None = None
 
     @classmethod
-    def build(cls, sizes: list[int], task_elements: int = TASK_ELEMENTS) -> SegmentTable:
+    def build(
+        cls, sizes: list[int], task_elements: int = TASK_ELEMENTS, offsets: list[int] | None = None
+    ) -> SegmentTable:
         sizes_arr = np.asarray(sizes, dtype=np.int64)
-        offsets = np.zeros(len(sizes), dtype=np.int64)
-        if len(sizes) > 1:
-            offsets[1:] = np.cumsum(sizes_arr)[:-1]
+        if offsets is None:
+            # Each segment starts on a SEGMENT_ALIGN-element boundary (64 bytes for float32), so
+            # kernels can use aligned vector loads; the padding between segments is never read.
+            padded = -(-sizes_arr // SEGMENT_ALIGN) * SEGMENT_ALIGN
+            offsets_arr = np.zeros(len(sizes), dtype=np.int64)
+            if len(sizes) > 1:
+                offsets_arr[1:] = np.cumsum(padded)[:-1]
+        else:
+            offsets_arr = np.asarray(offsets, dtype=np.int64)
+        offsets = offsets_arr
         seg, start, end = [], [], []
         for s, (off, n) in enumerate(zip(offsets.tolist(), sizes_arr.tolist())):
             for a in range(0, n, task_elements):
@@ -84,6 +96,13 @@ class SegmentTable:
             task_start=np.asarray(start, dtype=np.int64),
             task_end=np.asarray(end, dtype=np.int64),
         )
+
+    @property
+    def total(self) -> int:
+        """Elements the flat buffers need (the last segment's end)."""
+        if len(self.sizes) == 0:
+            return 0
+        return int(self.offsets[-1] + self.sizes[-1])
 
     def pairwise_plan(self) -> PairwisePlan:
         if self.pairwise is None:

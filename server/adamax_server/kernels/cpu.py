@@ -293,7 +293,7 @@ class NumbaBackend(_HostBackendBase):
         t = group.cache.get("cpu_tasks")
         if t is None:
             t = group.cache["cpu_tasks"] = SegmentTable.build(
-                group.table.sizes.tolist(), self.task_elements
+                group.table.sizes.tolist(), self.task_elements, group.table.offsets.tolist()
             )
         denom = step.clip_denom
         if denom is None:

@@ -46,11 +46,55 @@ __device__ __forceinline__ T clip_value(T x, T lo, T hi) {
     return x;
 }
 
+// VEC elements = 16 bytes: segments start on 16-element boundaries and tasks are multiples
+// of 16 elements, so every task's vector part is 16-byte aligned.
+#define VEC (16 / sizeof(T))
+struct __align__(16) Vec { T v[16 / sizeof(T)]; };
+
+struct StepArgs {
+    int use_loss_scale; T loss_scale; int acc_mode; T acc_steps;
+    int clip_mode; T clip_v; T clip_norm; double global_scale; int global_scale_wide;
+    bool decays; T wd; T wd_lr;
+    T lr; T one_minus_beta_1; T beta_2; T epsilon; T one_minus_beta_1_power;
+    int use_ema; T ema_m; T ema_one_minus_m; int overwrite; T denom;
+};
+
+// One element, in the order of kernels/base.py (and Keras).
+__device__ __forceinline__ void update_one(
+    const StepArgs& p, bool grad, T& wi, T& mi, T& ui, T gi, T& acci, T& avgi)
+{
+    if (grad) {
+        if (p.use_loss_scale) gi = gi / p.loss_scale;
+        if (p.acc_mode == 1) {
+            acci = gi + acci;
+        } else {
+            if (p.acc_mode == 2) { gi = (gi + acci) / p.acc_steps; acci = (T)0; }
+            if (p.clip_mode == 1) gi = clip_value(gi, -p.clip_v, p.clip_v);
+            else if (p.clip_mode == 2) gi = (gi * p.clip_norm) / p.denom;
+            else if (p.clip_mode == 3) {
+                if (p.global_scale_wide) gi = (T)((double)gi * p.global_scale);
+                else gi = gi * (T)p.global_scale;
+            }
+            if (p.decays) wi = wi - wi * p.wd * p.wd_lr;
+            mi = mi + (gi - mi) * p.one_minus_beta_1;
+            ui = nan_max(p.beta_2 * ui, fabs(gi));
+            wi = wi - (p.lr * mi) / (p.one_minus_beta_1_power * (ui + p.epsilon));
+        }
+    } else if (p.acc_mode == 2) {
+        acci = (T)0;
+    }
+    if (p.use_ema) {
+        T av = p.ema_m * avgi + p.ema_one_minus_m * wi;
+        avgi = av;
+        if (p.overwrite) wi = av;
+    }
+}
+
 extern "C" __global__ void adamax_step_${T}(
     T* __restrict__ w, T* __restrict__ m, T* __restrict__ u, const T* __restrict__ g,
     T* __restrict__ acc, T* __restrict__ avg,
-    const long long* __restrict__ task_seg, const long long* __restrict__ task_start,
-    const long long* __restrict__ task_end, const unsigned char* __restrict__ has_grad,
+    const int* __restrict__ task_seg, const long long* __restrict__ task_start,
+    const int* __restrict__ task_len, const unsigned char* __restrict__ has_grad,
     const unsigned char* __restrict__ decay, const T* __restrict__ clip_denom,
     int use_loss_scale, T loss_scale, int acc_mode, T acc_steps,
     int clip_mode, T clip_v, T clip_norm, double global_scale, int global_scale_wide,
@@ -58,58 +102,66 @@ extern "C" __global__ void adamax_step_${T}(
     T lr, T one_minus_beta_1, T beta_2, T epsilon, T one_minus_beta_1_power,
     int use_ema, T ema_m, T ema_one_minus_m, int overwrite)
 {
-    const long long t = blockIdx.x;
-    const long long s = task_seg[t];
+    const int t = blockIdx.x;
+    const int s = task_seg[t];
     const long long a = task_start[t];
-    const long long b = task_end[t];
+    const int n = task_len[t];
     const bool grad = has_grad[s] != 0;
-    const bool decays = use_wd && decay[s] != 0;
-    const T denom = clip_denom[s];
-    const T zero = (T)0;
-    for (long long i = a + threadIdx.x; i < b; i += blockDim.x) {
-        T wi = w[i];
-        if (grad) {
-            T gi = g[i];
-            if (use_loss_scale) gi = gi / loss_scale;
-            if (acc_mode == 1) {
-                acc[i] = gi + acc[i];
-            } else {
-                if (acc_mode == 2) { gi = (gi + acc[i]) / acc_steps; acc[i] = zero; }
-                if (clip_mode == 1) gi = clip_value(gi, -clip_v, clip_v);
-                else if (clip_mode == 2) gi = (gi * clip_norm) / denom;
-                else if (clip_mode == 3) {
-                    if (global_scale_wide) gi = (T)((double)gi * global_scale);
-                    else gi = gi * (T)global_scale;
-                }
-                if (decays) wi = wi - wi * wd * wd_lr;
-                T mi = m[i];
-                mi = mi + (gi - mi) * one_minus_beta_1;
-                T ui = nan_max(beta_2 * u[i], fabs(gi));
-                wi = wi - (lr * mi) / (one_minus_beta_1_power * (ui + epsilon));
-                m[i] = mi;
-                u[i] = ui;
-            }
-        } else if (acc_mode == 2) {
-            acc[i] = zero;
-        }
-        if (use_ema) {
-            T av = ema_m * avg[i] + ema_one_minus_m * wi;
-            avg[i] = av;
-            if (overwrite) wi = av;
-        }
-        if (grad || use_ema) w[i] = wi;
+    StepArgs p = {use_loss_scale, loss_scale, acc_mode, acc_steps, clip_mode, clip_v, clip_norm,
+                  global_scale, global_scale_wide, use_wd && decay[s] != 0, wd, wd_lr, lr,
+                  one_minus_beta_1, beta_2, epsilon, one_minus_beta_1_power, use_ema, ema_m,
+                  ema_one_minus_m, overwrite, clip_denom[s]};
+    // What this call reads and writes: plain steps touch only w, m, u, g.
+    const bool touch_mug = grad && acc_mode != 1;
+    const bool touch_g = grad;
+    const bool touch_acc = acc_mode != 0 && (grad || acc_mode == 2);
+    const bool touch_w = touch_mug || use_ema;
+    if (!(touch_w || touch_acc)) return;
+
+    Vec* W = (Vec*)(w + a); Vec* M = (Vec*)(m + a); Vec* U = (Vec*)(u + a);
+    const Vec* G = (const Vec*)(g + a); Vec* ACC = (Vec*)(acc + a); Vec* AVG = (Vec*)(avg + a);
+    const int nvec = n / VEC;
+    for (int k = threadIdx.x; k < nvec; k += blockDim.x) {
+        Vec wv, mv, uv, gv, accv, avgv;
+        if (touch_w) wv = W[k];
+        if (touch_mug) { mv = M[k]; uv = U[k]; }
+        if (touch_g) gv = G[k];
+        if (touch_acc) accv = ACC[k];
+        if (use_ema) avgv = AVG[k];
+        #pragma unroll
+        for (int j = 0; j < (int)VEC; ++j)
+            update_one(p, grad, wv.v[j], mv.v[j], uv.v[j], gv.v[j], accv.v[j], avgv.v[j]);
+        if (touch_w) W[k] = wv;
+        if (touch_mug) { M[k] = mv; U[k] = uv; }
+        if (touch_acc) ACC[k] = accv;
+        if (use_ema) AVG[k] = avgv;
+    }
+    // The tail of the segment's last task (n not a multiple of VEC).
+    for (long long i = a + (long long)nvec * VEC + threadIdx.x; i < a + n; i += blockDim.x) {
+        T wi = w[i], mi = 0, ui = 0, gi = 0, acci = 0, avgi = 0;
+        if (touch_mug) { mi = m[i]; ui = u[i]; }
+        if (touch_g) gi = g[i];
+        if (touch_acc) acci = acc[i];
+        if (use_ema) avgi = avg[i];
+        update_one(p, grad, wi, mi, ui, gi, acci, avgi);
+        if (touch_w) w[i] = wi;
+        if (touch_mug) { m[i] = mi; u[i] = ui; }
+        if (touch_acc) acc[i] = acci;
+        if (use_ema) avg[i] = avgi;
     }
 }
 
 extern "C" __global__ void sumsq_${T}(
     const T* __restrict__ g, const T* __restrict__ acc,
-    const long long* __restrict__ task_start, const long long* __restrict__ task_end,
+    const long long* __restrict__ task_start, const int* __restrict__ task_len,
     int use_loss_scale, T loss_scale, int acc_mode, T acc_steps, double* __restrict__ out)
 {
     __shared__ double partial[${THREADS}];
-    const long long t = blockIdx.x;
+    const int t = blockIdx.x;
+    const long long a = task_start[t];
+    const long long b = a + task_len[t];
     double sum = 0.0;
-    for (long long i = task_start[t] + threadIdx.x; i < task_end[t]; i += blockDim.x) {
+    for (long long i = a + threadIdx.x; i < b; i += blockDim.x) {
         T gi = g[i];
         if (use_loss_scale) gi = gi / loss_scale;
         if (acc_mode == 2) gi = (gi + acc[i]) / acc_steps;
@@ -183,10 +235,10 @@ class CupyBackend:
             tab = {
                 "n_tasks": int(host_seg.shape[0]),
                 "seg_host": host_seg,
-                "seg": cp.asarray(host_seg),
+                "seg": cp.asarray(host_seg.astype(np.int32)),
                 "start": cp.asarray(host_start),
-                "end": cp.asarray(host_end),
-                "dummy": cp.zeros(1, dtype=group.dtype),
+                "len": cp.asarray((host_end - host_start).astype(np.int32)),
+                "dummy": cp.zeros(16, dtype=group.dtype),
                 "small": {},
             }
             group.cache["gpu_tables"] = tab
@@ -212,7 +264,7 @@ class CupyBackend:
                 (tab["n_tasks"],), (THREADS,),
                 (
                     group.buffers["g"], group.buffers.get("acc", tab["dummy"]),
-                    tab["start"], tab["end"],
+                    tab["start"], tab["len"],
                     np.int32(step.use_loss_scale), dt(step.loss_scale),
                     np.int32(ACC_UPDATE if step.acc_mode == ACC_UPDATE else 0), dt(step.acc_steps),
                     out,
@@ -241,7 +293,7 @@ class CupyBackend:
             (
                 group.buffers["w"], group.buffers["m"], group.buffers["u"], group.buffers["g"],
                 group.buffers.get("acc", dummy), group.buffers.get("avg", dummy),
-                tab["seg"], tab["start"], tab["end"],
+                tab["seg"], tab["start"], tab["len"],
                 self._small(tab, "has_grad", np.ascontiguousarray(step.has_grad, np.uint8)),
                 self._small(tab, "decay", np.ascontiguousarray(step.decay, np.uint8)),
                 self._small(tab, "denom", denom_host),
