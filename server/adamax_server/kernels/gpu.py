@@ -118,9 +118,14 @@ extern "C" __global__ void adamax_step_${T}(
     const bool touch_w = touch_mug || use_ema;
     if (!(touch_w || touch_acc)) return;
 
-    Vec* W = (Vec*)(w + a); Vec* M = (Vec*)(m + a); Vec* U = (Vec*)(u + a);
-    const Vec* G = (const Vec*)(g + a); Vec* ACC = (Vec*)(acc + a); Vec* AVG = (Vec*)(avg + a);
+    Vec* __restrict__ W = (Vec*)(w + a);
+    Vec* __restrict__ M = (Vec*)(m + a);
+    Vec* __restrict__ U = (Vec*)(u + a);
+    const Vec* __restrict__ G = (const Vec*)(g + a);
+    Vec* __restrict__ ACC = (Vec*)(acc + a);
+    Vec* __restrict__ AVG = (Vec*)(avg + a);
     const int nvec = n / VEC;
+    #pragma unroll 4
     for (int k = threadIdx.x; k < nvec; k += blockDim.x) {
         Vec wv, mv, uv, gv, accv, avgv;
         if (touch_w) wv = W[k];
