@@ -586,7 +586,12 @@ class Adamax:
         if isinstance(g, RowSparseGradient):
             dense = np.zeros(v.shape, dtype=v.dtype)
             np.add.at(dense, g.indices, g.values.astype(v.dtype))
-            self._backend.write(dst, dense)
+            g = dense
+        if isinstance(g, np.ndarray):
+            # Through the backend's staging path (pinned, asynchronous on the GPU).
+            group = self._groups[v.group]
+            start = int(group.table.offsets[v.seg])
+            self._backend.write_range(group.buffers["g"], start, g.reshape(-1))
         else:
             self._backend.write(dst, g)
 
@@ -616,6 +621,7 @@ class Adamax:
         for v, g in zip(self._vars, prepared):
             if g is not None:
                 self._load_gradient(v, g)
+        self._backend.finish_staging()
         self._run_step(present)
         self._raw_iterations += 1
 
@@ -627,6 +633,27 @@ class Adamax:
         the CPU, CuPy on the GPU.
         """
         return self._view("g", self._require_var(name))
+
+    def stage_gradient(self, name: str, data: Any, offset: int = 0) -> None:
+        """Write part of ``name``'s gradient into its staging buffer, as it arrives.
+
+        ``data`` is a flat chunk (any float dtype; upcast) placed at element ``offset`` of the
+        variable (C order). On the GPU the chunk goes through a pinned host buffer and an
+        asynchronous copy, so receiving the next chunk overlaps the transfer of this one;
+        ``apply_staged`` waits for outstanding copies. Call ``apply_staged`` once every chunk of
+        every present gradient is staged.
+        """
+        v = self._require_var(name)
+        chunk = np.asarray(data).reshape(-1)
+        self._check_grad_dtype(v, chunk.dtype)
+        if offset < 0 or offset + chunk.size > v.size:
+            raise ValueError(
+                f"Gradient chunk for {name!r} covers elements [{offset}, {offset + chunk.size}) "
+                f"but the variable has {v.size} elements."
+            )
+        group = self._groups[v.group]
+        start = int(group.table.offsets[v.seg]) + offset
+        self._backend.write_range(group.buffers["g"], start, chunk)
 
     def apply_staged(self, present: Iterable[str] | None = None) -> None:
         """Apply the gradients already written into ``gradient_buffer``s.
@@ -645,6 +672,7 @@ class Adamax:
             flags = [v.name in names for v in self._vars]
         if not any(flags):
             raise ValueError("No gradients provided for any variable.")
+        self._backend.finish_staging()
         self._run_step(flags)
         self._raw_iterations += 1
 

@@ -231,6 +231,14 @@ class Backend(Protocol):
         """Copy a host array into a backend array of the same size (casting to dst's dtype)."""
         ...
 
+    def write_range(self, flat: Any, start: int, chunk: np.ndarray) -> None:
+        """Copy a host chunk into ``flat[start:start + len(chunk)]`` (may be asynchronous)."""
+        ...
+
+    def finish_staging(self) -> None:
+        """Make every ``write_range`` visible to the next ``step``."""
+        ...
+
     def sumsq(self, group: FlatGroup, step: GroupStep) -> np.ndarray:
         """Per-segment sum of squares of the transformed gradient (0 where no gradient)."""
         ...

@@ -59,6 +59,12 @@ class _HostBackendBase:
     def synchronize(self) -> None:
         pass
 
+    def write_range(self, flat: np.ndarray, start: int, chunk: np.ndarray) -> None:
+        np.copyto(flat[start : start + chunk.size], chunk, casting="unsafe")
+
+    def finish_staging(self) -> None:
+        pass
+
 
 if HAVE_NUMBA:
 

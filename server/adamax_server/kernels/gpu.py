@@ -27,6 +27,8 @@ except ImportError:  # pragma: no cover - only where CuPy is absent
     cp = None
 
 GPU_TASK = 8192  # elements per task (one thread block)
+PINNED_CHUNK_BYTES = 4 << 20  # staging chunk: the transport's chunk size, or a part of it
+PINNED_SLOTS = 4  # ring of pinned buffers: copies of earlier chunks overlap receiving later ones
 THREADS = 256
 
 _SOURCE = Template(
@@ -206,6 +208,49 @@ class CupyBackend:
         if cp is None:
             raise RuntimeError("CuPy is not installed (pip install adamax-ps[gpu])")
         self.xp = cp
+        self._copy_stream = None
+        self._ring: list[tuple[np.ndarray, Any]] = []  # (pinned host buffer, its copy event)
+        self._ring_next = 0
+        self._pending = False
+
+    # -------------------------------------------------------------- staging
+    def _pinned_slot(self) -> tuple[np.ndarray, Any]:
+        """The next pinned buffer of the ring, once its previous copy has finished."""
+        if not self._ring:
+            self._copy_stream = cp.cuda.Stream(non_blocking=True)
+            for _ in range(PINNED_SLOTS):
+                mem = cp.cuda.alloc_pinned_memory(PINNED_CHUNK_BYTES)
+                host = np.frombuffer(mem, dtype=np.uint8, count=PINNED_CHUNK_BYTES)
+                self._ring.append((host, None))
+        host, event = self._ring[self._ring_next]
+        if event is not None:
+            event.synchronize()
+        return host, self._ring_next
+
+    def write_range(self, flat, start: int, chunk: np.ndarray) -> None:
+        """Host chunk -> pinned buffer (casting) -> async copy on the copy stream."""
+        itemsize = flat.dtype.itemsize
+        per_slot = PINNED_CHUNK_BYTES // itemsize
+        for a in range(0, chunk.size, per_slot):
+            part = chunk[a : a + per_slot]
+            host, slot = self._pinned_slot()
+            staged = host[: part.size * itemsize].view(flat.dtype)
+            np.copyto(staged, part, casting="unsafe")
+            dst = flat[start + a : start + a + part.size]
+            dst.set(staged, stream=self._copy_stream)
+            event = cp.cuda.Event(disable_timing=True)
+            event.record(self._copy_stream)
+            self._ring[slot] = (host, event)
+            self._ring_next = (slot + 1) % PINNED_SLOTS
+            self._pending = True
+
+    def finish_staging(self) -> None:
+        """The compute stream waits (on the device) for every staged copy."""
+        if self._pending:
+            done = cp.cuda.Event(disable_timing=True)
+            done.record(self._copy_stream)
+            cp.cuda.get_current_stream().wait_event(done)
+            self._pending = False
 
     def zeros(self, n: int, dtype: np.dtype):
         return cp.zeros(n, dtype=dtype)

@@ -29,6 +29,12 @@ class ReferenceBackend:
     def synchronize(self) -> None:
         pass
 
+    def write_range(self, flat: np.ndarray, start: int, chunk: np.ndarray) -> None:
+        np.copyto(flat[start : start + chunk.size], chunk, casting="unsafe")
+
+    def finish_staging(self) -> None:
+        pass
+
     @staticmethod
     def _segments(group: FlatGroup):
         for s, (off, n) in enumerate(zip(group.table.offsets.tolist(), group.table.sizes.tolist())):
