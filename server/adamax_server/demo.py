@@ -129,8 +129,13 @@ def _worker(rank: int, target: str, args_dict: dict, result_queue) -> None:
 
     data = load_digits_split()
     xtr, ytr = data[0], data[1]
-    opt = RemoteAdamax(target, optimizer=args_dict["job"], worker_id=f"worker-{rank}", mode="sync")
     n_workers = args_dict["workers"]
+    # Same job config as the chief: creating an existing optimizer with it attaches.
+    opt = RemoteAdamax(
+        target, worker_id=f"worker-{rank}", optimizer=args_dict["job"], mode="sync",
+        num_workers=n_workers, learning_rate=args_dict["lr"],
+    )  # fmt: skip
+    opt.attach()
     last_loss = float("nan")
     for i, idx in enumerate(batches(len(xtr), args_dict["batch"], args_dict["epochs"])):
         params = opt.pull()
@@ -150,7 +155,8 @@ def run_distributed(args, data) -> dict[str, float]:
 
     from .server import create_server
 
-    server, port, _ = _start_server()
+    server, port = create_server("127.0.0.1:0", device=args.device)
+    server.start()
     target = f"127.0.0.1:{port}"
     print(f"adamax-ps server listening on {target}; {args.workers} workers, sync mode")
     try:
@@ -162,7 +168,8 @@ def run_distributed(args, data) -> dict[str, float]:
         chief.build(params)
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        job = {"job": "digits", "workers": args.workers, "batch": args.batch, "epochs": args.epochs}
+        job = {"job": "digits", "workers": args.workers, "batch": args.batch,
+               "epochs": args.epochs, "lr": args.lr}
         procs = [ctx.Process(target=_worker, args=(r, target, job, q)) for r in range(args.workers)]
         t0 = time.perf_counter()
         for p in procs:
@@ -176,18 +183,13 @@ def run_distributed(args, data) -> dict[str, float]:
         chief.close()
     finally:
         server.stop(grace=2).wait()
-    _ = create_server, results
+    if sorted(r for r, _ in results) != list(range(args.workers)):
+        raise RuntimeError(f"workers reported {results}")
     return {
         "accuracy": accuracy(final, data[2], data[3]),
         "steps": steps,
         "seconds": elapsed,
     }
-
-
-def _start_server():
-    from .server import create_server
-
-    return create_server("127.0.0.1:0")
 
 
 def run_demo(argv: list[str] | None = None) -> int:
@@ -197,6 +199,8 @@ def run_demo(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch", type=int, default=48)
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                    help="where the server keeps the optimizer state")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     data = load_digits_split()
@@ -206,7 +210,7 @@ def run_demo(argv: list[str] | None = None) -> int:
     if args.mode == "inprocess":
         from .engine import Adamax
 
-        opt = Adamax(learning_rate=args.lr)
+        opt = Adamax(learning_rate=args.lr, device=args.device)
         params = init_params()
         opt.build(params)
         t0 = time.perf_counter()

@@ -278,16 +278,7 @@ class Adamax:
     @property
     def variables(self) -> dict[str, np.ndarray]:
         """Optimizer variables in Keras's order: name -> host NumPy array (a copy)."""
-        values = self._opt_var_values()
-        out: dict[str, np.ndarray] = {}
-        for ov, value in zip(self._opt_vars, values):
-            key = ov.name
-            k = 1
-            while key in out:  # names that collide after "/" -> "_" sanitising
-                key = f"{ov.name}_{k}"
-                k += 1
-            out[key] = value
-        return out
+        return {ov.name: value for ov, value in zip(self._opt_vars, self._opt_var_values())}
 
     @property
     def variable_specs(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
@@ -356,17 +347,20 @@ class Adamax:
         }
         for v, value in zip(specs, values):
             be.write(self._view("w", v), value)
+        def add_slot(v: _Var, suffix: str, slot: str) -> None:
+            name = self._unique_opt_name(self._slot_name(v, suffix))
+            self._opt_vars.append(_OptVar(name, "slot", slot, v.index))
+
         if self.use_ema:
             # Keras creates the averages with zeros; the first EMA update sets them.
-            self._opt_vars += [_OptVar(self._slot_name(v, "average"), "slot", "avg", v.index) for v in specs]
+            for v in specs:
+                add_slot(v, "average", "avg")
         if self.gradient_accumulation_steps:
-            self._opt_vars += [
-                _OptVar(self._slot_name(v, "gradient_accumulator"), "slot", "acc", v.index)
-                for v in specs
-            ]
+            for v in specs:
+                add_slot(v, "gradient_accumulator", "acc")
         for v in specs:
-            self._opt_vars.append(_OptVar(self._slot_name(v, "momentum"), "slot", "m", v.index))
-            self._opt_vars.append(_OptVar(self._slot_name(v, "norm"), "slot", "u", v.index))
+            add_slot(v, "momentum", "m")
+            add_slot(v, "norm", "u")
         self.built = True
 
     @staticmethod
@@ -425,8 +419,23 @@ class Adamax:
         arr = self._backend.zeros(int(np.prod(shape, dtype=np.int64)), dtype).reshape(shape)
         self._backend.write(arr, value)
         self._extras.append(arr)
-        self._opt_vars.append(_OptVar(name or "variable", "extra", extra=len(self._extras) - 1))
-        return name or "variable"
+        unique = self._unique_opt_name(name or "variable")
+        self._opt_vars.append(_OptVar(unique, "extra", extra=len(self._extras) - 1))
+        return unique
+
+    def _unique_opt_name(self, name: str) -> str:
+        """``name``, or ``name_1``, ``name_2``, ... if an optimizer variable already has it.
+
+        Keras tells same-named variables apart by object; here the name is the handle, so each
+        one gets its own (the suffixes follow Keras's auto-naming).
+        """
+        taken = {ov.name for ov in self._opt_vars}
+        if name not in taken:
+            return name
+        k = 1
+        while f"{name}_{k}" in taken:
+            k += 1
+        return f"{name}_{k}"
 
     def add_variable_from_reference(
         self, reference_variable: str, name: str | None = None, initializer: Any = "zeros"
@@ -538,6 +547,10 @@ class Adamax:
                 aligned = [None] * len(self._vars)
                 for g, n in zip(grads, names):
                     aligned[self._var_index[n]] = g
+                # Like Keras, only gradients given as None count as missing; variables left out
+                # of the call are simply not updated.
+                self._apply_aligned(aligned, warn_for=[n for g, n in zip(grads, names) if g is None])
+                return
         self._apply_aligned(aligned)
 
     # ------------------------------------------------------------------ the step
@@ -602,11 +615,11 @@ class Adamax:
             return self._lr_value
         return self._learning_rate()
 
-    def _apply_aligned(self, grads: list[Any]) -> None:
+    def _apply_aligned(self, grads: list[Any], warn_for: list[str] | None = None) -> None:
         present = [g is not None for g in grads]
         if not any(present):
             raise ValueError("No gradients provided for any variable.")
-        missing = [v.name for v, p in zip(self._vars, present) if not p]
+        missing = [v.name for v, p in zip(self._vars, present) if not p] if warn_for is None else warn_for
         if missing:
             warnings.warn(
                 f"Gradients do not exist for variables {missing} when minimizing the loss."
@@ -795,8 +808,8 @@ class Adamax:
                 f"length of model variables stored in the optimizer ({len(self._vars)}). "
                 "Please check if the optimizer was called on your model."
             )
-        for n in names:
-            v = self._require_var(n)
+        targets = [self._require_var(n) for n in names]  # all checked before any overwrite
+        for v in targets:
             self._view("w", v)[...] = self._view("avg", v)
 
     def _opt_var_get(self, ov: _OptVar) -> np.ndarray:
@@ -879,7 +892,7 @@ class Adamax:
                 f"because it has {len(self._opt_vars)} variables whereas "
                 f"the saved optimizer has {len(store.keys())} variables. "
             )
-            if len(self._opt_vars) == 0 or not self.built:
+            if len(self._opt_vars) == 0:
                 msg += "This is likely because the optimizer has not been called/built yet."
             warnings.warn(msg, stacklevel=2)
             return

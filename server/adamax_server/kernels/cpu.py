@@ -364,7 +364,7 @@ class BlockedNumpyBackend(_HostBackendBase):
                 else:
                     right = stack.pop()
                     stack[-1] = stack[-1] + right
-            out[s] = stack[0]
+            out[s] = stack[0] if stack else 0  # a 0-element variable sums to 0
         return out
 
     def step(self, group: FlatGroup, step: GroupStep) -> None:

@@ -1,0 +1,411 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+    INT64: _ClassVar[DType]
+    INT32: _ClassVar[DType]
+
+class Layout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LAYOUT_UNSPECIFIED: _ClassVar[Layout]
+    DENSE: _ClassVar[Layout]
+    ROW_SPARSE: _ClassVar[Layout]
+
+class TensorGroup(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TENSOR_GROUP_UNSPECIFIED: _ClassVar[TensorGroup]
+    OPTIMIZER_VARIABLES: _ClassVar[TensorGroup]
+    GRADIENTS: _ClassVar[TensorGroup]
+    TRAINABLE_VARIABLES: _ClassVar[TensorGroup]
+
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODE_UNSPECIFIED: _ClassVar[Mode]
+    ASYNC: _ClassVar[Mode]
+    SYNC: _ClassVar[Mode]
+
+class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGGREGATION_UNSPECIFIED: _ClassVar[Aggregation]
+    MEAN: _ClassVar[Aggregation]
+    SUM: _ClassVar[Aggregation]
+
+class RoundTimeoutPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUND_TIMEOUT_POLICY_UNSPECIFIED: _ClassVar[RoundTimeoutPolicy]
+    CLOSE_WITH_ARRIVED: _ClassVar[RoundTimeoutPolicy]
+    ABORT_ROUND: _ClassVar[RoundTimeoutPolicy]
+
+class NonFinitePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NON_FINITE_POLICY_UNSPECIFIED: _ClassVar[NonFinitePolicy]
+    REJECT: _ClassVar[NonFinitePolicy]
+    SKIP_STEP: _ClassVar[NonFinitePolicy]
+
+class PushOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PUSH_OUTCOME_UNSPECIFIED: _ClassVar[PushOutcome]
+    APPLIED: _ClassVar[PushOutcome]
+    ACCEPTED: _ClassVar[PushOutcome]
+    ROUND_CLOSED: _ClassVar[PushOutcome]
+    DROPPED_LATE: _ClassVar[PushOutcome]
+    SKIPPED_NON_FINITE: _ClassVar[PushOutcome]
+
+class AssignOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ASSIGN_OP_UNSPECIFIED: _ClassVar[AssignOp]
+    ASSIGN: _ClassVar[AssignOp]
+    ASSIGN_ADD: _ClassVar[AssignOp]
+    ASSIGN_SUB: _ClassVar[AssignOp]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT16: DType
+BFLOAT16: DType
+FLOAT64: DType
+INT64: DType
+INT32: DType
+LAYOUT_UNSPECIFIED: Layout
+DENSE: Layout
+ROW_SPARSE: Layout
+TENSOR_GROUP_UNSPECIFIED: TensorGroup
+OPTIMIZER_VARIABLES: TensorGroup
+GRADIENTS: TensorGroup
+TRAINABLE_VARIABLES: TensorGroup
+MODE_UNSPECIFIED: Mode
+ASYNC: Mode
+SYNC: Mode
+AGGREGATION_UNSPECIFIED: Aggregation
+MEAN: Aggregation
+SUM: Aggregation
+ROUND_TIMEOUT_POLICY_UNSPECIFIED: RoundTimeoutPolicy
+CLOSE_WITH_ARRIVED: RoundTimeoutPolicy
+ABORT_ROUND: RoundTimeoutPolicy
+NON_FINITE_POLICY_UNSPECIFIED: NonFinitePolicy
+REJECT: NonFinitePolicy
+SKIP_STEP: NonFinitePolicy
+PUSH_OUTCOME_UNSPECIFIED: PushOutcome
+APPLIED: PushOutcome
+ACCEPTED: PushOutcome
+ROUND_CLOSED: PushOutcome
+DROPPED_LATE: PushOutcome
+SKIPPED_NON_FINITE: PushOutcome
+ASSIGN_OP_UNSPECIFIED: AssignOp
+ASSIGN: AssignOp
+ASSIGN_ADD: AssignOp
+ASSIGN_SUB: AssignOp
+
+class TensorHeader(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "nbytes", "layout", "num_rows", "absent", "group")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
+    ABSENT_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    nbytes: int
+    layout: Layout
+    num_rows: int
+    absent: bool
+    group: TensorGroup
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., layout: _Optional[_Union[Layout, str]] = ..., num_rows: _Optional[int] = ..., absent: _Optional[bool] = ..., group: _Optional[_Union[TensorGroup, str]] = ...) -> None: ...
+
+class VariableSpec(_message.Message):
+    __slots__ = ("name", "shape", "dtype")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class CoordinationPolicy(_message.Message):
+    __slots__ = ("mode", "num_workers", "min_workers", "aggregation", "round_timeout_seconds", "round_timeout_policy", "max_staleness", "non_finite")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TIMEOUT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    NON_FINITE_FIELD_NUMBER: _ClassVar[int]
+    mode: Mode
+    num_workers: int
+    min_workers: int
+    aggregation: Aggregation
+    round_timeout_seconds: float
+    round_timeout_policy: RoundTimeoutPolicy
+    max_staleness: int
+    non_finite: NonFinitePolicy
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., min_workers: _Optional[int] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., round_timeout_seconds: _Optional[float] = ..., round_timeout_policy: _Optional[_Union[RoundTimeoutPolicy, str]] = ..., max_staleness: _Optional[int] = ..., non_finite: _Optional[_Union[NonFinitePolicy, str]] = ...) -> None: ...
+
+class CreateOptimizerRequest(_message.Message):
+    __slots__ = ("optimizer", "config_json", "policy")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    config_json: str
+    policy: CoordinationPolicy
+    def __init__(self, optimizer: _Optional[str] = ..., config_json: _Optional[str] = ..., policy: _Optional[_Union[CoordinationPolicy, _Mapping]] = ...) -> None: ...
+
+class CreateOptimizerResponse(_message.Message):
+    __slots__ = ("created", "info")
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    created: bool
+    info: OptimizerInfo
+    def __init__(self, created: _Optional[bool] = ..., info: _Optional[_Union[OptimizerInfo, _Mapping]] = ...) -> None: ...
+
+class OptimizerRef(_message.Message):
+    __slots__ = ("optimizer",)
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    def __init__(self, optimizer: _Optional[str] = ...) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("worker_id", "last_step", "pushes", "seconds_since_seen")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    last_step: int
+    pushes: int
+    seconds_since_seen: float
+    def __init__(self, worker_id: _Optional[str] = ..., last_step: _Optional[int] = ..., pushes: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ...) -> None: ...
+
+class OptimizerInfo(_message.Message):
+    __slots__ = ("optimizer", "config_json", "policy", "built", "variables", "version", "iterations", "learning_rate", "learning_rate_is_schedule", "workers", "round_arrivals")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    BUILT_FIELD_NUMBER: _ClassVar[int]
+    VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_IS_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ARRIVALS_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    config_json: str
+    policy: CoordinationPolicy
+    built: bool
+    variables: _containers.RepeatedCompositeFieldContainer[VariableSpec]
+    version: int
+    iterations: int
+    learning_rate: float
+    learning_rate_is_schedule: bool
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
+    round_arrivals: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, optimizer: _Optional[str] = ..., config_json: _Optional[str] = ..., policy: _Optional[_Union[CoordinationPolicy, _Mapping]] = ..., built: _Optional[bool] = ..., variables: _Optional[_Iterable[_Union[VariableSpec, _Mapping]]] = ..., version: _Optional[int] = ..., iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., learning_rate_is_schedule: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., round_arrivals: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListOptimizersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListOptimizersResponse(_message.Message):
+    __slots__ = ("optimizers",)
+    OPTIMIZERS_FIELD_NUMBER: _ClassVar[int]
+    optimizers: _containers.RepeatedCompositeFieldContainer[OptimizerInfo]
+    def __init__(self, optimizers: _Optional[_Iterable[_Union[OptimizerInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteOptimizerResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
+class SetLearningRateRequest(_message.Message):
+    __slots__ = ("optimizer", "learning_rate")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    learning_rate: float
+    def __init__(self, optimizer: _Optional[str] = ..., learning_rate: _Optional[float] = ...) -> None: ...
+
+class ExcludeFromWeightDecayRequest(_message.Message):
+    __slots__ = ("optimizer", "var_names", "var_list")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    VAR_NAMES_FIELD_NUMBER: _ClassVar[int]
+    VAR_LIST_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    var_names: _containers.RepeatedScalarFieldContainer[str]
+    var_list: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, optimizer: _Optional[str] = ..., var_names: _Optional[_Iterable[str]] = ..., var_list: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VersionResponse(_message.Message):
+    __slots__ = ("version", "iterations")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    iterations: int
+    def __init__(self, version: _Optional[int] = ..., iterations: _Optional[int] = ...) -> None: ...
+
+class BuildHeader(_message.Message):
+    __slots__ = ("optimizer", "worker_id")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    worker_id: str
+    def __init__(self, optimizer: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class BuildRequest(_message.Message):
+    __slots__ = ("header", "tensor", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: BuildHeader
+    tensor: TensorHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[BuildHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class BuildResponse(_message.Message):
+    __slots__ = ("built_now", "info")
+    BUILT_NOW_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    built_now: bool
+    info: OptimizerInfo
+    def __init__(self, built_now: _Optional[bool] = ..., info: _Optional[_Union[OptimizerInfo, _Mapping]] = ...) -> None: ...
+
+class PushHeader(_message.Message):
+    __slots__ = ("optimizer", "worker_id", "step", "request_id")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    worker_id: str
+    step: int
+    request_id: str
+    def __init__(self, optimizer: _Optional[str] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("header", "tensor", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PushHeader
+    tensor: TensorHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("outcome", "version", "iterations", "duplicate", "detail")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    outcome: PushOutcome
+    version: int
+    iterations: int
+    duplicate: bool
+    detail: str
+    def __init__(self, outcome: _Optional[_Union[PushOutcome, str]] = ..., version: _Optional[int] = ..., iterations: _Optional[int] = ..., duplicate: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("optimizer", "names", "min_version", "known_version", "worker_id")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    min_version: int
+    known_version: int
+    worker_id: str
+    def __init__(self, optimizer: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., min_version: _Optional[int] = ..., known_version: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class PullHeader(_message.Message):
+    __slots__ = ("version", "iterations", "not_modified", "num_tensors")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    NOT_MODIFIED_FIELD_NUMBER: _ClassVar[int]
+    NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    iterations: int
+    not_modified: bool
+    num_tensors: int
+    def __init__(self, version: _Optional[int] = ..., iterations: _Optional[int] = ..., not_modified: _Optional[bool] = ..., num_tensors: _Optional[int] = ...) -> None: ...
+
+class PullResponse(_message.Message):
+    __slots__ = ("header", "tensor", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PullHeader
+    tensor: TensorHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class AssignHeader(_message.Message):
+    __slots__ = ("optimizer", "op")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    op: AssignOp
+    def __init__(self, optimizer: _Optional[str] = ..., op: _Optional[_Union[AssignOp, str]] = ...) -> None: ...
+
+class AssignRequest(_message.Message):
+    __slots__ = ("header", "tensor", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: AssignHeader
+    tensor: TensorHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[AssignHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class SetWeightsRequest(_message.Message):
+    __slots__ = ("header", "tensor", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: OptimizerRef
+    tensor: TensorHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[OptimizerRef, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class StoreFrame(_message.Message):
+    __slots__ = ("header", "tensor", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: OptimizerRef
+    tensor: TensorHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[OptimizerRef, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class StatelessApplyFrame(_message.Message):
+    __slots__ = ("header", "tensor", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: OptimizerRef
+    tensor: TensorHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[OptimizerRef, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...

@@ -1,0 +1,544 @@
+"""``RemoteAdamax``: the Keras-shaped Adamax API, served by an adamax-ps parameter server.
+
+It mirrors ``adamax_server.Adamax`` (build, apply, apply_gradients, iterations,
+learning_rate, get_config, save/load_own_variables, set_weights, assign*,
+finalize_variable_values, stateless_apply) and adds what a worker of a distributed job
+needs: ``pull()`` of the current weights by version, worker ids and request ids on every
+push, and sync/async coordination chosen when the optimizer is created.
+
+Weights version: a worker computes gradients on the weights it pulled (``self.version``);
+each push says so (``step``), which is how the server detects stale and late gradients. In
+``sync`` mode, ``pull()`` after a push waits until the round closes.
+
+Errors are :class:`adamax_client.errors.AdamaxError` subclasses (also ValueError / KeyError /
+TypeError where the in-process engine raises those); no grpc or protobuf types escape.
+
+The constructor takes one target. Variables are routed through ``_transport_for(name)`` so
+a later version can shard them over a list of targets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import json
+
+import grpc
+import numpy as np
+
+from . import _wire
+from ._proto.adamax.v1 import adamax_pb2 as pb
+from .errors import InvalidArgumentError
+from .transport import RetryPolicy, Transport
+
+_log = logging.getLogger(__name__)
+
+_KERAS_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 0.001,
+    "weight_decay": None,
+    "clipnorm": None,
+    "global_clipnorm": None,
+    "clipvalue": None,
+    "use_ema": False,
+    "ema_momentum": 0.99,
+    "ema_overwrite_frequency": None,
+    "loss_scale_factor": None,
+    "gradient_accumulation_steps": None,
+    "beta_1": 0.9,
+    "beta_2": 0.999,
+    "epsilon": 1e-7,
+}
+_OUTCOME_NAMES = {
+    pb.APPLIED: "applied",
+    pb.ACCEPTED: "accepted",
+    pb.ROUND_CLOSED: "round_closed",
+    pb.DROPPED_LATE: "dropped_late",
+    pb.SKIPPED_NON_FINITE: "skipped_non_finite",
+}
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What the server did with one push."""
+
+    outcome: Literal["applied", "accepted", "round_closed", "dropped_late", "skipped_non_finite"]
+    version: int  # weights version after the push was handled
+    iterations: int
+    duplicate: bool  # answered from the exactly-once table (a retry)
+    detail: str
+
+    @property
+    def applied(self) -> bool:
+        """True when the gradient is (or, in an open sync round, will be) part of an update."""
+        return self.outcome in ("applied", "accepted", "round_closed")
+
+
+@dataclass(frozen=True)
+class VariableSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _serialize_learning_rate(value: Any) -> Any:
+    if isinstance(value, (int, float, dict)) or value is None:
+        return value
+    if isinstance(value, np.floating):
+        return float(value)
+    get_config = getattr(value, "get_config", None)
+    if callable(get_config):  # a LearningRateSchedule object (Keras or ours)
+        return {
+            "module": "keras.optimizers.schedules",
+            "class_name": type(value).__name__,
+            "config": get_config(),
+            "registered_name": None,
+        }
+    raise ValueError(
+        "Argument `learning_rate` should be float, a LearningRateSchedule or its serialized config "
+        f"dict for a remote optimizer. Received instead: learning_rate={value!r}"
+    )
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _policy_proto(
+    mode: str,
+    num_workers: int,
+    min_workers: int | None,
+    aggregation: str,
+    round_timeout: float | None,
+    round_timeout_policy: str,
+    max_staleness: int | None,
+    non_finite: str,
+) -> Any:
+    def pick(name: str, value: str, table: dict[str, int]) -> int:
+        if value not in table:
+            raise ValueError(f"`{name}` must be one of {list(table)}. Received: {name}={value!r}")
+        return table[value]
+
+    msg = pb.CoordinationPolicy(
+        mode=pick("mode", mode, {"async": pb.ASYNC, "sync": pb.SYNC}),
+        num_workers=num_workers,
+        min_workers=min_workers or 0,
+        aggregation=pick("aggregation", aggregation, {"mean": pb.MEAN, "sum": pb.SUM}),
+        round_timeout_seconds=round_timeout or 0.0,
+        round_timeout_policy=pick(
+            "round_timeout_policy", round_timeout_policy, {"close": pb.CLOSE_WITH_ARRIVED, "abort": pb.ABORT_ROUND}
+        ),
+        non_finite=pick("non_finite", non_finite, {"reject": pb.REJECT, "skip": pb.SKIP_STEP}),
+    )
+    if max_staleness is not None:
+        msg.max_staleness = max_staleness
+    return msg
+
+
+class RemoteAdamax:
+    """Adamax on a parameter server.
+
+    Args:
+        target: ``"host:port"`` of the server (a list of targets is reserved for sharding).
+        worker_id: this worker's id; every push carries it. Default: host-pid-random.
+        mode: ``"async"`` (each push is one update) or ``"sync"`` (rounds over workers).
+        num_workers, min_workers: sync: workers in the job (N) and pushes that close a round (K).
+        aggregation: sync: ``"mean"`` or ``"sum"`` of the round's gradients.
+        round_timeout, round_timeout_policy: sync: seconds after a round's first push, and
+            ``"close"`` (apply what arrived) or ``"abort"`` (discard; workers push again).
+        max_staleness: async: reject gradients computed more than this many versions ago.
+        non_finite: ``"reject"`` NaN/Inf gradients, or ``"skip"`` the step like LossScaleOptimizer.
+        optimizer: key of the optimizer on the server (default: the Keras ``name``).
+        timeout: default deadline in seconds of every call (retries included).
+        gradient_wire_dtype: send gradients as "float16"/"bfloat16" to halve the bytes.
+        **keras_kwargs: ``keras.optimizers.Adamax`` arguments (learning_rate, beta_1, ...).
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        worker_id: str | None = None,
+        *,
+        mode: Literal["async", "sync"] = "async",
+        num_workers: int = 1,
+        min_workers: int | None = None,
+        aggregation: Literal["mean", "sum"] = "mean",
+        round_timeout: float | None = None,
+        round_timeout_policy: Literal["close", "abort"] = "close",
+        max_staleness: int | None = None,
+        non_finite: Literal["reject", "skip"] = "reject",
+        optimizer: str | None = None,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        chunk_bytes: int = _wire.DEFAULT_CHUNK_BYTES,
+        gradient_wire_dtype: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+        interceptors: Sequence[Any] = (),
+        **keras_kwargs: Any,
+    ) -> None:
+        keras_kwargs.pop("device", None)  # a server-side choice; accepted for engine parity
+        unknown = sorted(set(keras_kwargs) - set(_KERAS_DEFAULTS) - {"name"})
+        if unknown:
+            raise ValueError(f"Argument(s) not recognized: { {k: keras_kwargs[k] for k in unknown} }")
+        targets = [target] if isinstance(target, str) else list(target)
+        if len(targets) != 1:
+            raise ValueError(
+                f"`target` must be one 'host:port' for now; sharding over several targets is not "
+                f"implemented yet. Received: target={target!r}"
+            )
+        if gradient_wire_dtype is not None and gradient_wire_dtype not in _wire.FLOAT_WIRE_DTYPES:
+            raise ValueError(
+                f"`gradient_wire_dtype` must be one of {list(_wire.FLOAT_WIRE_DTYPES)} or None. "
+                f"Received: gradient_wire_dtype={gradient_wire_dtype!r}"
+            )
+        config = {"name": keras_kwargs.pop("name", None) or "adamax", **_KERAS_DEFAULTS, **keras_kwargs}
+        config["learning_rate"] = _serialize_learning_rate(config["learning_rate"])
+        self.name: str = config["name"]
+        self.key = optimizer or self.name
+        self.worker_id = worker_id or _default_worker_id()
+        self.mode = mode
+        self.timeout = timeout
+        self._chunk_bytes = chunk_bytes
+        self._gradient_wire = gradient_wire_dtype
+        self._policy = _policy_proto(
+            mode, num_workers, min_workers, aggregation, round_timeout, round_timeout_policy, max_staleness, non_finite
+        )
+        self._transports = [
+            Transport(
+                t,
+                timeout=timeout,
+                retry=retry,
+                credentials=credentials,
+                channel_options=channel_options,
+                interceptors=interceptors,
+            )
+            for t in targets
+        ]
+        self._specs: list[VariableSpec] = []
+        self._version = 0  # weights version this worker holds (last build/pull)
+        self._expect_version = 0  # what pull() waits for by default
+        self._cache: dict[tuple[str, ...], tuple[int, OrderedDict[str, np.ndarray]]] = {}
+        self._closed = False
+        try:
+            response = self._transport.unary(
+                "CreateOptimizer",
+                pb.CreateOptimizerRequest(
+                    optimizer=self.key, config_json=json.dumps(config), policy=self._policy
+                ),
+            )
+        except BaseException:
+            self.close()
+            raise
+        self._absorb_info(response.info)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], target: str | Sequence[str] = "", **kwargs: Any) -> RemoteAdamax:
+        """Create from a Keras ``get_config()`` dict; ``kwargs`` are the service arguments."""
+        if not target:
+            raise ValueError("`target` ('host:port' of the parameter server) is required.")
+        return cls(target, **kwargs, **dict(config))
+
+    # -------------------------------------------------------------- plumbing
+
+    @property
+    def _transport(self) -> Transport:
+        return self._transports[0]
+
+    def _transport_for(self, name: str) -> Transport:
+        """The server holding variable ``name`` (one server for now; the sharding hook)."""
+        return self._transports[0]
+
+    def _ref(self) -> Any:
+        return pb.OptimizerRef(optimizer=self.key)
+
+    def _absorb_info(self, info: Any) -> Any:
+        if info.built:
+            self._specs = [
+                VariableSpec(v.name, tuple(v.shape), _wire.numpy_dtype(v.dtype)) for v in info.variables
+            ]
+        return info
+
+    def _info(self) -> Any:
+        return self._absorb_info(self._transport.unary("GetOptimizer", self._ref()))
+
+    def _frames(self, header: Any, items: Iterable[tuple[str, Any]], *, wire: str | None = None, group: int = 0) -> Iterator[bytes]:
+        yield _wire.header_frame(header)
+        for name, value in items:
+            yield from _wire.tensor_frames(name, value, wire=wire, group=group, chunk_bytes=self._chunk_bytes)
+
+    # -------------------------------------------------------------- Keras API: state
+
+    @property
+    def built(self) -> bool:
+        if not self._specs:
+            self._info()
+        return bool(self._specs)
+
+    @property
+    def variable_specs(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+        if not self._specs:
+            self._info()
+        return [(s.name, s.shape, s.dtype) for s in self._specs]
+
+    @property
+    def version(self) -> int:
+        """Weights version this worker holds (set by build and pull)."""
+        return self._version
+
+    @property
+    def iterations(self) -> int:
+        return int(self._info().iterations)
+
+    @property
+    def learning_rate(self) -> np.float32:
+        return np.float32(self._info().learning_rate)
+
+    @learning_rate.setter
+    def learning_rate(self, value: float) -> None:
+        if isinstance(value, (dict,)) or callable(value):
+            raise TypeError("A remote optimizer's learning rate can only be set to a float.")
+        self._absorb_info(
+            self._transport.unary("SetLearningRate", pb.SetLearningRateRequest(optimizer=self.key, learning_rate=float(value)))
+        )
+
+    def get_config(self) -> dict[str, Any]:
+        return dict(json.loads(self._info().config_json))
+
+    def status(self) -> dict[str, Any]:
+        """Server-side view: version, iterations, workers, round arrivals."""
+        info = self._info()
+        return {
+            "optimizer": info.optimizer,
+            "built": info.built,
+            "version": info.version,
+            "iterations": info.iterations,
+            "workers": {w.worker_id: {"last_step": w.last_step, "pushes": w.pushes} for w in info.workers},
+            "round_arrivals": list(info.round_arrivals),
+        }
+
+    # -------------------------------------------------------------- build / attach
+
+    def build(self, variables: Mapping[str, Any]) -> None:
+        """Build with the model variables' names and initial values (ordered).
+
+        If the optimizer is already built with the same names, shapes and dtypes (another
+        worker built it), this attaches: the server's values are kept; call ``pull()``.
+        """
+        if not isinstance(variables, Mapping):
+            raise TypeError(
+                "`variables` must be a mapping name -> initial value (ordered like the model). "
+                f"Received: {type(variables).__name__}"
+            )
+        items = [(str(name), np.asarray(value)) for name, value in variables.items()]
+        header = pb.BuildHeader(optimizer=self.key, worker_id=self.worker_id)
+        response = self._transport.stream_unary("Build", lambda: self._frames(header, items))
+        self._absorb_info(response.info)
+        if response.built_now:
+            self._version = int(response.info.version)
+            self._cache[()] = (self._version, OrderedDict((n, _readonly(v.copy())) for n, v in items))
+
+    def attach(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+        """Join an optimizer another worker built: fetch the specs and the current weights."""
+        specs = self.variable_specs
+        if not specs:
+            raise InvalidArgumentError(f"optimizer '{self.key}' is not built yet; nothing to attach to")
+        self.pull()
+        return specs
+
+    def exclude_from_weight_decay(self, var_list: Iterable[Any] | None = None, var_names: Iterable[str] | None = None) -> None:
+        """Exclude variables (exact names in ``var_list``, patterns in ``var_names``); before build."""
+        names = [str(getattr(v, "name", v)) for v in (var_list or [])]
+        self._transport.unary(
+            "ExcludeFromWeightDecay",
+            pb.ExcludeFromWeightDecayRequest(optimizer=self.key, var_list=names, var_names=list(var_names or [])),
+        )
+
+    # -------------------------------------------------------------- push
+
+    def _aligned(self, grads: Any, trainable_variables: Any) -> list[tuple[str, Any]]:
+        if isinstance(grads, Mapping):
+            if trainable_variables is not None:
+                raise ValueError("Pass either a mapping of gradients or `trainable_variables`, not both.")
+            return [(str(n), g) for n, g in grads.items()]
+        grads = list(grads)
+        if trainable_variables is not None:
+            if isinstance(trainable_variables, Mapping):
+                if not self.built:
+                    self.build(trainable_variables)
+                names = list(trainable_variables)
+            else:
+                names = [str(getattr(v, "name", v)) for v in trainable_variables]
+            if len(names) != len(grads):
+                raise ValueError(f"Received {len(grads)} gradients for {len(names)} variables.")
+            return list(zip(names, grads))
+        specs = self.variable_specs
+        if not specs:
+            raise ValueError(
+                "When passing `grads` without `variables`, the optimizer must already be built on a "
+                "list of variables. Call `optimizer.build(trainable_variables)` first. "
+            )
+        if len(grads) != len(specs):
+            raise ValueError(
+                "When passing `grads` as a list of gradient tensors, the gradients must match "
+                f"`optimizer.variables` one-to-on. Received a list of {len(grads)} gradients, but the "
+                f"optimizer is tracking {len(specs)} trainable variables."
+            )
+        return [(name, g) for (name, _, _), g in zip(specs, grads)]
+
+    def push(self, grads: Any, trainable_variables: Any = None, *, step: int | None = None,
+             request_id: str | None = None, timeout: float | None = None) -> PushResult:
+        """Push gradients computed on weights version ``step`` (default: ``self.version``)."""
+        items = self._aligned(grads, trainable_variables)  # None travels as an absent entry
+        step = self._version if step is None else int(step)
+        header = pb.PushHeader(
+            optimizer=self.key, worker_id=self.worker_id, step=step, request_id=request_id or uuid.uuid4().hex
+        )
+        response = self._transport.stream_unary(
+            "Push", lambda: self._frames(header, items, wire=self._gradient_wire), timeout=timeout
+        )
+        result = PushResult(
+            _OUTCOME_NAMES.get(response.outcome, "applied"),  # type: ignore[arg-type]
+            int(response.version),
+            int(response.iterations),
+            bool(response.duplicate),
+            response.detail,
+        )
+        if result.outcome in ("accepted", "round_closed"):
+            self._expect_version = max(self._expect_version, step + 1)
+        elif result.outcome == "dropped_late":
+            warnings.warn(f"worker '{self.worker_id}': {result.detail}", stacklevel=3)
+        return result
+
+    def apply(self, grads: Any, trainable_variables: Any = None) -> PushResult:
+        """Push one step of gradients (list aligned with build order, or name -> gradient).
+
+        ``None`` means no gradient; a ``RowSparseGradient`` sends only some rows.
+        """
+        return self.push(grads, trainable_variables)
+
+    def apply_gradients(self, grads_and_vars: Iterable[tuple[Any, Any]]) -> PushResult:
+        """Push ``(gradient, variable name)`` pairs."""
+        pairs = list(grads_and_vars)
+        return self.push([g for g, _ in pairs], [getattr(v, "name", v) for _, v in pairs])
+
+    # -------------------------------------------------------------- pull
+
+    def pull(self, names: Sequence[str] | None = None, *, min_version: int | None = None,
+             timeout: float | None = None) -> OrderedDict[str, np.ndarray]:
+        """Current weights (all, or ``names``) as name -> read-only array, in build order.
+
+        Waits until the server's version reaches ``min_version`` (default: after a sync push,
+        the version its round produces). Skips the transfer when this worker already holds
+        the latest version.
+        """
+        key = tuple(names or ())
+        wanted = self._expect_version if min_version is None else int(min_version)
+        cached = self._cache.get(key)
+        request = pb.PullRequest(optimizer=self.key, names=list(key), min_version=wanted, worker_id=self.worker_id)
+        if cached is not None:
+            request.known_version = cached[0]
+
+        def consume(frames: Iterator[Any]) -> tuple[Any, list[_wire.DecodedTensor]]:
+            return _wire.decode_stream(frames)
+
+        head, tensors = self._transport.unary_stream("Pull", request, consume, timeout=timeout)
+        if head.not_modified and cached is not None:
+            values = cached[1]
+        else:
+            values = OrderedDict((t.header.name, _readonly(t.value)) for t in tensors)
+            self._cache[key] = (int(head.version), values)
+        if not key:
+            self._version = int(head.version)
+        return OrderedDict(values)
+
+    # -------------------------------------------------------------- the rest of the Keras API
+
+    def finalize_variable_values(self) -> None:
+        self._transport.unary("FinalizeVariableValues", self._ref())
+
+    def _assign(self, op: int, variable: Any, value: Any) -> None:
+        name = str(getattr(variable, "name", variable))
+        header = pb.AssignHeader(optimizer=self.key, op=op)
+        self._transport.stream_unary("Assign", lambda: self._frames(header, [(name, np.asarray(value))]))
+
+    def assign(self, variable: Any, value: Any) -> None:
+        """Assign to a model or optimizer variable, by name."""
+        self._assign(pb.ASSIGN, variable, value)
+
+    def assign_add(self, variable: Any, value: Any) -> None:
+        self._assign(pb.ASSIGN_ADD, variable, value)
+
+    def assign_sub(self, variable: Any, value: Any) -> None:
+        self._assign(pb.ASSIGN_SUB, variable, value)
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        """Set the optimizer variables (Keras ``optimizer.variables`` order)."""
+        items = [("", np.asarray(w)) for w in weights]
+        self._transport.stream_unary("SetWeights", lambda: self._frames(self._ref(), items))
+
+    def save_own_variables(self, store: dict[str, Any]) -> None:
+        """Fill ``store`` like Keras: ``store["0"]``, ``store["1"]``, ... optimizer variables."""
+        _, tensors = self._transport.unary_stream("SaveOwnVariables", self._ref(), _wire.decode_stream)
+        for t in tensors:
+            store[t.header.name] = t.value
+
+    def load_own_variables(self, store: Mapping[str, Any]) -> None:
+        """Load a store written by ``save_own_variables`` (here, in-process or by Keras)."""
+        keys = sorted(store.keys(), key=lambda k: (not str(k).isdigit(), int(k) if str(k).isdigit() else 0, str(k)))
+        items = [(str(k), np.asarray(store[k])) for k in keys]
+        self._transport.stream_unary("LoadOwnVariables", lambda: self._frames(self._ref(), items))
+
+    def stateless_apply(
+        self, optimizer_variables: Sequence[Any], grads: Sequence[Any], trainable_variables: Sequence[Any]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Apply ``grads`` to the given values on the server; its own state is untouched."""
+
+        def frames() -> Iterator[bytes]:
+            yield _wire.header_frame(self._ref())
+            for group, values in (
+                (pb.OPTIMIZER_VARIABLES, optimizer_variables),
+                (pb.GRADIENTS, grads),
+                (pb.TRAINABLE_VARIABLES, trainable_variables),
+            ):
+                for v in values:
+                    yield from _wire.tensor_frames(
+                        "", None if v is None else (v if isinstance(v, _wire.RowSparse) else np.asarray(v)),
+                        group=group, chunk_bytes=self._chunk_bytes,
+                    )
+
+        _, tensors = self._transport.stream_stream("StatelessApply", frames, _wire.decode_stream)
+        new_trainable = [t.value for t in tensors if t.header.group == pb.TRAINABLE_VARIABLES]
+        new_optimizer = [t.value for t in tensors if t.header.group == pb.OPTIMIZER_VARIABLES]
+        return new_trainable, new_optimizer  # type: ignore[return-value]
+
+    # -------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for transport in self._transports:
+            transport.close()
+
+    def __enter__(self) -> RemoteAdamax:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<RemoteAdamax {self.key!r} at {self._transport.target} worker={self.worker_id!r} mode={self.mode}>"
+
+
+def _readonly(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        value.flags.writeable = False
+    return value

@@ -1,0 +1,154 @@
+"""One gRPC channel to one adamax-ps server, with deadlines, retries and error mapping.
+
+Every call carries a deadline. Only UNAVAILABLE is retried (exponential backoff with jitter,
+bounded by the call's overall deadline): the request is re-sent unchanged, so a retried push
+keeps its request id and the server's exactly-once table answers it with the first outcome.
+Streaming calls take a *factory* of request frames, because a retry must send them again.
+
+Streaming methods send pre-serialized frames (``adamax_client._wire``) and receive chunk
+frames as memoryviews; unary methods use the generated message classes.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from . import _wire
+from ._proto.adamax.v1 import adamax_pb2 as pb
+from .errors import DeadlineExceededError, ProtocolError, UnavailableError, from_rpc_error
+
+T = TypeVar("T")
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["AdamaxService"]
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff for transient failures; the call's deadline bounds the total time."""
+
+    initial_backoff: float = 0.05
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+    max_attempts: int = 8
+    jitter: float = 0.2
+    retry_codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+    def backoff(self, attempt: int) -> float:
+        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        return base * (1.0 + self.jitter * random.uniform(-1.0, 1.0))
+
+
+class Transport:
+    """Calls to one target. Thread safe (gRPC channels are)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+        interceptors: Sequence[Any] = (),
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if timeout is None or not timeout > 0:
+            raise ValueError(f"`timeout` must be a positive number of seconds. Received: timeout={timeout!r}")
+        self.target = target
+        self.timeout = float(timeout)
+        self.retry = retry or RetryPolicy()
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            *channel_options,
+        ]
+        if credentials is None:
+            channel = grpc.insecure_channel(target, options=options)
+        else:
+            channel = grpc.secure_channel(target, credentials, options=options)
+        self._raw_channel = channel
+        if interceptors:
+            channel = grpc.intercept_channel(channel, *interceptors)
+        self._channel = channel
+        self._methods: dict[str, Any] = {}
+        for method in _SERVICE.methods:
+            path = f"/{_SERVICE.full_name}/{method.name}"
+            request_cls = getattr(pb, method.input_type.name)
+            response_cls = getattr(pb, method.output_type.name)
+            serialize = _wire.identity_serializer if method.client_streaming else request_cls.SerializeToString
+            deserialize = (
+                _wire.frame_deserializer(response_cls) if method.server_streaming else response_cls.FromString
+            )
+            kind = {
+                (False, False): channel.unary_unary,
+                (False, True): channel.unary_stream,
+                (True, False): channel.stream_unary,
+                (True, True): channel.stream_stream,
+            }[(method.client_streaming, method.server_streaming)]
+            self._methods[method.name] = kind(path, request_serializer=serialize, response_deserializer=deserialize)
+
+    # -------------------------------------------------------------- calls
+
+    def _with_retries(self, attempt_fn: Callable[[float], T], timeout: float | None) -> T:
+        overall = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + overall
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceededError(f"call to {self.target} ran out of its {overall:.3g}s deadline while retrying")
+            try:
+                return attempt_fn(remaining)
+            except grpc.RpcError as exc:
+                attempt += 1
+                code = exc.code() if hasattr(exc, "code") else None
+                retryable = code in self.retry.retry_codes and attempt < self.retry.max_attempts
+                pause = self.retry.backoff(attempt)
+                if not retryable or time.monotonic() + pause >= deadline:
+                    raise from_rpc_error(exc) from exc
+                time.sleep(pause)
+            except _wire.WireFormatError as exc:
+                raise ProtocolError(f"malformed reply from {self.target}: {exc}") from exc
+
+    def unary(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
+        call = self._methods[method]
+        return self._with_retries(lambda remaining: call(request, timeout=remaining), timeout)
+
+    def stream_unary(self, method: str, frames: Callable[[], Iterator[bytes]], *, timeout: float | None = None) -> Any:
+        call = self._methods[method]
+        return self._with_retries(lambda remaining: call(frames(), timeout=remaining), timeout)
+
+    def unary_stream(
+        self, method: str, request: Any, consume: Callable[[Iterator[Any]], T], *, timeout: float | None = None
+    ) -> T:
+        """Call and consume the whole reply inside the retry loop (a broken stream is retried)."""
+        call = self._methods[method]
+        return self._with_retries(lambda remaining: consume(call(request, timeout=remaining)), timeout)
+
+    def stream_stream(
+        self,
+        method: str,
+        frames: Callable[[], Iterator[bytes]],
+        consume: Callable[[Iterator[Any]], T],
+        *,
+        timeout: float | None = None,
+    ) -> T:
+        call = self._methods[method]
+        return self._with_retries(lambda remaining: consume(call(frames(), timeout=remaining)), timeout)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the channel connects; UnavailableError otherwise."""
+        try:
+            grpc.channel_ready_future(self._raw_channel).result(timeout=self.timeout if timeout is None else timeout)
+        except grpc.FutureTimeoutError as exc:
+            raise UnavailableError(f"could not connect to {self.target}") from exc
+
+    def close(self) -> None:
+        self._channel.close()

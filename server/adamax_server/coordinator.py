@@ -1,0 +1,816 @@
+"""Workers, rounds and exactly-once pushes in front of the in-process Adamax engine.
+
+The coordinator owns every optimizer hosted by a server (keyed by name) and decides how
+pushes from workers become engine applies:
+
+* ``async``: each push is one apply, serialized by the optimizer's lock; ``max_staleness``
+  rejects gradients computed more than that many versions ago.
+* ``sync``: pushes computed on the current version are collected; when K distinct workers
+  have pushed, their mean (or sum) is one apply. Late pushes for a closed round are dropped
+  and reported, never applied. A round timeout closes the round with what arrived, or
+  aborts it, so a dead worker cannot hang the job.
+
+Every push carries (worker id, request id); a retry is answered with the first outcome and
+never applied twice, also while the first copy is still streaming or being applied.
+
+Versions: ``version`` counts changes of the model variables (applies, closed rounds,
+assignments, loads). Workers compute gradients on a version and pull by version.
+
+Nothing here imports grpc or the generated protocol code: the servicer translates wire
+frames to the calls below, and ``errors.status_for`` maps the exceptions to status codes.
+The engine is not thread safe; every engine call happens under the optimizer's lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
+
+import numpy as np
+
+from .engine import Adamax, RowSparseGradient
+from .errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    RoundAborted,
+    StaleGradient,
+    Unavailable,
+    WaitTimeout,
+)
+
+_log = logging.getLogger(__name__)
+
+Mode = Literal["async", "sync"]
+Gradient = Any  # np.ndarray | RowSparseGradient | None
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+T = TypeVar("T")
+
+
+def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise InvalidArgument(f"`{name}` must be one of {list(allowed)}. Received: {name}={value!r}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How pushes turn into applies; see the module docstring."""
+
+    mode: Mode = "async"
+    num_workers: int = 1
+    min_workers: int | None = None  # K; None means K = num_workers
+    aggregation: Literal["mean", "sum"] = "mean"
+    round_timeout: float | None = None  # seconds after a round's first push; None: wait forever
+    round_timeout_policy: Literal["close", "abort"] = "close"
+    max_staleness: int | None = None
+    non_finite: Literal["reject", "skip"] = "reject"
+
+    def __post_init__(self) -> None:
+        _choice("mode", self.mode, ("async", "sync"))
+        _choice("aggregation", self.aggregation, ("mean", "sum"))
+        _choice("round_timeout_policy", self.round_timeout_policy, ("close", "abort"))
+        _choice("non_finite", self.non_finite, ("reject", "skip"))
+        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise InvalidArgument(f"`num_workers` must be an integer >= 1. Received: num_workers={self.num_workers!r}")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise InvalidArgument(
+                "`min_workers` must be between 1 and `num_workers`. "
+                f"Received: min_workers={self.min_workers}, num_workers={self.num_workers}"
+            )
+        if self.round_timeout is not None and not (self.round_timeout > 0 and math.isfinite(self.round_timeout)):
+            raise InvalidArgument(
+                f"`round_timeout` must be a positive number of seconds or None. Received: round_timeout={self.round_timeout!r}"
+            )
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise InvalidArgument(f"`max_staleness` must be >= 0 or None. Received: max_staleness={self.max_staleness!r}")
+
+    @property
+    def quorum(self) -> int:
+        """Distinct workers that close a sync round (K)."""
+        return self.min_workers if self.min_workers is not None else self.num_workers
+
+
+PushOutcomeName = Literal["applied", "accepted", "round_closed", "dropped_late", "skipped_non_finite"]
+
+
+@dataclass(frozen=True)
+class PushResult:
+    outcome: PushOutcomeName
+    version: int
+    iterations: int
+    duplicate: bool = False
+    detail: str = ""
+
+
+class TensorMeta(NamedTuple):
+    """What a tensor header announces, before its payload is read."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    sparse: bool
+    absent: bool
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    worker_id: str
+    last_step: int
+    pushes: int
+    seconds_since_seen: float
+
+
+@dataclass(frozen=True)
+class OptimizerStatus:
+    key: str
+    config: dict[str, Any]
+    policy: Policy
+    built: bool
+    specs: list[tuple[str, tuple[int, ...], np.dtype]]
+    version: int
+    iterations: int
+    learning_rate: float
+    learning_rate_is_schedule: bool
+    workers: list[WorkerStatus]
+    round_arrivals: list[str]
+
+
+@dataclass(frozen=True)
+class PullResult(Generic[T]):
+    version: int
+    iterations: int
+    not_modified: bool
+    payload: T | None  # what the ``encode`` callback made; shared between pullers
+
+
+# ---------------------------------------------------------------- exactly-once table
+
+
+@dataclass
+class _DedupEntry:
+    result: PushResult | None = None  # None while the first copy is in flight
+
+
+class _DedupTable:
+    """Per-worker request id -> outcome, bounded; in-flight entries are never evicted."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._by_worker: dict[str, OrderedDict[str, _DedupEntry]] = {}
+
+    def get(self, worker_id: str, request_id: str) -> _DedupEntry | None:
+        return self._by_worker.get(worker_id, {}).get(request_id)
+
+    def begin(self, worker_id: str, request_id: str) -> None:
+        entries = self._by_worker.setdefault(worker_id, OrderedDict())
+        entries[request_id] = _DedupEntry()
+        if len(entries) > self._capacity:
+            for old_id, old in list(entries.items()):
+                if len(entries) <= self._capacity:
+                    break
+                if old.result is not None:
+                    del entries[old_id]
+
+    def finish(self, worker_id: str, request_id: str, result: PushResult) -> None:
+        self._by_worker[worker_id][request_id] = _DedupEntry(result)
+
+    def discard(self, worker_id: str, request_id: str) -> None:
+        self._by_worker.get(worker_id, {}).pop(request_id, None)
+
+
+# ---------------------------------------------------------------- one optimizer
+
+
+@dataclass
+class _Contribution:
+    request_id: str
+    grads: dict[str, Gradient]
+
+
+@dataclass
+class _Worker:
+    last_step: int = -1
+    pushes: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+def _non_finite_counts(grads: Mapping[str, Gradient]) -> dict[str, int]:
+    counts = {}
+    for name, g in grads.items():
+        if g is None:
+            continue
+        values = g.values if isinstance(g, RowSparseGradient) else g
+        bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+        if bad:
+            counts[name] = bad
+    return counts
+
+
+class OptimizerHost:
+    """One hosted optimizer: the engine, its lock, versions, rounds and the dedup table."""
+
+    _PULL_CACHE_KEYS = 8
+
+    def __init__(self, key: str, engine: Adamax, initial_config: dict[str, Any], policy: Policy, *, dedup_capacity: int) -> None:
+        self.key = key
+        self.policy = policy
+        self.initial_config = initial_config
+        self._engine = engine
+        self._cond = threading.Condition()
+        self._encode_lock = threading.Lock()
+        self._version = 0
+        self._dedup = _DedupTable(dedup_capacity)
+        self._workers: dict[str, _Worker] = {}
+        self._round: dict[str, _Contribution] = {}
+        self._round_epoch = 0
+        self._round_timer: threading.Timer | None = None
+        self._aborts = 0
+        self._last_abort = ""
+        self._last_closed = ""
+        self._closed = False
+        self._pull_cache: OrderedDict[tuple[str, ...], PullResult[Any]] = OrderedDict()
+
+    # -------------------------------------------------------------- inspection
+
+    @property
+    def version(self) -> int:
+        with self._cond:
+            return self._version
+
+    def status(self) -> OptimizerStatus:
+        now = time.monotonic()
+        with self._cond:
+            engine = self._engine
+            lr_is_schedule = engine.get_config()["learning_rate"].__class__ is dict
+            return OptimizerStatus(
+                key=self.key,
+                config=engine.get_config(),
+                policy=self.policy,
+                built=engine.built,
+                specs=list(engine.variable_specs) if engine.built else [],
+                version=self._version,
+                iterations=engine.iterations,
+                learning_rate=float(engine.learning_rate),
+                learning_rate_is_schedule=lr_is_schedule,
+                workers=[
+                    WorkerStatus(wid, w.last_step, w.pushes, now - w.last_seen)
+                    for wid, w in sorted(self._workers.items())
+                ],
+                round_arrivals=sorted(self._round),
+            )
+
+    def _touch(self, worker_id: str) -> _Worker:
+        worker = self._workers.setdefault(worker_id, _Worker())
+        worker.last_seen = time.monotonic()
+        return worker
+
+    def _require_built(self) -> None:
+        if self._closed:
+            raise Unavailable(f"optimizer '{self.key}' was deleted or the server is shutting down")
+        if not self._engine.built:
+            raise FailedPrecondition(
+                f"optimizer '{self.key}' is not built yet; call build(variables) with the model "
+                "variables' names and initial values first"
+            )
+
+    # -------------------------------------------------------------- build
+
+    def build(self, variables: Sequence[tuple[str, np.ndarray]], worker_id: str = "") -> bool:
+        """Build with initial values; idempotent when already built with the same specs."""
+        specs = [(name, tuple(value.shape), np.dtype(value.dtype)) for name, value in variables]
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"optimizer '{self.key}' was deleted")
+            if worker_id:
+                self._touch(worker_id)
+            if self._engine.built:
+                existing = [(n, tuple(s), np.dtype(d)) for n, s, d in self._engine.variable_specs]
+                if existing != specs:
+                    raise FailedPrecondition(
+                        f"optimizer '{self.key}' is already built with different variables: "
+                        f"existing {_describe_specs(existing)}, received {_describe_specs(specs)}. "
+                        "Attach without variables to use the existing ones, or create a new optimizer."
+                    )
+                return False
+            for name, _, dtype in specs:
+                if dtype.name not in ("float16", "float32", "float64"):
+                    raise InvalidArgument(
+                        f"Variable '{name}' must be float16, float32 or float64. Received: dtype={dtype}"
+                    )
+            self._engine.build(dict(variables))
+            self._version = 0
+            self._cond.notify_all()
+            return True
+
+    # -------------------------------------------------------------- push
+
+    def check_gradient(self, meta: TensorMeta) -> None:
+        """Validate a gradient's header against the variable before its payload is read."""
+        with self._cond:
+            self._require_built()
+            specs = {n: (tuple(s), np.dtype(d)) for n, s, d in self._engine.variable_specs}
+        if meta.name not in specs:
+            raise NotFound(
+                f"optimizer '{self.key}' has no variable '{meta.name}'. Known variables: {list(specs)}"
+            )
+        if meta.absent:
+            return
+        if meta.dtype not in _FLOAT_DTYPES:
+            raise InvalidArgument(
+                f"Gradient for variable '{meta.name}' has dtype {meta.dtype}; gradients must be "
+                f"one of {list(_FLOAT_DTYPES)}."
+            )
+        shape, _ = specs[meta.name]
+        if meta.sparse:
+            if not shape or meta.shape[1:] != shape[1:]:
+                raise InvalidArgument(
+                    f"Row-sparse gradient for variable '{meta.name}' has values of shape {meta.shape}; "
+                    f"expected (num_rows,) + {shape[1:]} for a variable of shape {shape}."
+                )
+        elif meta.shape != shape:
+            raise InvalidArgument(
+                f"Gradient for variable '{meta.name}' has shape {meta.shape}, but the variable has shape {shape}."
+            )
+
+    def _validate_payload(self, grads: Sequence[tuple[str, Gradient]]) -> dict[str, Gradient]:
+        specs = {n: tuple(s) for n, s, _ in self._engine.variable_specs}
+        out: dict[str, Gradient] = {}
+        for name, g in grads:
+            if name in out:
+                raise InvalidArgument(f"The push carries two gradients for variable '{name}'.")
+            if isinstance(g, RowSparseGradient) and g.indices.size:
+                rows = specs[name][0]
+                low, high = int(g.indices.min()), int(g.indices.max())
+                if low < 0 or high >= rows:
+                    raise InvalidArgument(
+                        f"Row-sparse gradient for variable '{name}': row indices must be in [0, {rows}). "
+                        f"Received min={low}, max={high}."
+                    )
+            out[name] = g
+        return out
+
+    def push(
+        self,
+        worker_id: str,
+        request_id: str,
+        step: int,
+        receive: Callable[[], Sequence[tuple[str, Gradient]]],
+        *,
+        timeout: float | None = None,
+    ) -> PushResult:
+        """Handle one push exactly once; ``receive()`` reads its gradients (outside the lock).
+
+        Raises StaleGradient, FailedPrecondition, InvalidArgument or NotFound; a failed push
+        changes nothing and may be retried with the same request id.
+        """
+        if not worker_id:
+            raise InvalidArgument("Every push must carry a non-empty `worker_id`.")
+        if not request_id:
+            raise InvalidArgument("Every push must carry a non-empty `request_id` (reuse it when retrying).")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._require_built()
+            self._touch(worker_id)
+            entry = self._dedup.get(worker_id, request_id)
+            while entry is not None and entry.result is None:  # first copy still in flight
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise WaitTimeout(
+                        f"push {request_id!r} of worker '{worker_id}' is still being handled by an "
+                        "earlier copy; retry later with the same request id",
+                        current_version=self._version,
+                    )
+                self._cond.wait(remaining)
+                entry = self._dedup.get(worker_id, request_id)
+            if entry is not None and entry.result is not None:
+                return replace(entry.result, duplicate=True)
+            self._check_step(step)  # fail early, before the payload is read
+            self._dedup.begin(worker_id, request_id)
+        try:
+            grads = receive()
+            with self._cond:
+                self._require_built()
+                validated = self._validate_payload(grads)
+                result = self._handle_push(worker_id, request_id, step, validated)
+                self._dedup.finish(worker_id, request_id, result)
+                worker = self._touch(worker_id)
+                worker.pushes += 1
+                worker.last_step = step
+                self._cond.notify_all()
+                return result
+        except BaseException:
+            with self._cond:
+                self._dedup.discard(worker_id, request_id)
+                self._cond.notify_all()
+            raise
+
+    def _check_step(self, step: int) -> None:
+        version = self._version
+        if step > version:
+            raise FailedPrecondition(
+                f"gradient step {step} is ahead of the current version {version} of optimizer "
+                f"'{self.key}'; push gradients computed on pulled weights",
+                current_version=version,
+            )
+        if step < 0:
+            raise InvalidArgument(f"`step` must be >= 0. Received: step={step}")
+        limit = self.policy.max_staleness
+        if self.policy.mode == "async" and limit is not None and version - step > limit:
+            raise StaleGradient(
+                f"gradient computed on version {step} is {version - step} versions old; "
+                f"max_staleness is {limit}. Pull the current weights (version {version}) and recompute.",
+                current_version=version,
+            )
+
+    def _handle_push(self, worker_id: str, request_id: str, step: int, grads: dict[str, Gradient]) -> PushResult:
+        engine = self._engine
+        if self.policy.mode == "async":
+            self._check_step(step)
+            bad = _non_finite_counts(grads)
+            if bad:
+                if self.policy.non_finite == "reject":
+                    raise InvalidArgument(_non_finite_message(bad))
+                return PushResult("skipped_non_finite", self._version, engine.iterations, detail=_non_finite_message(bad, skipped=True))
+            engine.apply(grads)
+            self._set_version(self._version + 1)
+            return PushResult("applied", self._version, engine.iterations)
+
+        if step < self._version:
+            return PushResult(
+                "dropped_late",
+                self._version,
+                engine.iterations,
+                detail=(
+                    f"the round for version {step} already closed ({self._last_closed or 'earlier'}); "
+                    f"this gradient was not applied. Current version is {self._version}."
+                ),
+            )
+        self._check_step(step)
+        if worker_id in self._round:
+            raise FailedPrecondition(
+                f"worker '{worker_id}' already pushed a gradient for version {step} "
+                f"(request {self._round[worker_id].request_id!r}); one push per worker per round",
+                current_version=self._version,
+            )
+        if self.policy.non_finite == "reject":
+            bad = _non_finite_counts(grads)
+            if bad:
+                raise InvalidArgument(_non_finite_message(bad))
+        self._round[worker_id] = _Contribution(request_id, grads)
+        if len(self._round) >= self.policy.quorum:
+            detail = self._close_round(f"closed by {len(self._round)} of {self.policy.num_workers} workers")
+            return PushResult("round_closed", self._version, engine.iterations, detail=detail)
+        if len(self._round) == 1 and self.policy.round_timeout is not None:
+            self._start_round_timer()
+        return PushResult(
+            "accepted",
+            self._version,
+            engine.iterations,
+            detail=f"{len(self._round)} of {self.policy.quorum} workers have pushed for version {step}",
+        )
+
+    # -------------------------------------------------------------- sync rounds
+
+    def _start_round_timer(self) -> None:
+        assert self.policy.round_timeout is not None
+        timer = threading.Timer(self.policy.round_timeout, self._on_round_timeout, args=(self._round_epoch,))
+        timer.daemon = True
+        self._round_timer = timer
+        timer.start()
+
+    def _on_round_timeout(self, epoch: int) -> None:
+        with self._cond:
+            if epoch != self._round_epoch or not self._round or self._closed:
+                return
+            arrived = sorted(self._round)
+            why = f"timed out after {self.policy.round_timeout}s with {len(arrived)} of {self.policy.quorum} workers ({', '.join(arrived)})"
+            if self.policy.round_timeout_policy == "close":
+                try:
+                    self._close_round(why)
+                except Exception:  # the timer thread has nobody to report to
+                    _log.exception("closing round %d of '%s' failed", self._version, self.key)
+            else:
+                self._abort_round(f"round for version {self._version} of optimizer '{self.key}' was aborted: {why}")
+
+    def _reset_round(self) -> None:
+        self._round = {}
+        self._round_epoch += 1
+        if self._round_timer is not None:
+            self._round_timer.cancel()
+            self._round_timer = None
+
+    def _abort_round(self, message: str) -> None:
+        for worker_id, contribution in self._round.items():
+            # A retry of an aborted push must enter the next round, not be answered "accepted".
+            self._dedup.discard(worker_id, contribution.request_id)
+        self._reset_round()
+        self._aborts += 1
+        self._last_abort = message
+        _log.warning("%s", message)
+        self._cond.notify_all()
+
+    def _close_round(self, why: str) -> str:
+        contributions = [self._round[w] for w in sorted(self._round)]
+        combined = self._combine(contributions)
+        version = self._version
+        detail = f"round for version {version} {why}"
+        present = {n: g for n, g in combined.items() if g is not None}
+        try:
+            bad = _non_finite_counts(present)
+            if bad:  # only reachable with non_finite="skip" (or overflow in the sum)
+                detail += "; " + _non_finite_message(bad, skipped=True)
+            elif not present:
+                detail += "; no worker sent any gradient, step skipped"
+            else:
+                self._engine.apply(present)
+        except BaseException:
+            self._abort_round(f"round for version {version} was aborted: applying the combined gradient failed")
+            raise
+        self._reset_round()
+        self._last_closed = detail
+        self._set_version(version + 1)
+        return detail
+
+    def _combine(self, contributions: list[_Contribution]) -> dict[str, Gradient]:
+        """Sum or mean per variable, in worker-id order (so results do not depend on arrival)."""
+        count = len(contributions)
+        out: dict[str, Gradient] = {}
+        for name, shape, dtype in self._engine.variable_specs:
+            parts = [c.grads[name] for c in contributions if c.grads.get(name) is not None]
+            if not parts:
+                out[name] = None
+                continue
+            if all(isinstance(p, RowSparseGradient) for p in parts):
+                indices = np.concatenate([np.asarray(p.indices, dtype=np.int64) for p in parts])
+                values = np.concatenate([np.asarray(p.values).astype(dtype) for p in parts])
+                if self.policy.aggregation == "mean":
+                    values = np.divide(values, np.asarray(count, dtype=dtype))
+                out[name] = RowSparseGradient(indices, values)
+                continue
+            total = np.zeros(shape, dtype=dtype)
+            for p in parts:
+                if isinstance(p, RowSparseGradient):
+                    np.add.at(total, np.asarray(p.indices), np.asarray(p.values).astype(dtype))
+                else:
+                    np.add(total, np.asarray(p).astype(dtype, copy=False), out=total)
+            if self.policy.aggregation == "mean":
+                np.divide(total, np.asarray(count, dtype=dtype), out=total)
+            out[name] = total
+        return out
+
+    # -------------------------------------------------------------- pull
+
+    def _set_version(self, version: int) -> None:
+        self._version = version
+        self._cond.notify_all()
+
+    def wait_for_version(self, min_version: int, timeout: float | None) -> int:
+        """Block until the version reaches ``min_version``; return the current version."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            aborts = self._aborts
+            while self._version < min_version:
+                if self._closed:
+                    raise Unavailable(f"optimizer '{self.key}' was deleted or the server is shutting down")
+                if self._aborts != aborts:
+                    raise RoundAborted(self._last_abort + "; push again for the current version", current_version=self._version)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise WaitTimeout(
+                        f"optimizer '{self.key}' did not reach version {min_version} in time; "
+                        f"current version is {self._version}",
+                        current_version=self._version,
+                    )
+                self._cond.wait(remaining)
+            return self._version
+
+    def pull(
+        self,
+        names: Sequence[str],
+        encode: Callable[[int, int, list[tuple[str, np.ndarray]]], T],
+        *,
+        min_version: int = 0,
+        known_version: int | None = None,
+        timeout: float | None = None,
+        worker_id: str = "",
+    ) -> PullResult[T]:
+        """Current weights (all, or ``names``) with their version, encoded once per version.
+
+        ``encode(version, iterations, [(name, array), ...])`` runs once per (version, names)
+        and its result is handed to every puller of that version.
+        """
+        if min_version > 0:
+            self.wait_for_version(min_version, timeout)
+        key = tuple(names)
+        with self._encode_lock:
+            with self._cond:
+                self._require_built()
+                if worker_id:
+                    self._touch(worker_id)
+                version, iterations = self._version, self._engine.iterations
+                if known_version is not None and known_version == version:
+                    return PullResult(version, iterations, True, None)
+                cached = self._pull_cache.get(key)
+                if cached is not None and cached.version == version:
+                    self._pull_cache.move_to_end(key)
+                    return cached
+                values = self._engine.trainable_variables
+                if key:
+                    missing = [n for n in key if n not in values]
+                    if missing:
+                        raise NotFound(f"optimizer '{self.key}' has no variable(s) {missing}. Known variables: {list(values)}")
+                    values = {n: values[n] for n in key}
+            result = PullResult(version, iterations, False, encode(version, iterations, list(values.items())))
+            self._pull_cache[key] = result
+            self._pull_cache.move_to_end(key)
+            while len(self._pull_cache) > self._PULL_CACHE_KEYS:
+                self._pull_cache.popitem(last=False)
+            return result
+
+    # -------------------------------------------------------------- the rest of the Keras API
+
+    def get_config(self) -> dict[str, Any]:
+        with self._cond:
+            return self._engine.get_config()
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        with self._cond:
+            self._engine.learning_rate = learning_rate
+
+    def exclude_from_weight_decay(self, var_list: Sequence[str], var_names: Sequence[str]) -> None:
+        with self._cond:
+            self._engine.exclude_from_weight_decay(var_list=list(var_list) or None, var_names=list(var_names) or None)
+
+    def _mutate(self, action: Callable[[Adamax], None]) -> tuple[int, int]:
+        with self._cond:
+            self._require_built()
+            if self._round:
+                raise FailedPrecondition(
+                    f"a sync round for version {self._version} is open ({sorted(self._round)} pushed); "
+                    "change variables between rounds"
+                )
+            action(self._engine)
+            self._set_version(self._version + 1)
+            return self._version, self._engine.iterations
+
+    def finalize_variable_values(self) -> tuple[int, int]:
+        return self._mutate(lambda e: e.finalize_variable_values())
+
+    def assign(self, op: Literal["assign", "assign_add", "assign_sub"], name: str, value: np.ndarray) -> tuple[int, int]:
+        return self._mutate(lambda e: getattr(e, op)(name, value))
+
+    def set_weights(self, weights: Sequence[np.ndarray]) -> tuple[int, int]:
+        return self._mutate(lambda e: e.set_weights(list(weights)))
+
+    def load_own_variables(self, store: Mapping[str, np.ndarray]) -> tuple[int, int]:
+        return self._mutate(lambda e: e.load_own_variables(dict(store)))
+
+    def save_own_variables(self) -> dict[str, np.ndarray]:
+        with self._cond:
+            self._require_built()
+            store: dict[str, np.ndarray] = {}
+            self._engine.save_own_variables(store)
+            return store
+
+    def stateless_apply(
+        self, optimizer_variables: Sequence[Any], grads: Sequence[Gradient], trainable_variables: Sequence[Any]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        with self._cond:
+            self._require_built()
+            return self._engine.stateless_apply(list(optimizer_variables), list(grads), list(trainable_variables))
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._reset_round()
+            self._cond.notify_all()
+
+
+def _describe_specs(specs: Sequence[tuple[str, tuple[int, ...], np.dtype]]) -> str:
+    return "[" + ", ".join(f"{n}{list(s)}:{np.dtype(d).name}" for n, s, d in specs) + "]"
+
+
+def _non_finite_message(bad: Mapping[str, int], *, skipped: bool = False) -> str:
+    listing = ", ".join(f"'{n}' ({c} NaN/Inf)" for n, c in bad.items())
+    if skipped:
+        return f"non-finite gradient values in {listing}: step skipped, variables unchanged"
+    return (
+        f"Gradients must be finite; found non-finite values in {listing}. The push was rejected "
+        "and nothing changed. Create the optimizer with non_finite='skip' to skip such steps "
+        "like keras.mixed_precision.LossScaleOptimizer."
+    )
+
+
+# ---------------------------------------------------------------- the registry
+
+
+EngineFactory = Callable[[Mapping[str, Any]], Adamax]
+
+
+class Coordinator:
+    """All optimizers of one server, keyed by name."""
+
+    def __init__(
+        self,
+        *,
+        device: str = "auto",
+        engine_factory: EngineFactory | None = None,
+        dedup_capacity: int = 1024,
+        max_optimizers: int = 1024,
+    ) -> None:
+        self._engine_factory: EngineFactory = engine_factory or (lambda cfg: Adamax.from_config(cfg, device=device))
+        self._dedup_capacity = dedup_capacity
+        self._max_optimizers = max_optimizers
+        self._lock = threading.Lock()
+        self._hosts: dict[str, OptimizerHost] = {}
+        self._closed = False
+        self.device = device
+
+    def create(self, key: str, config: Mapping[str, Any], policy: Policy) -> tuple[bool, OptimizerHost]:
+        """Create an optimizer from a Keras config; idempotent for an identical config and policy."""
+        if not key:
+            raise InvalidArgument("`optimizer` (the key of the optimizer on the server) must be a non-empty string.")
+        config = dict(config)
+        if config.get("name") is None:
+            config["name"] = key
+        with self._lock:
+            self._require_open()
+            existing = self._hosts.get(key)
+        if existing is None:
+            engine = self._engine_factory(config)  # Keras-style ValueError on a bad config
+            normalized = _normalize(engine.get_config())
+        else:
+            engine = None
+            normalized = _normalize(self._engine_factory(config).get_config())
+        with self._lock:
+            existing = self._hosts.get(key)
+            if existing is not None:
+                if existing.initial_config != normalized or existing.policy != policy:
+                    raise AlreadyExists(
+                        f"optimizer '{key}' already exists with a different "
+                        f"{'config' if existing.initial_config != normalized else 'coordination policy'}; "
+                        "use another name or the same settings"
+                    )
+                return False, existing
+            if engine is None:
+                engine = self._engine_factory(config)
+            if len(self._hosts) >= self._max_optimizers:
+                raise ResourceExhausted(f"this server hosts at most {self._max_optimizers} optimizers")
+            host = OptimizerHost(key, engine, normalized, policy, dedup_capacity=self._dedup_capacity)
+            self._hosts[key] = host
+            return True, host
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise Unavailable("the parameter server is shutting down")
+
+    def get(self, key: str) -> OptimizerHost:
+        with self._lock:
+            self._require_open()
+            host = self._hosts.get(key)
+            if host is None:
+                raise NotFound(f"no optimizer named '{key}' on this server. Existing: {sorted(self._hosts)}")
+            return host
+
+    def hosts(self) -> list[OptimizerHost]:
+        with self._lock:
+            return [self._hosts[k] for k in sorted(self._hosts)]
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            host = self._hosts.pop(key, None)
+        if host is None:
+            return False
+        host.close()
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            hosts, self._hosts = list(self._hosts.values()), {}
+        for host in hosts:
+            host.close()
+
+
+def _normalize(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config as plain JSON values, so equal settings compare equal."""
+    return json.loads(json.dumps(config, sort_keys=True, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"config value of type {type(value).__name__} is not JSON serializable")
+
+
+def config_to_json(config: Mapping[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=_json_default)

@@ -1,0 +1,130 @@
+"""Assemble a gRPC server: the adamax.v1 service, grpc.health.v1 and server reflection.
+
+``create_server(address) -> (server, port)`` is kept apart from the CLI so tests can bind
+``127.0.0.1:0``, start an in-process server and stop it in teardown.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from adamax_client import _wire
+from adamax_client._proto.adamax.v1 import adamax_pb2 as pb
+from adamax_client._proto.adamax.v1 import adamax_pb2_grpc as pb_grpc
+
+from .coordinator import Coordinator
+from .service import AdamaxServicer
+
+_log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdamaxService"].full_name
+# Chunks are a few MiB; leave room for headers and larger client-chosen chunks.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class _HandlerCapture:
+    """Stands in for a server to collect the generated method handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service_name: str, handlers: dict[str, Any]) -> None:
+        self.handlers = dict(handlers)
+
+
+def _serialize_frame(message: Any) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def method_handlers(servicer: AdamaxServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The generated handlers, with frame-aware (de)serializers on the streaming methods.
+
+    Request streams parse chunk frames as memoryviews (one copy less); response streams
+    accept pre-serialized frames so a cached pull reply is not serialized again.
+    """
+    capture = _HandlerCapture()
+    pb_grpc.add_AdamaxServiceServicer_to_server(servicer, capture)
+    methods = pb.DESCRIPTOR.services_by_name["AdamaxService"].methods_by_name
+    out = {}
+    for name, handler in capture.handlers.items():
+        method = methods[name]
+        if handler.request_streaming:
+            handler = handler._replace(
+                request_deserializer=_wire.frame_deserializer(getattr(pb, method.input_type.name))
+            )
+        if handler.response_streaming:
+            handler = handler._replace(response_serializer=_serialize_frame)
+        out[name] = handler
+    return out
+
+
+def create_server(
+    address: str = "127.0.0.1:0",
+    *,
+    coordinator: Coordinator | None = None,
+    device: str = "auto",
+    max_workers: int = 32,
+    chunk_bytes: int = _wire.DEFAULT_CHUNK_BYTES,
+    max_tensor_bytes: int = _wire.DEFAULT_MAX_TENSOR_BYTES,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.Server, int]:
+    """Create (not start) a server bound to ``address``; returns it and the bound port.
+
+    Waiting pulls and open sync rounds each hold a worker thread, so ``max_workers`` should
+    exceed the number of workers of the largest job.
+    """
+    coordinator = coordinator or Coordinator(device=device)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="adamax-rpc"),
+        interceptors=list(interceptors),
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+    )
+    servicer = AdamaxServicer(coordinator, chunk_bytes=chunk_bytes, max_tensor_bytes=max_tensor_bytes)
+    handlers = method_handlers(servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+    health_servicer = health.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    server.coordinator = coordinator  # type: ignore[attr-defined]  # for the CLI and tests
+    server.health = health_servicer  # type: ignore[attr-defined]
+    return server, port
+
+
+def stop_server(server: grpc.Server, grace: float | None = 1.0) -> None:
+    """Mark NOT_SERVING, wake waiting pulls, and stop."""
+    health_servicer = getattr(server, "health", None)
+    if health_servicer is not None:
+        health_servicer.enter_graceful_shutdown()
+    coordinator = getattr(server, "coordinator", None)
+    if coordinator is not None:
+        coordinator.close()
+    server.stop(grace).wait()
