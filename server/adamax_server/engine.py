@@ -456,7 +456,20 @@ class Adamax:
             )
         self._exclude_names = {getattr(v, "name", v) for v in (var_list or [])}
         var_names = list(var_names or [])
+        self._exclude_patterns = var_names
         self._exclude_pattern = re.compile("|".join(set(var_names))) if var_names else None
+
+    @property
+    def weight_decay_exclusions(self) -> dict[str, list[str]]:
+        """What ``exclude_from_weight_decay`` was given (neither the config nor the store has it).
+
+        ``{"var_list": [names], "var_names": [patterns]}``; checkpoints save it and restore it
+        with ``exclude_from_weight_decay(**exclusions)`` before ``build``.
+        """
+        return {
+            "var_list": sorted(self._exclude_names),
+            "var_names": list(getattr(self, "_exclude_patterns", [])),
+        }
 
     def _use_weight_decay(self, v: _Var) -> bool:
         if v.name in self._exclude_names:
