@@ -164,6 +164,8 @@ def main() -> None:
     ap.add_argument("--variables", type=int, default=16)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    ap.add_argument("--gpu-variable-counts", nargs="+", type=int, default=[10, 16, 1000],
+                    help="GPU runs: split each size over this many variables (one row each)")
     ap.add_argument("--json", default=None, help="write the figures here as JSON")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -174,7 +176,7 @@ def main() -> None:
               f"{'copy ms':>9} {'GB/s kernel':>11} {'GB/s copy':>10} {'kernel % of copy':>16} "
               f"{'apply % of copy':>15}")
         for total in args.sizes:
-            for nvars in sorted({args.variables, 1000 if total >= 1e7 else args.variables, 10}):
+            for nvars in args.gpu_variable_counts:
                 sizes = split_sizes(int(total), nvars)
                 for label, kw, traffic in GPU_OPTIONS:
                     r = bench_gpu(sizes, args.reps, **kw)
