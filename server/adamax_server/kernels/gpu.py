@@ -210,7 +210,9 @@ def _module(dtype: np.dtype):
         src = _SOURCE.substitute(T=_CTYPE[dtype], THREADS=THREADS, MIN_BLOCKS=MIN_BLOCKS)
         mod = cp.RawModule(
             code=src,
-            options=("--fmad=false", "-std=c++14"),
+            # IEEE float32: no fused multiply-add, no flush of subnormals to zero, exact
+            # division and square root; each operation rounds as NumPy's does.
+            options=("--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true", "-std=c++14"),
             name_expressions=[_step_name(f) for f in range(4)],
         )
         _modules[dtype] = mod
