@@ -15,6 +15,7 @@ from .errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
     NotFoundError,
+    PermissionDeniedError,
     ProtocolError,
     ResourceExhaustedError,
     RoundAbortedError,
@@ -23,6 +24,7 @@ from .errors import (
     UnavailableError,
 )
 from .remote import PushResult, RemoteAdamax, VariableSpec
+from .security import tls_channel_credentials
 from .transport import RetryPolicy
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
     "NotFoundError",
+    "PermissionDeniedError",
     "ProtocolError",
     "PushResult",
     "RemoteAdamax",
@@ -46,4 +49,5 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "VariableSpec",
+    "tls_channel_credentials",
 ]

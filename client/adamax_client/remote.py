@@ -158,6 +158,8 @@ class RemoteAdamax:
         optimizer: key of the optimizer on the server (default: the Keras ``name``).
         timeout: default deadline in seconds of every call (retries included).
         gradient_wire_dtype: send gradients as "float16"/"bfloat16" to halve the bytes.
+        credentials: ``grpc`` channel credentials (``adamax_client.tls_channel_credentials``).
+        token: bearer token sent on every call when the server requires one.
         **keras_kwargs: ``keras.optimizers.Adamax`` arguments (learning_rate, beta_1, ...).
     """
 
@@ -182,6 +184,7 @@ class RemoteAdamax:
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[Any] = (),
+        token: str | None = None,
         **keras_kwargs: Any,
     ) -> None:
         keras_kwargs.pop("device", None)  # a server-side choice; accepted for engine parity
@@ -219,6 +222,7 @@ class RemoteAdamax:
                 credentials=credentials,
                 channel_options=channel_options,
                 interceptors=interceptors,
+                token=token,
             )
             for t in targets
         ]

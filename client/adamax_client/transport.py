@@ -22,11 +22,22 @@ import grpc
 from . import _wire
 from ._proto.adamax.v1 import adamax_pb2 as pb
 from .errors import DeadlineExceededError, ProtocolError, UnavailableError, from_rpc_error
+from .security import BearerTokenInterceptor
 
 T = TypeVar("T")
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["AdamaxService"]
+# Method names are unique across the services, so one table serves both.
+_SERVICES = (_SERVICE, pb.DESCRIPTOR.services_by_name["CheckpointService"])
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Ping idle connections every 30 s so NATs and load balancers do not drop a worker's channel
+# between steps; the server accepts pings that often (adamax_server.server.KEEPALIVE_OPTIONS).
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
 
 
 @dataclass(frozen=True)
@@ -58,28 +69,34 @@ class Transport:
         channel_options: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[Any] = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        token: str | None = None,
     ) -> None:
         if timeout is None or not timeout > 0:
             raise ValueError(f"`timeout` must be a positive number of seconds. Received: timeout={timeout!r}")
         self.target = target
         self.timeout = float(timeout)
         self.retry = retry or RetryPolicy()
-        options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            *channel_options,
-        ]
+        options = list(  # later entries override earlier ones
+            {
+                "grpc.max_receive_message_length": max_message_bytes,
+                "grpc.max_send_message_length": max_message_bytes,
+                **dict(KEEPALIVE_OPTIONS),
+                **dict(channel_options),
+            }.items()
+        )
         if credentials is None:
             channel = grpc.insecure_channel(target, options=options)
         else:
             channel = grpc.secure_channel(target, credentials, options=options)
         self._raw_channel = channel
+        if token is not None:  # bearer token on every call (see adamax_client.security)
+            interceptors = [*interceptors, BearerTokenInterceptor(token)]
         if interceptors:
             channel = grpc.intercept_channel(channel, *interceptors)
         self._channel = channel
         self._methods: dict[str, Any] = {}
-        for method in _SERVICE.methods:
-            path = f"/{_SERVICE.full_name}/{method.name}"
+        for method in (m for service in _SERVICES for m in service.methods):
+            path = f"/{method.containing_service.full_name}/{method.name}"
             request_cls = getattr(pb, method.input_type.name)
             response_cls = getattr(pb, method.output_type.name)
             serialize = _wire.identity_serializer if method.client_streaming else request_cls.SerializeToString

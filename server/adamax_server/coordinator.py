@@ -28,10 +28,11 @@ import logging
 import math
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Generic, Literal, NamedTuple, TypeVar
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
@@ -44,9 +45,11 @@ from .errors import (
     ResourceExhausted,
     RoundAborted,
     StaleGradient,
+    StateRestored,
     Unavailable,
     WaitTimeout,
 )
+from .snapshot import OptimizerSnapshot, RoundContribution
 
 _log = logging.getLogger(__name__)
 
@@ -186,6 +189,22 @@ class _DedupTable:
     def discard(self, worker_id: str, request_id: str) -> None:
         self._by_worker.get(worker_id, {}).pop(request_id, None)
 
+    def finished(self) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+        """Answered requests per worker, oldest first, as JSON data (for checkpoints)."""
+        return {
+            worker: [(rid, asdict(e.result)) for rid, e in entries.items() if e.result is not None]
+            for worker, entries in self._by_worker.items()
+        }
+
+    @classmethod
+    def from_finished(cls, capacity: int, finished: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]]) -> _DedupTable:
+        table = cls(capacity)
+        for worker, entries in finished.items():
+            table._by_worker[worker] = OrderedDict(
+                (rid, _DedupEntry(PushResult(**{**result, "duplicate": False}))) for rid, result in entries
+            )
+        return table
+
 
 # ---------------------------------------------------------------- one optimizer
 
@@ -220,8 +239,19 @@ class OptimizerHost:
 
     _PULL_CACHE_KEYS = 8
 
-    def __init__(self, key: str, engine: Adamax, initial_config: dict[str, Any], policy: Policy, *, dedup_capacity: int) -> None:
+    def __init__(
+        self,
+        key: str,
+        engine: Adamax,
+        initial_config: dict[str, Any],
+        policy: Policy,
+        *,
+        dedup_capacity: int,
+        observer: CoordinatorObserver | None = None,
+    ) -> None:
         self.key = key
+        self._observer = observer  # metrics hooks (adamax_server.metrics), called under the lock
+        self._round_started = 0.0
         self.policy = policy
         self.initial_config = initial_config
         self._engine = engine
@@ -229,6 +259,8 @@ class OptimizerHost:
         self._encode_lock = threading.Lock()
         self._version = 0
         self._dedup = _DedupTable(dedup_capacity)
+        self._dedup_capacity = dedup_capacity
+        self._restore_epoch = 0  # bumped by restore(): pushes begun before it are rejected
         self._workers: dict[str, _Worker] = {}
         self._round: dict[str, _Contribution] = {}
         self._round_epoch = 0
@@ -395,10 +427,17 @@ class OptimizerHost:
                 return replace(entry.result, duplicate=True)
             self._check_step(step)  # fail early, before the payload is read
             self._dedup.begin(worker_id, request_id)
+            epoch = self._restore_epoch
         try:
             grads = receive()
             with self._cond:
                 self._require_built()
+                if self._restore_epoch != epoch:
+                    raise StateRestored(
+                        f"optimizer '{self.key}' was restored from a checkpoint while push {request_id!r} "
+                        f"was in flight; it was not applied. Pull version {self._version} and recompute.",
+                        current_version=self._version,
+                    )
                 validated = self._validate_payload(grads)
                 result = self._handle_push(worker_id, request_id, step, validated)
                 self._dedup.finish(worker_id, request_id, result)
@@ -409,7 +448,8 @@ class OptimizerHost:
                 return result
         except BaseException:
             with self._cond:
-                self._dedup.discard(worker_id, request_id)
+                if self._restore_epoch == epoch:  # a restore replaced the table the entry was in
+                    self._dedup.discard(worker_id, request_id)
                 self._cond.notify_all()
             raise
 
@@ -440,7 +480,7 @@ class OptimizerHost:
                 if self.policy.non_finite == "reject":
                     raise InvalidArgument(_non_finite_message(bad))
                 return PushResult("skipped_non_finite", self._version, engine.iterations, detail=_non_finite_message(bad, skipped=True))
-            engine.apply(grads)
+            self._apply(grads)
             self._set_version(self._version + 1)
             return PushResult("applied", self._version, engine.iterations)
 
@@ -466,6 +506,8 @@ class OptimizerHost:
             if bad:
                 raise InvalidArgument(_non_finite_message(bad))
         self._round[worker_id] = _Contribution(request_id, grads)
+        if len(self._round) == 1:
+            self._round_started = time.monotonic()
         if len(self._round) >= self.policy.quorum:
             detail = self._close_round(f"closed by {len(self._round)} of {self.policy.num_workers} workers")
             return PushResult("round_closed", self._version, engine.iterations, detail=detail)
@@ -531,14 +573,29 @@ class OptimizerHost:
             elif not present:
                 detail += "; no worker sent any gradient, step skipped"
             else:
-                self._engine.apply(present)
+                self._apply(present)
         except BaseException:
             self._abort_round(f"round for version {version} was aborted: applying the combined gradient failed")
             raise
         self._reset_round()
         self._last_closed = detail
         self._set_version(version + 1)
+        self._observe("on_round_closed", time.monotonic() - self._round_started, len(contributions), self.policy.num_workers)
         return detail
+
+    def _apply(self, grads: dict[str, Gradient]) -> None:
+        """One engine apply (under the lock), timed for the metrics."""
+        start = time.perf_counter()
+        self._engine.apply(grads)
+        self._observe("on_apply", time.perf_counter() - start, grads, self._engine.iterations, self.initial_config)
+
+    def _observe(self, hook: str, *args: Any) -> None:
+        if self._observer is None:
+            return
+        try:  # metrics must never fail a push that was already applied
+            getattr(self._observer, hook)(self.key, *args)
+        except Exception:
+            _log.exception("metrics hook %s failed", hook)
 
     def _combine(self, contributions: list[_Contribution]) -> dict[str, Gradient]:
         """Sum or mean per variable, in worker-id order (so results do not depend on arrival)."""
@@ -688,6 +745,75 @@ class OptimizerHost:
             self._require_built()
             return self._engine.stateless_apply(list(optimizer_variables), list(grads), list(trainable_variables))
 
+    # -------------------------------------------------------------- checkpoints
+
+    def snapshot(self) -> OptimizerSnapshot:
+        """Copy all state under the lock; the caller writes it out without holding the lock."""
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"optimizer '{self.key}' was deleted or the server is shutting down")
+            engine = self._engine
+            store: dict[str, np.ndarray] = {}
+            if engine.built:
+                engine.save_own_variables(store)  # copies
+            return OptimizerSnapshot(
+                key=self.key,
+                config=_normalize(engine.get_config()),
+                initial_config=self.initial_config,
+                policy=asdict(self.policy),
+                exclusions=engine.weight_decay_exclusions,
+                built=engine.built,
+                variables=engine.trainable_variables if engine.built else {},  # copies
+                store=store,
+                version=self._version,
+                iterations=engine.iterations,
+                dedup=self._dedup.finished(),
+                workers={w: {"last_step": v.last_step, "pushes": v.pushes} for w, v in self._workers.items()},
+                # Received gradients are never mutated, so the round can be shared, not copied.
+                round=[
+                    RoundContribution(
+                        worker,
+                        c.request_id,
+                        {n: (g.indices, g.values) if isinstance(g, RowSparseGradient) else g for n, g in c.grads.items()},
+                    )
+                    for worker, c in sorted(self._round.items())
+                ],
+                last_closed=self._last_closed,
+                last_abort=self._last_abort,
+            )
+
+    def restore(self, snap: OptimizerSnapshot, engine: Adamax, *, fence: bool = True) -> tuple[int, int]:
+        """Replace all state with ``snap`` (``engine`` already holds its variables).
+
+        Fenced: pushes whose payload is still streaming are rejected (StateRestored) and
+        nothing is half-applied, since every apply happens under this lock. With ``fence``
+        the version moves past both the current and the saved one, so every worker sees a
+        new version on its next call; without it (a fresh host) the saved version is kept.
+        """
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"optimizer '{self.key}' was deleted or the server is shutting down")
+            self._reset_round()
+            self._engine = engine
+            self.policy = Policy(**snap.policy)
+            self.initial_config = snap.initial_config
+            self._dedup = _DedupTable.from_finished(self._dedup_capacity, snap.dedup)
+            now = time.monotonic()
+            self._workers = {w: _Worker(int(v["last_step"]), int(v["pushes"]), now) for w, v in snap.workers.items()}
+            for c in snap.round:
+                grads = {
+                    n: RowSparseGradient(np.asarray(g[0]), np.asarray(g[1])) if isinstance(g, tuple) else g
+                    for n, g in c.grads.items()
+                }
+                self._round[c.worker_id] = _Contribution(c.request_id, grads)
+            if self._round and self.policy.round_timeout is not None:
+                self._start_round_timer()
+            self._last_closed, self._last_abort = snap.last_closed, snap.last_abort
+            self._restore_epoch += 1
+            self._pull_cache.clear()
+            self._set_version(max(self._version, snap.version) + 1 if fence else snap.version)
+            return self._version, engine.iterations
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -716,6 +842,16 @@ def _non_finite_message(bad: Mapping[str, int], *, skipped: bool = False) -> str
 EngineFactory = Callable[[Mapping[str, Any]], Adamax]
 
 
+class CoordinatorObserver(Protocol):
+    """Hooks for metrics (``adamax_server.metrics.ServerMetrics``); called under a host's lock."""
+
+    def on_apply(
+        self, optimizer: str, seconds: float, grads: Mapping[str, Any], iterations: int, config: Mapping[str, Any]
+    ) -> None: ...
+
+    def on_round_closed(self, optimizer: str, wait_seconds: float, arrived: int, num_workers: int) -> None: ...
+
+
 class Coordinator:
     """All optimizers of one server, keyed by name."""
 
@@ -726,7 +862,9 @@ class Coordinator:
         engine_factory: EngineFactory | None = None,
         dedup_capacity: int = 1024,
         max_optimizers: int = 1024,
+        observer: CoordinatorObserver | None = None,
     ) -> None:
+        self._observer = observer
         self._engine_factory: EngineFactory = engine_factory or (lambda cfg: Adamax.from_config(cfg, device=device))
         self._dedup_capacity = dedup_capacity
         self._max_optimizers = max_optimizers
@@ -765,9 +903,47 @@ class Coordinator:
                 engine = self._engine_factory(config)
             if len(self._hosts) >= self._max_optimizers:
                 raise ResourceExhausted(f"this server hosts at most {self._max_optimizers} optimizers")
-            host = OptimizerHost(key, engine, normalized, policy, dedup_capacity=self._dedup_capacity)
+            host = OptimizerHost(
+                key, engine, normalized, policy, dedup_capacity=self._dedup_capacity, observer=self._observer
+            )
             self._hosts[key] = host
             return True, host
+
+    def engine_from_snapshot(self, snap: OptimizerSnapshot) -> Adamax:
+        """A new engine holding ``snap``'s config, exclusions, variables and store."""
+        engine = self._engine_factory(snap.config)
+        exclusions = snap.exclusions
+        if exclusions.get("var_list") or exclusions.get("var_names"):
+            engine.exclude_from_weight_decay(
+                var_list=exclusions.get("var_list") or None, var_names=exclusions.get("var_names") or None
+            )
+        if snap.built:
+            engine.build(dict(snap.variables))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                engine.load_own_variables(snap.store)
+            if caught:  # Keras only warns on a variable-count mismatch; a restore must not skip
+                raise InvalidArgument(f"cannot restore optimizer '{snap.key}': {caught[0].message}")
+        return engine
+
+    def restore(self, snap: OptimizerSnapshot) -> tuple[OptimizerHost, int, int]:
+        """Restore one optimizer: replace a running one (fenced) or create it with the saved version."""
+        engine = self.engine_from_snapshot(snap)  # the slow part, outside every lock
+        with self._lock:
+            self._require_open()
+            host = self._hosts.get(snap.key)
+            if host is None:
+                if len(self._hosts) >= self._max_optimizers:
+                    raise ResourceExhausted(f"this server hosts at most {self._max_optimizers} optimizers")
+                host = OptimizerHost(
+                    snap.key, engine, snap.initial_config, Policy(**snap.policy),
+                    dedup_capacity=self._dedup_capacity, observer=self._observer,
+                )
+                version, iterations = host.restore(snap, engine, fence=False)
+                self._hosts[snap.key] = host
+                return host, version, iterations
+        version, iterations = host.restore(snap, engine, fence=True)
+        return host, version, iterations
 
     def _require_open(self) -> None:
         if self._closed:

@@ -88,6 +88,24 @@ class Unavailable(ServiceError):
     code = "UNAVAILABLE"
 
 
+class StateRestored(ServiceError):
+    """The optimizer's state was restored while this push was in flight; it was not applied."""
+
+    code = "ABORTED"
+
+
+class DataLoss(ServiceError):
+    """Stored state is corrupt or truncated (a checkpoint failed its checksums)."""
+
+    code = "DATA_LOSS"
+
+
+class Cancelled(ServiceError):
+    """The client cancelled the call or its connection dropped mid-stream; nothing was applied."""
+
+    code = "CANCELLED"
+
+
 class StatusInfo(NamedTuple):
     code: str  # a grpc.StatusCode member name
     message: str

@@ -13,20 +13,34 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection as grpc_reflection
 
 from adamax_client import _wire
 from adamax_client._proto.adamax.v1 import adamax_pb2 as pb
 from adamax_client._proto.adamax.v1 import adamax_pb2_grpc as pb_grpc
 
+from .checkpoint_service import CheckpointServicer, add_checkpoint_service
+from .checkpointing import CheckpointManager
 from .coordinator import Coordinator
+from .metrics import MetricsInterceptor, ServerMetrics
+from .security import TokenAuthInterceptor, TokenTable
 from .service import AdamaxServicer
+from .validation import ResourceLimits, tolerant_handler
 
 _log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdamaxService"].full_name
 # Chunks are a few MiB; leave room for headers and larger client-chosen chunks.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Keepalive: the server pings idle clients to find dead peers, and accepts clients' pings (every
+# 10 s at most, also without calls) instead of closing their connection with GOAWAY too_many_pings.
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
 
 
 class _HandlerCapture:
@@ -64,7 +78,7 @@ def method_handlers(servicer: AdamaxServicer) -> dict[str, grpc.RpcMethodHandler
             )
         if handler.response_streaming:
             handler = handler._replace(response_serializer=_serialize_frame)
-        out[name] = handler
+        out[name] = tolerant_handler(handler)  # unparsable input -> INVALID_ARGUMENT, not INTERNAL
     return out
 
 
@@ -79,34 +93,64 @@ def create_server(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
+    tokens: TokenTable | None = None,
+    metrics: ServerMetrics | None = None,
+    limits: ResourceLimits | None = None,
+    max_concurrent_rpcs: int | None = None,
+    reflection: bool = True,
+    checkpoints: CheckpointManager | None = None,
+    options: Sequence[tuple[str, Any]] = (),
 ) -> tuple[grpc.Server, int]:
     """Create (not start) a server bound to ``address``; returns it and the bound port.
 
     Waiting pulls and open sync rounds each hold a worker thread, so ``max_workers`` should
-    exceed the number of workers of the largest job.
+    exceed the number of workers of the largest job. ``tokens`` turns on bearer-token auth,
+    ``metrics`` counts every call (pass the same object as the coordinator's ``observer``),
+    ``max_concurrent_rpcs`` answers calls beyond it with RESOURCE_EXHAUSTED, and
+    ``reflection=False`` hides the service descriptions (production).
     """
-    coordinator = coordinator or Coordinator(device=device)
+    coordinator = coordinator or Coordinator(device=device, observer=metrics)
+    chain: list[grpc.ServerInterceptor] = []
+    if metrics is not None:
+        chain.append(MetricsInterceptor(metrics))  # outermost: refused calls are counted too
+    if tokens is not None:
+        chain.append(TokenAuthInterceptor(tokens))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="adamax-rpc"),
-        interceptors=list(interceptors),
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ],
+        interceptors=[*chain, *interceptors],
+        options=list(  # later entries override earlier ones
+            {
+                "grpc.max_receive_message_length": max_message_bytes,
+                "grpc.max_send_message_length": max_message_bytes,
+                **dict(KEEPALIVE_OPTIONS),
+                **dict(options),
+            }.items()
+        ),
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
-    servicer = AdamaxServicer(coordinator, chunk_bytes=chunk_bytes, max_tensor_bytes=max_tensor_bytes)
+    if limits is not None:
+        max_tensor_bytes = min(max_tensor_bytes, limits.max_bytes_per_optimizer or max_tensor_bytes)
+    servicer = AdamaxServicer(
+        coordinator, chunk_bytes=chunk_bytes, max_tensor_bytes=max_tensor_bytes, limits=limits or ResourceLimits()
+    )
     handlers = method_handlers(servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    # Without a checkpoint directory the service still streams live state in and out.
+    checkpoints = checkpoints or CheckpointManager(coordinator)
+    add_checkpoint_service(
+        server, CheckpointServicer(checkpoints, chunk_bytes=chunk_bytes, max_tensor_bytes=max_tensor_bytes)
+    )
 
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    if reflection:
+        grpc_reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, grpc_reflection.SERVICE_NAME),
+            server,
+        )
 
     if credentials is None:
         port = server.add_insecure_port(address)
@@ -116,6 +160,8 @@ def create_server(
         raise OSError(f"could not bind {address}")
     server.coordinator = coordinator  # type: ignore[attr-defined]  # for the CLI and tests
     server.health = health_servicer  # type: ignore[attr-defined]
+    server.metrics = metrics  # type: ignore[attr-defined]
+    server.checkpoints = checkpoints  # type: ignore[attr-defined]
     return server, port
 
 

@@ -28,6 +28,7 @@ from adamax_client._proto.adamax.v1 import adamax_pb2_grpc as pb_grpc
 from .coordinator import Coordinator, OptimizerStatus, Policy, TensorMeta, config_to_json
 from .engine import RowSparseGradient
 from .errors import InvalidArgument, status_for
+from .validation import ResourceLimits, require_finite_float32
 
 _MODES = {pb.MODE_UNSPECIFIED: "async", pb.ASYNC: "async", pb.SYNC: "sync"}
 _AGGREGATIONS = {pb.AGGREGATION_UNSPECIFIED: "mean", pb.MEAN: "mean", pb.SUM: "sum"}
@@ -136,8 +137,10 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
         *,
         chunk_bytes: int = _wire.DEFAULT_CHUNK_BYTES,
         max_tensor_bytes: int = _wire.DEFAULT_MAX_TENSOR_BYTES,
+        limits: ResourceLimits | None = None,
     ) -> None:
         self._coordinator = coordinator
+        self._limits = limits or ResourceLimits()
         self._chunk_bytes = chunk_bytes
         self._max_tensor_bytes = max_tensor_bytes
 
@@ -195,7 +198,7 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
 
     def Build(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
         with self._translating(context):
-            header, tensors = self._decode(request_iterator)
+            header, tensors = self._decode(request_iterator, check_tensor=self._limits.build_check())
             host = self._coordinator.get(header.optimizer)
             variables = [(t.header.name, _dense_only(t)) for t in tensors]
             built_now = host.build(variables, worker_id=header.worker_id)
@@ -251,7 +254,7 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
     def SetLearningRate(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._translating(context):
             host = self._coordinator.get(request.optimizer)
-            host.set_learning_rate(request.learning_rate)
+            host.set_learning_rate(require_finite_float32("learning_rate", request.learning_rate))
             return info_to_proto(host.status())
 
     def ExcludeFromWeightDecay(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -409,3 +409,127 @@ class StatelessApplyFrame(_message.Message):
     tensor: TensorHeader
     chunk: bytes
     def __init__(self, header: _Optional[_Union[OptimizerRef, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class CheckpointOptimizer(_message.Message):
+    __slots__ = ("optimizer", "version", "iterations", "num_variables", "nbytes")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    version: int
+    iterations: int
+    num_variables: int
+    nbytes: int
+    def __init__(self, optimizer: _Optional[str] = ..., version: _Optional[int] = ..., iterations: _Optional[int] = ..., num_variables: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class CheckpointInfo(_message.Message):
+    __slots__ = ("checkpoint_id", "created_unix", "reason", "nbytes", "optimizers", "valid", "error", "format_version")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZERS_FIELD_NUMBER: _ClassVar[int]
+    VALID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    created_unix: float
+    reason: str
+    nbytes: int
+    optimizers: _containers.RepeatedCompositeFieldContainer[CheckpointOptimizer]
+    valid: bool
+    error: str
+    format_version: int
+    def __init__(self, checkpoint_id: _Optional[str] = ..., created_unix: _Optional[float] = ..., reason: _Optional[str] = ..., nbytes: _Optional[int] = ..., optimizers: _Optional[_Iterable[_Union[CheckpointOptimizer, _Mapping]]] = ..., valid: _Optional[bool] = ..., error: _Optional[str] = ..., format_version: _Optional[int] = ...) -> None: ...
+
+class SaveCheckpointRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class ListCheckpointsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListCheckpointsResponse(_message.Message):
+    __slots__ = ("checkpoints",)
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    checkpoints: _containers.RepeatedCompositeFieldContainer[CheckpointInfo]
+    def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ...) -> None: ...
+
+class InspectCheckpointRequest(_message.Message):
+    __slots__ = ("checkpoint_id", "verify")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    verify: bool
+    def __init__(self, checkpoint_id: _Optional[str] = ..., verify: _Optional[bool] = ...) -> None: ...
+
+class RestoreCheckpointRequest(_message.Message):
+    __slots__ = ("checkpoint_id", "optimizers")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZERS_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    optimizers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, checkpoint_id: _Optional[str] = ..., optimizers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RestoredOptimizer(_message.Message):
+    __slots__ = ("optimizer", "version", "iterations")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    version: int
+    iterations: int
+    def __init__(self, optimizer: _Optional[str] = ..., version: _Optional[int] = ..., iterations: _Optional[int] = ...) -> None: ...
+
+class RestoreCheckpointResponse(_message.Message):
+    __slots__ = ("checkpoint_id", "restored")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    restored: _containers.RepeatedCompositeFieldContainer[RestoredOptimizer]
+    def __init__(self, checkpoint_id: _Optional[str] = ..., restored: _Optional[_Iterable[_Union[RestoredOptimizer, _Mapping]]] = ...) -> None: ...
+
+class DownloadCheckpointRequest(_message.Message):
+    __slots__ = ("checkpoint_id", "optimizers")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZERS_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    optimizers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, checkpoint_id: _Optional[str] = ..., optimizers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CheckpointHeader(_message.Message):
+    __slots__ = ("checkpoint_id", "manifest_json", "total_bytes", "restore", "save")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
+    SAVE_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    manifest_json: str
+    total_bytes: int
+    restore: bool
+    save: bool
+    def __init__(self, checkpoint_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., total_bytes: _Optional[int] = ..., restore: _Optional[bool] = ..., save: _Optional[bool] = ...) -> None: ...
+
+class CheckpointFrame(_message.Message):
+    __slots__ = ("header", "tensor", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: CheckpointHeader
+    tensor: TensorHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[CheckpointHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class UploadCheckpointResponse(_message.Message):
+    __slots__ = ("saved", "restored")
+    SAVED_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FIELD_NUMBER: _ClassVar[int]
+    saved: CheckpointInfo
+    restored: _containers.RepeatedCompositeFieldContainer[RestoredOptimizer]
+    def __init__(self, saved: _Optional[_Union[CheckpointInfo, _Mapping]] = ..., restored: _Optional[_Iterable[_Union[RestoredOptimizer, _Mapping]]] = ...) -> None: ...

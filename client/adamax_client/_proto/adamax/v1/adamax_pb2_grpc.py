@@ -698,3 +698,296 @@ class AdamaxService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class CheckpointServiceStub:
+    """Durable optimizer state: checkpoints in the server's checkpoint directory, and streaming
+    state into and out of a running server. Admin calls: they span optimizers.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SaveCheckpoint = channel.unary_unary(
+                '/adamax.v1.CheckpointService/SaveCheckpoint',
+                request_serializer=adamax_dot_v1_dot_adamax__pb2.SaveCheckpointRequest.SerializeToString,
+                response_deserializer=adamax_dot_v1_dot_adamax__pb2.CheckpointInfo.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/adamax.v1.CheckpointService/ListCheckpoints',
+                request_serializer=adamax_dot_v1_dot_adamax__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=adamax_dot_v1_dot_adamax__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.InspectCheckpoint = channel.unary_unary(
+                '/adamax.v1.CheckpointService/InspectCheckpoint',
+                request_serializer=adamax_dot_v1_dot_adamax__pb2.InspectCheckpointRequest.SerializeToString,
+                response_deserializer=adamax_dot_v1_dot_adamax__pb2.CheckpointInfo.FromString,
+                _registered_method=True)
+        self.RestoreCheckpoint = channel.unary_unary(
+                '/adamax.v1.CheckpointService/RestoreCheckpoint',
+                request_serializer=adamax_dot_v1_dot_adamax__pb2.RestoreCheckpointRequest.SerializeToString,
+                response_deserializer=adamax_dot_v1_dot_adamax__pb2.RestoreCheckpointResponse.FromString,
+                _registered_method=True)
+        self.DownloadCheckpoint = channel.unary_stream(
+                '/adamax.v1.CheckpointService/DownloadCheckpoint',
+                request_serializer=adamax_dot_v1_dot_adamax__pb2.DownloadCheckpointRequest.SerializeToString,
+                response_deserializer=adamax_dot_v1_dot_adamax__pb2.CheckpointFrame.FromString,
+                _registered_method=True)
+        self.UploadCheckpoint = channel.stream_unary(
+                '/adamax.v1.CheckpointService/UploadCheckpoint',
+                request_serializer=adamax_dot_v1_dot_adamax__pb2.CheckpointFrame.SerializeToString,
+                response_deserializer=adamax_dot_v1_dot_adamax__pb2.UploadCheckpointResponse.FromString,
+                _registered_method=True)
+
+
+class CheckpointServiceServicer:
+    """Durable optimizer state: checkpoints in the server's checkpoint directory, and streaming
+    state into and out of a running server. Admin calls: they span optimizers.
+    """
+
+    def SaveCheckpoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InspectCheckpoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreCheckpoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadCheckpoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadCheckpoint(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CheckpointServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveCheckpoint,
+                    request_deserializer=adamax_dot_v1_dot_adamax__pb2.SaveCheckpointRequest.FromString,
+                    response_serializer=adamax_dot_v1_dot_adamax__pb2.CheckpointInfo.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=adamax_dot_v1_dot_adamax__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=adamax_dot_v1_dot_adamax__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'InspectCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.InspectCheckpoint,
+                    request_deserializer=adamax_dot_v1_dot_adamax__pb2.InspectCheckpointRequest.FromString,
+                    response_serializer=adamax_dot_v1_dot_adamax__pb2.CheckpointInfo.SerializeToString,
+            ),
+            'RestoreCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreCheckpoint,
+                    request_deserializer=adamax_dot_v1_dot_adamax__pb2.RestoreCheckpointRequest.FromString,
+                    response_serializer=adamax_dot_v1_dot_adamax__pb2.RestoreCheckpointResponse.SerializeToString,
+            ),
+            'DownloadCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadCheckpoint,
+                    request_deserializer=adamax_dot_v1_dot_adamax__pb2.DownloadCheckpointRequest.FromString,
+                    response_serializer=adamax_dot_v1_dot_adamax__pb2.CheckpointFrame.SerializeToString,
+            ),
+            'UploadCheckpoint': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadCheckpoint,
+                    request_deserializer=adamax_dot_v1_dot_adamax__pb2.CheckpointFrame.FromString,
+                    response_serializer=adamax_dot_v1_dot_adamax__pb2.UploadCheckpointResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'adamax.v1.CheckpointService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('adamax.v1.CheckpointService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class CheckpointService:
+    """Durable optimizer state: checkpoints in the server's checkpoint directory, and streaming
+    state into and out of a running server. Admin calls: they span optimizers.
+    """
+
+    @staticmethod
+    def SaveCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamax.v1.CheckpointService/SaveCheckpoint',
+            adamax_dot_v1_dot_adamax__pb2.SaveCheckpointRequest.SerializeToString,
+            adamax_dot_v1_dot_adamax__pb2.CheckpointInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamax.v1.CheckpointService/ListCheckpoints',
+            adamax_dot_v1_dot_adamax__pb2.ListCheckpointsRequest.SerializeToString,
+            adamax_dot_v1_dot_adamax__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InspectCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamax.v1.CheckpointService/InspectCheckpoint',
+            adamax_dot_v1_dot_adamax__pb2.InspectCheckpointRequest.SerializeToString,
+            adamax_dot_v1_dot_adamax__pb2.CheckpointInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamax.v1.CheckpointService/RestoreCheckpoint',
+            adamax_dot_v1_dot_adamax__pb2.RestoreCheckpointRequest.SerializeToString,
+            adamax_dot_v1_dot_adamax__pb2.RestoreCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/adamax.v1.CheckpointService/DownloadCheckpoint',
+            adamax_dot_v1_dot_adamax__pb2.DownloadCheckpointRequest.SerializeToString,
+            adamax_dot_v1_dot_adamax__pb2.CheckpointFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadCheckpoint(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/adamax.v1.CheckpointService/UploadCheckpoint',
+            adamax_dot_v1_dot_adamax__pb2.CheckpointFrame.SerializeToString,
+            adamax_dot_v1_dot_adamax__pb2.UploadCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
