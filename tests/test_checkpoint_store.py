@@ -338,3 +338,16 @@ def test_a_crafted_pickle_is_refused_and_never_unpickled(manager: CheckpointMana
     with pytest.raises(CheckpointCorrupt, match="refusing tensor file name"):
         store.load(info.checkpoint_id)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_each_checkpoint_reaches_the_metrics(manager: CheckpointManager) -> None:
+    from adamax_server.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    manager.on_saved = metrics.observe_checkpoint
+    info = manager.save_all("manual")
+    manager.save_all("manual")
+    sample = metrics.registry.get_sample_value
+    assert sample("adamax_ps_checkpoints_total") == 2
+    assert sample("adamax_ps_checkpoint_bytes") == info.nbytes > 0
+    assert sample("adamax_ps_checkpoint_seconds_count") == 2

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -73,6 +73,8 @@ class CheckpointManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str = ""
+        # Called with (seconds, bytes) after each checkpoint written (the server's metrics).
+        self.on_saved: Callable[[float, int], None] | None = None
 
     @property
     def store(self) -> CheckpointStore:
@@ -143,6 +145,8 @@ class CheckpointManager:
             self._saved_versions = {s.key: s.version for s in snapshots}
             self._last_save = time.monotonic()
             removed = self.store.prune(self.policy.keep, self.policy.keep_every)
+            if self.on_saved is not None:
+                self.on_saved(time.perf_counter() - start, info.nbytes)
             _log.info(
                 "checkpoint %s (%s): %d optimizers, %.1f MB in %.2fs%s",
                 info.checkpoint_id, reason, len(snapshots), info.nbytes / 1e6, time.perf_counter() - start,

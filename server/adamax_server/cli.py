@@ -43,6 +43,8 @@ def _serve(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - a bad directory or checkpoint: refuse to start
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if checkpoints is not None:
+        checkpoints.on_saved = metrics.observe_checkpoint
     server, port = create_server(
         f"{args.host}:{args.port}",
         coordinator=coordinator,
