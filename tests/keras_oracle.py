@@ -141,7 +141,7 @@ class OraclePair:
         else:
             lr = self.keras_lr if self.ours_lr is None else self.ours_lr
             self.ours = Adamax(learning_rate=lr, name=self.name, device=self.backend, **self.kwargs)
-        assert self.ours.backend_name == self.backend
+        assert self.ours.backend_name == {"gpu": "cupy"}.get(self.backend, self.backend)
         if self.exclude is not None:
             names = list(self.exclude.get("var_list") or [])
             self.keras.exclude_from_weight_decay(

@@ -45,7 +45,9 @@ push(frames(), timeout=120)
 
 def _env(**extra):
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "server"), str(REPO_ROOT / "client")])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT / "server"), str(REPO_ROOT / "client"), os.environ.get("PYTHONPATH", "")]
+    )
     env.update(extra)
     return env
 

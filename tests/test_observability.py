@@ -129,7 +129,9 @@ def test_json_logs_carry_optimizer_worker_and_version(observed):
 
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADAMAX_PS_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "server"), str(REPO_ROOT / "client")])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT / "server"), str(REPO_ROOT / "client"), os.environ.get("PYTHONPATH", "")]
+    )
     env.update(extra)
     return env
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import hmac
 import subprocess
 import sys
@@ -81,7 +83,7 @@ def test_requiring_client_certificates_without_a_ca_refuses_to_start(pki, tmp_pa
         server_credentials(TlsConfig(str(pki.server_cert), str(pki.server_key), None, True))
     with pytest.raises(SecurityConfigError, match="cannot read"):
         server_credentials(TlsConfig(str(tmp_path / "missing.pem"), str(pki.server_key)))
-    env = {"PYTHONPATH": f"{REPO_ROOT / 'server'}:{REPO_ROOT / 'client'}", "ADAMAX_PS_TLS_CERT": str(pki.server_cert),
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "server"), str(REPO_ROOT / "client"), os.environ.get("PYTHONPATH", "")]), "ADAMAX_PS_TLS_CERT": str(pki.server_cert),
            "ADAMAX_PS_TLS_KEY": str(pki.server_key), "ADAMAX_PS_TLS_REQUIRE_CLIENT_CERT": "1"}
     proc = subprocess.run([sys.executable, "-m", "adamax_server.cli", "serve", "--port", "0", "--device", "cpu"],
                           env=env, capture_output=True, text=True, timeout=60)

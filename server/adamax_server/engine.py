@@ -347,6 +347,10 @@ class Adamax:
         }
         for v, value in zip(specs, values):
             be.write(self._view("w", v), value)
+        prepare = getattr(be, "prepare", None)
+        if prepare is not None:  # e.g. compile GPU kernels now rather than in the first step
+            for group in groups.values():
+                prepare(group)
         def add_slot(v: _Var, suffix: str, slot: str) -> None:
             name = self._unique_opt_name(self._slot_name(v, suffix))
             self._opt_vars.append(_OptVar(name, "slot", slot, v.index))

@@ -289,6 +289,18 @@ class CupyBackend:
     def synchronize(self) -> None:
         cp.cuda.get_current_stream().synchronize()
 
+    def prepare(self, group: FlatGroup) -> None:
+        """Compile the kernels for this group's dtype and build its tables now (at ``build``).
+
+        NVRTC takes a second or more the first time; doing it here keeps that out of the first
+        push, which runs under a worker's deadline.
+        """
+        mod = _module(group.dtype)
+        for flags in range(4):
+            mod.get_function(_step_name(flags))
+        mod.get_function(f"sumsq_{_CTYPE[group.dtype]}")
+        self._tables(group)
+
     # -------------------------------------------------------------- device tables
     def _tables(self, group: FlatGroup) -> dict[str, Any]:
         tab = group.cache.get("gpu_tables")
