@@ -134,3 +134,37 @@ def test_nan_in_a_sync_round_changes_nothing(server):
         with pytest.raises(InvalidArgumentError, match="non-finite"):
             remote.apply({"w": np.ones((3, 2), np.float32), "b": np.ones(4, np.float32), "e": None} | {"w": bad})
         assert_same_state(before, snapshot(host))  # not counted in the round either
+
+
+def _counted_header(num_tensors, request_id="cut-1"):
+    return _wire.header_frame(
+        pb.PushHeader(optimizer="m", worker_id="raw", step=0, request_id=request_id, num_tensors=num_tensors)
+    )
+
+
+def test_a_push_cut_between_two_tensors_is_not_taken_for_a_whole_push(server):
+    """A cancelled call can end like a complete stream; the announced count catches it.
+
+    Without it, the first tensor alone would be applied (a partial update) and recorded as the
+    request's outcome, so the worker's retry of the whole push would be answered as a duplicate.
+    """
+    target, coordinator, _ = server
+    host = coordinator.get("m")
+    before = snapshot(host)
+    code, details = _push(target, [_counted_header(2), *GOOD[: len(GOOD) // 2]])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "announced 2 tensors" in details, (code, details)
+    assert_same_state(before, snapshot(host))
+    code, details = _push(target, [_counted_header(2)])  # the header alone, then the cut
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+    assert_same_state(before, snapshot(host))
+    code, _ = _push(target, [_counted_header(2), *GOOD])  # the retry, whole: applied once
+    assert code == grpc.StatusCode.OK and host.version == 1
+
+
+def test_a_push_without_tensors_is_rejected(server):
+    target, coordinator, _ = server
+    host = coordinator.get("m")
+    before = snapshot(host)
+    code, details = _push(target, [_header(request_id="empty")])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "no tensors" in details, (code, details)
+    assert_same_state(before, snapshot(host))

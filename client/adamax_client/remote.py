@@ -403,8 +403,9 @@ class RemoteAdamax:
         items = self._aligned(grads, trainable_variables)  # None travels as an absent entry
         step = self._version if step is None else int(step)
         header = pb.PushHeader(
-            optimizer=self.key, worker_id=self.worker_id, step=step, request_id=request_id or uuid.uuid4().hex
-        )
+            optimizer=self.key, worker_id=self.worker_id, step=step,
+            request_id=request_id or uuid.uuid4().hex, num_tensors=len(items),
+        )  # fmt: skip
         response = self._transport.stream_unary(
             "Push", lambda: self._frames(header, items, wire=self._gradient_wire), timeout=timeout
         )

@@ -215,6 +215,15 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
                 _, tensors = self._decode(
                     itertools.chain([first], frames), check_tensor=lambda th: host.check_gradient(_meta(th))
                 )
+                announced = header.num_tensors
+                if announced and len(tensors) != announced:
+                    # A call cancelled between two tensors can end like a complete stream.
+                    raise InvalidArgument(
+                        f"the push announced {announced} tensors but its stream ended after "
+                        f"{len(tensors)}; nothing was applied (retry with the same request id)"
+                    )
+                if not tensors:
+                    raise InvalidArgument("the push carries no tensors; nothing was applied")
                 return [(t.header.name, _engine_value(t.value)) for t in tensors]
 
             result = host.push(
