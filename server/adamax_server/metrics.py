@@ -26,6 +26,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from .errors import ERROR_TYPE_KEY
+from .kernels.stats import gradient_stats
 
 _log = logging.getLogger(__name__)
 
@@ -108,19 +109,18 @@ class ServerMetrics:
 
 
 def _norms(grads: Mapping[str, Any]) -> tuple[float, list[float], float]:
-    """Global L2 norm, per-variable L2 norms and the largest magnitude, in float64."""
+    """Global L2 norm, per-variable L2 norms and the largest magnitude (one pass per gradient).
+
+    A gradient with non-finite elements has an infinite norm, as Keras would compute it.
+    """
     per_variable = []
     max_abs = 0.0
     for g in grads.values():
         if g is None:
             continue
-        values = np.asarray(getattr(g, "values", g))
-        if values.size == 0:
-            per_variable.append(0.0)
-            continue
-        flat = values.reshape(-1).astype(np.float64, copy=False)
-        per_variable.append(math.sqrt(float(np.dot(flat, flat))))
-        max_abs = max(max_abs, float(np.max(np.abs(flat))))
+        sumsq, largest, non_finite = gradient_stats(np.asarray(getattr(g, "values", g)))
+        per_variable.append(math.inf if non_finite else math.sqrt(sumsq))
+        max_abs = math.inf if non_finite else max(max_abs, largest)
     return math.sqrt(sum(n * n for n in per_variable)), per_variable, max_abs
 
 
