@@ -37,7 +37,7 @@ def _push(target, frames):
         stub = channel.stream_unary(f"/{SERVICE_NAME}/Push", request_serializer=lambda b: b,
                                     response_deserializer=pb.PushResponse.FromString)
         try:
-            stub(iter(frames), timeout=5)
+            stub(iter(frames), timeout=30)  # a first GPU push in a fresh process can take seconds
         except grpc.RpcError as exc:
             return exc.code(), exc.details()
     return grpc.StatusCode.OK, ""
