@@ -9,7 +9,6 @@ checksum before anything is written or restored.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +22,8 @@ from adamax_client.checkpoints import checkpoint_frames, files_from_tensors
 
 from .checkpoint import LATEST, CheckpointInfo, CheckpointCorrupt, check_manifest
 from .checkpointing import CheckpointManager, Restored
-from .errors import InvalidArgument, NotFound, status_for
+from .errors import InvalidArgument, NotFound
+from .service import translating
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CheckpointService"].full_name
 
@@ -73,15 +73,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         self._chunk_bytes = chunk_bytes
         self._max_tensor_bytes = max_tensor_bytes
 
-    @contextlib.contextmanager
-    def _translating(self, context: grpc.ServicerContext) -> Iterator[None]:
-        try:
-            yield
-        except Exception as exc:
-            info = status_for(exc)
-            if info.metadata:
-                context.set_trailing_metadata(info.metadata)
-            context.abort(grpc.StatusCode[info.code], info.message)
+    _translating = staticmethod(translating)  # domain exceptions -> status codes (errors.py)
 
     def _latest_id(self) -> str:
         ids = self._manager.store.ids()

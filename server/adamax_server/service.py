@@ -128,6 +128,22 @@ def _dense_only(tensor: _wire.DecodedTensor) -> np.ndarray:
     return tensor.value
 
 
+
+@contextlib.contextmanager
+def translating(context: grpc.ServicerContext) -> Iterator[None]:
+    """Run a servicer body; a domain exception aborts the call with its mapped status.
+
+    Every servicer (this one, the checkpoint service) uses this one function, so each exception
+    maps to the same status everywhere (the mapping itself is ``errors.status_for``).
+    """
+    try:
+        yield
+    except Exception as exc:
+        info = status_for(exc)
+        if info.metadata:
+            context.set_trailing_metadata(info.metadata)
+        context.abort(grpc.StatusCode[info.code], info.message)
+
 class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
     """Implements adamax.v1.AdamaxService on top of a :class:`Coordinator`."""
 
@@ -146,15 +162,7 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
 
     # -------------------------------------------------------------- helpers
 
-    @contextlib.contextmanager
-    def _translating(self, context: grpc.ServicerContext) -> Iterator[None]:
-        try:
-            yield
-        except Exception as exc:
-            info = status_for(exc)
-            if info.metadata:
-                context.set_trailing_metadata(info.metadata)
-            context.abort(grpc.StatusCode[info.code], info.message)
+    _translating = staticmethod(translating)  # domain exceptions -> status codes (errors.py)
 
     def _decode(self, frames: Iterable[Any], **kwargs: Any) -> tuple[Any, list[_wire.DecodedTensor]]:
         return _wire.decode_stream(frames, max_tensor_bytes=self._max_tensor_bytes, **kwargs)
