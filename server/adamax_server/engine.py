@@ -751,6 +751,26 @@ class Adamax:
         for gname, group in self._groups.items():
             self._backend.step(group, plans[gname])
 
+    def update_step(self, gradient: Any, variable: str, learning_rate: Any) -> None:
+        """Keras's ``update_step``: the Adamax update of one variable with ``learning_rate``.
+
+        Only the moment, norm and variable update of that variable, at the current
+        ``iterations`` (bias correction ``1 - beta_1 ** (iterations + 1)``); no loss-scale,
+        accumulation, clipping, weight decay or EMA, and the step counter does not move, as when
+        Keras's ``apply`` calls it.
+        """
+        v = self._require_var(getattr(variable, "name", variable))
+        self._load_gradient(v, self._prepare_gradient(v, gradient))
+        self._backend.finish_staging()
+        present = np.zeros(len(self._vars), dtype=np.uint8)
+        present[v.index] = 1
+        group = self._groups[v.group]
+        plan = self._group_step(group, present, ACC_NONE, CLIP_NONE, self.iterations, learning_rate, False)
+        plan.use_wd = False
+        plan.use_ema = False
+        plan.use_loss_scale = False
+        self._backend.step(group, plan)
+
     def _group_step(
         self,
         group: FlatGroup,
