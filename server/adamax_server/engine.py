@@ -377,12 +377,16 @@ class Adamax:
         return group.buffers[slot][off : off + v.size].reshape(v.shape)
 
     def _host_slot(self, slot: str) -> list[np.ndarray]:
-        """Host copies of one slot for every variable, one device transfer per group."""
+        """Host copies of one slot for every variable: one copy (one transfer) per group.
+
+        ``to_host`` returns a private copy of the flat buffer, so the per-variable arrays are
+        views into it; nothing else ever writes it.
+        """
         flat = {name: self._backend.to_host(g.buffers[slot]) for name, g in self._groups.items()}
         out = []
         for v in self._vars:
             off = int(self._groups[v.group].table.offsets[v.seg])
-            out.append(flat[v.group][off : off + v.size].reshape(v.shape).copy())
+            out.append(flat[v.group][off : off + v.size].reshape(v.shape))
         return out
 
     def _require_var(self, name: str) -> _Var:
