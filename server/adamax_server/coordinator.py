@@ -49,6 +49,7 @@ from .errors import (
     Unavailable,
     WaitTimeout,
 )
+from .kernels.stats import gradient_stats
 from .snapshot import OptimizerSnapshot, RoundContribution
 
 _log = logging.getLogger(__name__)
@@ -228,7 +229,7 @@ def _non_finite_counts(grads: Mapping[str, Gradient]) -> dict[str, int]:
         if g is None:
             continue
         values = g.values if isinstance(g, RowSparseGradient) else g
-        bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+        _, _, bad = gradient_stats(np.asarray(values))  # one parallel pass, no temporaries
         if bad:
             counts[name] = bad
     return counts
