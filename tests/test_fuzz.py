@@ -51,10 +51,10 @@ class Live:
     def state(self):
         return snapshot(self.coordinator.get(VICTIM))
 
-    def call(self, method: str, request):
+    def call(self, method: str, request, service: str = "AdamaxService"):
         """Send ``request`` (a message, bytes, or a list of frames/bytes) and check the outcome."""
-        desc = pb.DESCRIPTOR.services_by_name["AdamaxService"].methods_by_name[method]
-        path = f"/{SERVICE_NAME}/{method}"
+        desc = pb.DESCRIPTOR.services_by_name[service].methods_by_name[method]
+        path = f"/{pb.DESCRIPTOR.package}.{service}/{method}"
         kind = {(False, False): self.channel.unary_unary, (False, True): self.channel.unary_stream,
                 (True, False): self.channel.stream_unary, (True, True): self.channel.stream_stream}[
             (desc.client_streaming, desc.server_streaming)]
@@ -236,3 +236,88 @@ def test_server_still_serves_and_nothing_leaked(live):
         assert np.isfinite(remote.pull()["w"]).all()
     assert not [e for entries in host._dedup._by_worker.values() for e in entries.values() if e.result is None]
     print(f"fuzzed {live.calls} requests: {dict(sorted(live.codes.items()))}")
+
+
+# ---------------------------------------------------------------- the checkpoint service
+
+
+@pytest.fixture(scope="module")
+def live_checkpoints(tmp_path_factory):
+    """A server with a checkpoint directory holding one good checkpoint of the victim."""
+    from adamax_server.checkpoint import CheckpointStore
+    from adamax_server.checkpointing import CheckpointManager
+    from adamax_server.coordinator import Coordinator
+
+    coordinator = Coordinator(device="cpu")
+    manager = CheckpointManager(coordinator, CheckpointStore(tmp_path_factory.mktemp("ckpt")))
+    with running_server(coordinator=coordinator, checkpoints=manager, max_workers=8) as (target, _):
+        with RemoteAdamax(target, name=VICTIM, worker_id="setup", learning_rate=0.01) as remote:
+            remote.build(INITIAL)
+            remote.apply({"w": np.ones((3, 2), np.float32)})
+        manager.save_all("fuzz baseline")
+        yield Live(target, coordinator)
+
+
+checkpoint_ids = st.one_of(
+    st.sampled_from(["latest", "", "ckpt-00000001", "ckpt-99999999", "..", "../x", "/etc/passwd", "a/b", "ckpt-1\x00"]),
+    st.text(max_size=12),
+)
+manifests = st.one_of(
+    st.text(max_size=30),
+    st.dictionaries(st.sampled_from(["format_version", "optimizers", "created_unix", "sha256", "reason", "x"]),
+                    st.one_of(st.integers(-2, 3), st.text(max_size=4), st.lists(st.integers(), max_size=2), st.none()),
+                    max_size=4).map(json.dumps),
+)
+CHECKPOINT_UNARY = {
+    "SaveCheckpoint": st.builds(pb.SaveCheckpointRequest, reason=st.text(max_size=10)),
+    "ListCheckpoints": st.just(pb.ListCheckpointsRequest()),
+    "InspectCheckpoint": st.builds(pb.InspectCheckpointRequest, checkpoint_id=checkpoint_ids, verify=st.booleans()),
+    "RestoreCheckpoint": st.builds(pb.RestoreCheckpointRequest, checkpoint_id=checkpoint_ids,
+                                   optimizers=st.lists(names, max_size=2)),
+    "DownloadCheckpoint": st.builds(pb.DownloadCheckpointRequest, checkpoint_id=checkpoint_ids,
+                                    optimizers=st.lists(names, max_size=2)),
+}
+CHECKPOINT_STREAMS = {
+    "UploadCheckpoint": stream_of(st.builds(pb.CheckpointHeader, checkpoint_id=checkpoint_ids, manifest_json=manifests,
+                                            total_bytes=big_ints, restore=st.booleans(), save=st.booleans())),
+}
+
+
+@pytest.mark.parametrize("method", sorted(CHECKPOINT_UNARY))
+def test_malformed_checkpoint_requests(live_checkpoints, method):
+    @settings(FUZZ, max_examples=max(EXAMPLES // 3, 10))
+    @given(request=CHECKPOINT_UNARY[method])
+    def run(request):
+        live_checkpoints.call(method, request, service="CheckpointService")
+
+    run()
+
+
+def test_malformed_checkpoint_uploads(live_checkpoints):
+    @FUZZ
+    @given(frames=CHECKPOINT_STREAMS["UploadCheckpoint"])
+    def run(frames):
+        live_checkpoints.call("UploadCheckpoint", frames, service="CheckpointService")
+
+    run()
+
+
+def test_random_bytes_to_every_checkpoint_method(live_checkpoints):
+    service = pb.DESCRIPTOR.services_by_name["CheckpointService"]
+
+    @settings(FUZZ, max_examples=EXAMPLES)
+    @given(method=st.sampled_from(sorted(service.methods_by_name)),
+           frames=st.lists(st.binary(max_size=64), min_size=1, max_size=4))
+    def run(method, frames):
+        desc = service.methods_by_name[method]
+        live_checkpoints.call(method, frames if desc.client_streaming else frames[0], service="CheckpointService")
+
+    run()
+
+
+def test_checkpoint_server_still_serves_after_fuzzing(live_checkpoints):
+    with RemoteAdamax(live_checkpoints.target, name=VICTIM, worker_id="after", learning_rate=0.01) as remote:
+        remote.attach()
+        version = remote.version
+        assert remote.apply({"w": np.ones((3, 2), np.float32)}).version == version + 1
+    print(f"fuzzed {live_checkpoints.calls} checkpoint requests: {dict(sorted(live_checkpoints.codes.items()))}")

@@ -24,6 +24,7 @@ from .checkpoint import LATEST, CheckpointInfo, CheckpointCorrupt, check_manifes
 from .checkpointing import CheckpointManager, Restored
 from .errors import InvalidArgument, NotFound
 from .service import translating
+from .validation import tolerant_handler
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CheckpointService"].full_name
 
@@ -153,4 +154,6 @@ def add_checkpoint_service(server: grpc.Server, servicer: CheckpointServicer) ->
         ),
     }
     assert set(handlers) == set(methods), "every CheckpointService method needs a handler"
+    # Unparsable input -> INVALID_ARGUMENT, not INTERNAL (as for the AdamaxService).
+    handlers = {name: tolerant_handler(handler) for name, handler in handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
