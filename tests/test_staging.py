@@ -94,3 +94,53 @@ def test_stage_gradient_errors() -> None:
         opt.apply_staged([])
     with pytest.raises(ValueError, match="must be built"):
         Adamax(device="reference").apply_staged()
+
+
+def test_cpu_engines_have_no_device_receiver() -> None:
+    opt = Adamax(device="numba")
+    opt.build({"w": np.zeros(3, np.float32)})
+    assert opt.device_receiver() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="no CuPy/GPU")
+@pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16"])
+def test_gradients_copied_to_the_gpu_while_received_equal_apply(wire: str) -> None:
+    """The server's push path on a GPU: decode into pinned buffers, copy each chunk as it lands."""
+    from adamax_client import _wire
+    from adamax_server.engine import DeviceStagedArray
+
+    init = _init()
+    a = Adamax(device="gpu")
+    b = Adamax(device="gpu")
+    a.build(init)
+    b.build(init)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+        frames = [
+            f for name, g in grads.items() for f in _wire.tensor_frames(name, g, wire=wire, chunk_bytes=4096)
+        ]
+        receiver = b.device_receiver()
+        parse = _wire.frame_deserializer(_push_request())
+        raw = [_wire.header_frame(_wire_header()), *frames]
+        decoded = _wire.decode_stream([parse(f) for f in raw], allocate=receiver.allocate)[1]
+        values = {t.header.name: receiver.wrap(t.header.name, t.value) for t in decoded}
+        if wire != "bfloat16":  # bfloat16 is widened on the host, so it takes the plain path
+            assert all(isinstance(v, DeviceStagedArray) for k, v in values.items() if v.size)
+        a.apply({k: np.asarray(v) for k, v in values.items()})
+        b.apply(values)
+        for name in SHAPES:
+            np.testing.assert_array_equal(a.trainable_variables[name], b.trainable_variables[name])
+
+
+def _wire_header():
+    from adamax_client._proto.adamax.v1 import adamax_pb2 as pb
+
+    return pb.PushHeader(optimizer="m", worker_id="w", step=0, request_id="r", num_tensors=len(SHAPES))
+
+
+def _push_request():
+    from adamax_client._proto.adamax.v1 import adamax_pb2 as pb
+
+    return pb.PushRequest

@@ -296,10 +296,16 @@ def _expected_nbytes(header: Any) -> int:
     return nbytes
 
 
-class _Pending:
-    __slots__ = ("header", "buffer", "filled")
+# ``allocate(header, nbytes)`` may supply a tensor's receive buffer (uint8, nbytes long) and a
+# callback told of every byte range as it is filled; None: a plain np.empty buffer. A GPU server
+# uses it to receive into pinned memory and start host-to-device copies chunk by chunk.
+Allocator = Callable[[Any, int], "tuple[np.ndarray, Callable[[int, int], None] | None] | None"]
 
-    def __init__(self, header: Any, max_tensor_bytes: int) -> None:
+
+class _Pending:
+    __slots__ = ("header", "buffer", "filled", "on_filled")
+
+    def __init__(self, header: Any, max_tensor_bytes: int, allocate: Allocator | None = None) -> None:
         expected = _expected_nbytes(header)
         if header.nbytes != expected:
             raise WireFormatError(
@@ -311,7 +317,11 @@ class _Pending:
                 f"tensor '{header.name}' has {expected} bytes, more than the limit of {max_tensor_bytes}"
             )
         self.header = header
-        self.buffer = np.empty(expected, dtype=np.uint8)
+        supplied = allocate(header, expected) if allocate is not None else None
+        if supplied is None:
+            self.buffer, self.on_filled = np.empty(expected, dtype=np.uint8), None
+        else:
+            self.buffer, self.on_filled = supplied
         self.filled = 0
 
     def add(self, chunk: bytes | memoryview) -> None:
@@ -321,6 +331,8 @@ class _Pending:
                 f"tensor '{self.header.name}': received more than the announced {self.buffer.size} bytes"
             )
         self.buffer[self.filled : end] = np.frombuffer(chunk, dtype=np.uint8)
+        if self.on_filled is not None:
+            self.on_filled(self.filled, end)
         self.filled = end
 
     def finish(self) -> DecodedTensor:
@@ -344,6 +356,7 @@ def decode_stream(
     check_tensor: TensorCheck | None = None,
     max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
     on_header: Callable[[Any], None] | None = None,
+    allocate: Allocator | None = None,
 ) -> tuple[Any, list[DecodedTensor]]:
     """Read a whole stream: returns its call header and the decoded tensors in order.
 
@@ -378,7 +391,7 @@ def decode_stream(
             if payload.absent:
                 tensors.append(DecodedTensor(payload, None))
             else:
-                pending = _Pending(payload, max_tensor_bytes)
+                pending = _Pending(payload, max_tensor_bytes, allocate)
         elif kind == "chunk":
             if pending is None:
                 raise WireFormatError("a chunk frame must follow a tensor header")

@@ -454,6 +454,16 @@ class OptimizerHost:
                 self._cond.notify_all()
             raise
 
+    def device_receiver(self) -> Any:
+        """Receive helper for pushes (GPU engine, async mode), or None.
+
+        In async mode each push is one apply, so its gradients can go to the GPU while they
+        arrive; sync rounds combine pushes on the host first.
+        """
+        if self.policy.mode != "async":
+            return None
+        return self._engine.device_receiver()
+
     def _check_step(self, step: int) -> None:
         version = self._version
         if step > version:

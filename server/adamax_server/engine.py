@@ -46,7 +46,7 @@ from .kernels.base import (
     SegmentTable,
 )
 
-__all__ = ["Adamax", "RowSparseGradient"]
+__all__ = ["Adamax", "DeviceStagedArray", "RowSparseGradient"]
 
 SUPPORTED_VARIABLE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -72,6 +72,26 @@ class RowSparseGradient(NamedTuple):
 
     indices: Any
     values: Any
+
+
+class DeviceStagedArray(np.ndarray):
+    """A host gradient whose bytes were also copied to the engine's GPU while they arrived.
+
+    It behaves as the host array (validation and metrics read it); ``device_copy`` holds the same
+    elements on the device (in the wire dtype, same shape) and ``ready`` is the CUDA event after
+    which that copy is complete. The engine stages from ``device_copy``, so the host-to-device
+    transfer overlapped the network receive instead of following it.
+    """
+
+    device_copy: Any = None
+    ready: Any = None
+
+    @classmethod
+    def wrap(cls, host: np.ndarray, device_copy: Any, ready: Any) -> DeviceStagedArray:
+        out = host.view(cls)
+        out.device_copy = device_copy
+        out.ready = ready
+        return out
 
 
 @dataclass
@@ -598,7 +618,10 @@ class Adamax:
                 )
             self._check_grad_dtype(v, vals.dtype)
             return RowSparseGradient(idx, vals)
-        arr = g if hasattr(g, "__cuda_array_interface__") else np.asarray(g)
+        if isinstance(g, DeviceStagedArray):
+            arr = g  # keep the subclass: np.asarray would drop its device copy
+        else:
+            arr = g if hasattr(g, "__cuda_array_interface__") else np.asarray(g)
         if tuple(arr.shape) != v.shape:
             raise ValueError(
                 f"Gradient for variable {v.name!r} has shape {tuple(arr.shape)}, but the variable "
@@ -621,7 +644,10 @@ class Adamax:
             dense = np.zeros(v.shape, dtype=v.dtype)
             np.add.at(dense, g.indices, g.values.astype(v.dtype))
             g = dense
-        if isinstance(g, np.ndarray):
+        write_device = getattr(self._backend, "write_device", None)
+        if isinstance(g, DeviceStagedArray) and g.device_copy is not None and write_device is not None:
+            write_device(dst, g.device_copy, g.ready)
+        elif isinstance(g, np.ndarray):
             # Through the backend's staging path (pinned, asynchronous on the GPU).
             group = self._groups[v.group]
             start = int(group.table.offsets[v.seg])
@@ -688,6 +714,15 @@ class Adamax:
         group = self._groups[v.group]
         start = int(group.table.offsets[v.seg]) + offset
         self._backend.write_range(group.buffers["g"], start, chunk)
+
+    def device_receiver(self) -> Any:
+        """On the GPU, a helper that copies a push's gradients to the device as they arrive.
+
+        ``None`` on the CPU. See ``kernels.gpu.DeviceReceiver``: pass its ``allocate`` to the wire
+        decoder and its ``wrap(name, array)`` results to ``apply``.
+        """
+        make = getattr(self._backend, "device_receiver", None)
+        return make() if make is not None else None
 
     def apply_staged(self, present: Iterable[str] | None = None) -> None:
         """Apply the gradients already written into ``gradient_buffer``s.

@@ -220,8 +220,12 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
             host = self._coordinator.get(header.optimizer)
 
             def receive() -> list[tuple[str, Any]]:
+                # On a GPU engine, chunks are copied to the device as they arrive.
+                receiver = host.device_receiver()
                 _, tensors = self._decode(
-                    itertools.chain([first], frames), check_tensor=lambda th: host.check_gradient(_meta(th))
+                    itertools.chain([first], frames),
+                    check_tensor=lambda th: host.check_gradient(_meta(th)),
+                    allocate=receiver.allocate if receiver is not None else None,
                 )
                 announced = header.num_tensors
                 if announced and len(tensors) != announced:
@@ -232,7 +236,10 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
                     )
                 if not tensors:
                     raise InvalidArgument("the push carries no tensors; nothing was applied")
-                return [(t.header.name, _engine_value(t.value)) for t in tensors]
+                values = [(t.header.name, _engine_value(t.value)) for t in tensors]
+                if receiver is not None:
+                    values = [(name, receiver.wrap(name, value)) for name, value in values]
+                return values
 
             result = host.push(
                 header.worker_id, header.request_id, header.step, receive, timeout=context.time_remaining()

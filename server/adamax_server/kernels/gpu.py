@@ -30,6 +30,8 @@ except ImportError:  # pragma: no cover - only where CuPy is absent
 # Elements per task (one block; a multiple of 16). 4096 measured best on an H100 (1e8-1e9 params).
 GPU_TASK = int(os.environ.get("ADAMAX_PS_GPU_TASK", 4096))
 MIN_BLOCKS = int(os.environ.get("ADAMAX_PS_GPU_MIN_BLOCKS", 4))  # __launch_bounds__ occupancy hint
+# Blocks per SM of the grid-stride launch; 0 launches one block per task.
+GRID_PER_SM = int(os.environ.get("ADAMAX_PS_GPU_GRID_PER_SM", 0))
 PINNED_CHUNK_BYTES = 4 << 20  # staging chunk: the transport's chunk size, or a part of it
 PINNED_SLOTS = 4  # ring of pinned buffers: copies of earlier chunks overlap receiving later ones
 THREADS = 256
@@ -108,9 +110,11 @@ __global__ void __launch_bounds__(${THREADS}, ${MIN_BLOCKS}) adamax_step(
     int clip_mode, T clip_v, T clip_norm, double global_scale, int global_scale_wide,
     int use_wd, T wd, T wd_lr,
     T lr, T one_minus_beta_1, T beta_2, T epsilon, T one_minus_beta_1_power,
-    int use_ema, T ema_m, T ema_one_minus_m, int overwrite)
+    int use_ema, T ema_m, T ema_one_minus_m, int overwrite, int n_tasks)
 {
-    const int t = blockIdx.x;
+  // Grid-stride over tasks: a grid sized to the GPU (GRID_PER_SM blocks per SM) walks every
+  // task, so no partly filled last wave of blocks idles the GPU.
+  for (int t = blockIdx.x; t < n_tasks; t += gridDim.x) {
     const int s = task_seg[t];
     const long long a = task_start[t];
     const int n = task_len[t];
@@ -128,7 +132,7 @@ __global__ void __launch_bounds__(${THREADS}, ${MIN_BLOCKS}) adamax_step(
     const bool touch_g = grad;
     const bool touch_acc = has_acc && (grad || p.acc_mode == 2);
     const bool touch_w = touch_mug || has_ema;
-    if (!(touch_w || touch_acc)) return;
+    if (!(touch_w || touch_acc)) continue;
 
     Vec* __restrict__ W = (Vec*)(w + a);
     Vec* __restrict__ M = (Vec*)(m + a);
@@ -166,6 +170,7 @@ __global__ void __launch_bounds__(${THREADS}, ${MIN_BLOCKS}) adamax_step(
         if (touch_acc) acc[i] = acci;
         if (has_ema) avg[i] = avgi;
     }
+  }
 }
 
 extern "C" __global__ void sumsq_${T}(
@@ -263,6 +268,19 @@ class CupyBackend:
             self._ring[slot] = (host, event)
             self._ring_next = (slot + 1) % PINNED_SLOTS
             self._pending = True
+
+    def write_device(self, dst, src, ready) -> None:
+        """Stage from a device copy made while receiving (see ``engine.DeviceStagedArray``).
+
+        The host waits for that copy's event, so its pinned source buffer may be reused as soon
+        as this returns; the cast to the variable dtype runs on the device.
+        """
+        if ready is not None:
+            ready.synchronize()
+        dst[...] = src.reshape(dst.shape).astype(dst.dtype, copy=False)
+
+    def device_receiver(self) -> DeviceReceiver:
+        return DeviceReceiver(self)
 
     def finish_staging(self) -> None:
         """The compute stream waits (on the device) for every staged copy."""
@@ -375,7 +393,7 @@ class CupyBackend:
             2 if step.use_ema else 0
         )
         _module(group.dtype).get_function(_step_name(flags))(
-            (tab["n_tasks"],), (THREADS,),
+            (self._grid(tab["n_tasks"]),), (THREADS,),
             (
                 group.buffers["w"], group.buffers["m"], group.buffers["u"], group.buffers["g"],
                 group.buffers.get("acc", dummy), group.buffers.get("avg", dummy),
@@ -391,6 +409,64 @@ class CupyBackend:
                 dt(step.lr), dt(step.one_minus_beta_1), dt(step.beta_2), dt(step.epsilon),
                 dt(step.one_minus_beta_1_power),
                 np.int32(step.use_ema), dt(step.ema_m), dt(step.ema_one_minus_m),
-                np.int32(step.overwrite),
+                np.int32(step.overwrite), np.int32(tab["n_tasks"]),
             ),
         )  # fmt: skip
+
+    def _grid(self, n_tasks: int) -> int:
+        """Blocks to launch: one per task, or a GPU-sized grid that strides over the tasks."""
+        if GRID_PER_SM <= 0:
+            return n_tasks
+        sms = getattr(self, "_sm_count", None)
+        if sms is None:
+            sms = self._sm_count = cp.cuda.Device().attributes["MultiProcessorCount"]
+        return max(1, min(n_tasks, sms * GRID_PER_SM))
+
+
+class DeviceReceiver:
+    """Receive buffers for one push: pinned host memory, copied to the GPU chunk by chunk.
+
+    ``allocate`` is the wire decoder's hook (``_wire.decode_stream(allocate=...)``). For a dense
+    float32/float16/float64 tensor it returns a pinned receive buffer and a callback that issues
+    an asynchronous host-to-device copy of every filled byte range on the backend's copy stream,
+    so the transfer runs while later chunks are still arriving. ``wrap(name, host)`` then returns
+    the host array as a ``DeviceStagedArray`` carrying its device copy.
+    """
+
+    _DENSE_FLOAT_WIRE = {1: np.float32, 2: np.float16, 4: np.float64}  # adamax.v1 DType codes
+
+    def __init__(self, backend: CupyBackend) -> None:
+        self._backend = backend
+        self._mirrors: dict[str, tuple[Any, Any, Any]] = {}  # name -> (pinned mem, device, event)
+
+    def allocate(self, header: Any, nbytes: int):
+        if header.layout not in (0, 1) or header.dtype not in self._DENSE_FLOAT_WIRE or nbytes == 0:
+            return None
+        be = self._backend
+        if be._copy_stream is None:
+            be._pinned_slot()  # creates the copy stream (and the staging ring)
+        stream = be._copy_stream
+        # Device memory freed by an earlier push may still be read by work queued on the compute
+        # stream: the copy stream starts writing only after that work.
+        stream.wait_event(cp.cuda.get_current_stream().record())
+        mem = cp.cuda.alloc_pinned_memory(nbytes)
+        host = np.frombuffer(mem, dtype=np.uint8, count=nbytes)
+        device = cp.empty(nbytes, dtype=cp.uint8)
+        event = cp.cuda.Event(disable_timing=True)
+        self._mirrors[header.name] = (mem, device, event)
+
+        def filled(start: int, end: int) -> None:
+            device[start:end].set(host[start:end], stream=stream)
+            event.record(stream)
+
+        return host, filled
+
+    def wrap(self, name: str, host: np.ndarray) -> Any:
+        mirror = self._mirrors.get(name)
+        if mirror is None or not isinstance(host, np.ndarray):
+            return host
+        from ..engine import DeviceStagedArray
+
+        _, device, event = mirror
+        typed = device.view(host.dtype).reshape(host.shape)
+        return DeviceStagedArray.wrap(host, typed, event)
