@@ -7,6 +7,7 @@
 Every flag of ``serve`` can also be set by an environment variable (``--tls-cert`` <-
 ``ADAMAX_PS_TLS_CERT``; see ``adamax_server.runtime``); flags win over the environment.
     adamax-ps demo ...          (implemented by adamax_server.demo:run_demo)
+    adamax-ps bench NAME ...    (the measurement suite of benchmarks/, see adamax_server.bench)
 """
 
 from __future__ import annotations
@@ -205,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tls_client_arguments(health)
 
     sub.add_parser("demo", help="run the demo (arguments are passed on)", add_help=False)
+    sub.add_parser("bench", help="run a benchmark of benchmarks/ (arguments are passed on)", add_help=False)
     return parser
 
 
@@ -218,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     if args.command == "demo":
         return _demo(args, rest)
+    if args.command == "bench":
+        from .bench import run_bench
+
+        return run_bench(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     for name in unknown_env():
