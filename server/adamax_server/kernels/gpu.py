@@ -132,7 +132,8 @@ __global__ void __launch_bounds__(${THREADS}, ${MIN_BLOCKS}) adamax_step(
     const bool touch_mug = grad && p.acc_mode != 1;
     const bool touch_g = grad;
     const bool touch_acc = has_acc && (grad || p.acc_mode == 2);
-    const bool touch_w = touch_mug || has_ema;
+    const bool touch_w = touch_mug || has_ema;  // read
+    const bool write_w = touch_mug || (has_ema && p.overwrite);  // written only if it changes
     if (!(touch_w || touch_acc)) continue;
 
     Vec* __restrict__ W = (Vec*)(w + a);
@@ -153,7 +154,7 @@ __global__ void __launch_bounds__(${THREADS}, ${MIN_BLOCKS}) adamax_step(
         #pragma unroll
         for (int j = 0; j < (int)VEC; ++j)
             update_one(p, grad, wv.v[j], mv.v[j], uv.v[j], gv.v[j], accv.v[j], avgv.v[j]);
-        if (touch_w) W[k] = wv;
+        if (write_w) W[k] = wv;
         if (touch_mug) { M[k] = mv; U[k] = uv; }
         if (touch_acc) ACC[k] = accv;
         if (has_ema) AVG[k] = avgv;
@@ -166,7 +167,7 @@ __global__ void __launch_bounds__(${THREADS}, ${MIN_BLOCKS}) adamax_step(
         if (touch_acc) acci = acc[i];
         if (has_ema) avgi = avg[i];
         update_one(p, grad, wi, mi, ui, gi, acci, avgi);
-        if (touch_w) w[i] = wi;
+        if (write_w) w[i] = wi;
         if (touch_mug) { m[i] = mi; u[i] = ui; }
         if (touch_acc) acc[i] = acci;
         if (has_ema) avg[i] = avgi;

@@ -1,0 +1,143 @@
+"""End to end: synchronous rounds with 1, 2, 4 and 8 worker processes against one server.
+
+    python benchmarks/bench_scaling.py [--params 1e6 1e7] [--workers 1 2 4 8] [--json s.json] [--png s.png]
+    adamax-ps bench scaling --quick
+
+Each worker is a spawned process running the README's loop (``pull`` the weights, ``push`` a
+float32 gradient; no model compute, so the figures are the parameter server's own cost) in a
+``mode="sync"`` job with ``num_workers=W``. After warm-up rounds all workers start together;
+the step time is the slowest worker's wall time over the timed rounds.
+
+* ``floor/worker``: the bytes one worker must move per step (gradient up + weights down,
+  4 bytes/param each way) at the raw-TCP throughput measured in this run on 127.0.0.1;
+* ``floor/server``: W times that, since every byte passes through the one server;
+* ``efficiency``: t(1 worker) / t(W workers) on the same size (weak scaling: 1.0 means adding
+  workers costs nothing per step; the job then processes W times the samples per second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import textwrap
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import SpawnedServer, Table, add_output_arguments, child_env, raw_tcp_seconds  # noqa: E402
+
+_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from adamax_client import RemoteAdamax
+    target, job, wid, workers, n, warmup, rounds = sys.argv[1:8]
+    workers, n, warmup, rounds = int(workers), int(n), int(warmup), int(rounds)
+    rng = np.random.default_rng(int(wid))
+    grad = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
+    opt = RemoteAdamax(target, optimizer=job, worker_id=f"w{wid}", mode="sync", num_workers=workers,
+                       learning_rate=1e-4, timeout=600)
+    opt.build({"w": np.zeros(n, np.float32)})
+    def step():
+        opt.pull()
+        opt.push([grad])
+    for _ in range(warmup):
+        step()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        step()
+    opt.pull()  # the last round's weights: the step is complete when they are back
+    print(time.perf_counter() - t0, flush=True)
+    opt.close()
+    """
+)
+
+
+def run_job(target: str, job: str, workers: int, n: int, warmup: int, rounds: int) -> float:
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, target, job, str(i), str(workers), str(n),
+                               str(warmup), str(rounds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=child_env()) for i in range(workers)]
+    try:
+        for p in procs:
+            line = p.stdout.readline()  # type: ignore[union-attr]
+            if line.strip() != "ready":
+                raise RuntimeError(f"worker failed: {line!r}")
+        for p in procs:
+            p.stdin.write("go\n")  # type: ignore[union-attr]
+            p.stdin.flush()  # type: ignore[union-attr]
+        elapsed = [float(p.stdout.readline()) for p in procs]  # type: ignore[union-attr]
+        for p in procs:
+            p.wait(60)
+        return max(elapsed) / rounds
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+def measure(sizes: list[int], worker_counts: list[int], quick: bool) -> Table:
+    table = Table(f"Sync rounds, W worker processes, one server, 127.0.0.1 ({os.cpu_count()} cores)",
+                  ["params", "workers", "step_ms", "steps/s", "floor/worker_ms", "floor/server_ms",
+                   "x floor/server", "efficiency"])
+    for n in sizes:
+        nbytes = 4 * n
+        tcp_push, tcp_pull = raw_tcp_seconds(nbytes, 3 if quick else 5)
+        floor = tcp_push + tcp_pull
+        rounds = 3 if quick else max(5, min(30, int(3e8 // (nbytes * max(worker_counts)))))
+        base = None
+        with SpawnedServer(["--max-threads", str(8 + 4 * max(worker_counts))]) as srv:
+            for w in worker_counts:
+                t = run_job(srv.target, f"scale-{n}-{w}", w, n, 1 if quick else 2, rounds)
+                base = t if base is None else base
+                table.add(**{"params": f"{n:.0e}", "workers": w, "step_ms": t * 1e3, "steps/s": 1 / t,
+                             "floor/worker_ms": floor * 1e3, "floor/server_ms": w * floor * 1e3,
+                             "x floor/server": t / (w * floor), "efficiency": base / t})
+    table.notes.append("floor/worker = raw TCP send + receive time of 4 bytes/param, measured in this run")
+    table.notes.append("efficiency = t(first worker count) / t(W)")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", nargs="+", type=float, default=[1e6, 1e7])
+    ap.add_argument("--workers", nargs="+", type=int, default=[1, 2, 4, 8])
+    add_output_arguments(ap)
+    args = ap.parse_args(argv)
+    sizes = [int(1e4)] if args.quick else [int(p) for p in args.params]
+    workers = [1, 2] if args.quick else args.workers
+    table = measure(sizes, workers, args.quick)
+    print(table.format(), flush=True)
+    if args.json:
+        table.write_json(args.json)
+    if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for size in dict.fromkeys(r["params"] for r in table.rows):
+            rows = [r for r in table.rows if r["params"] == size]
+            ws = [r["workers"] for r in rows]
+            axes[0].plot(ws, [r["step_ms"] for r in rows], marker="o", label=f"{size} params: step")
+            axes[0].plot(ws, [r["floor/server_ms"] for r in rows], ls="--", label=f"{size} params: floor/server")
+            axes[1].plot(ws, [r["efficiency"] for r in rows], marker="o", label=f"{size} params")
+        axes[0].set_yscale("log")
+        axes[0].set_xlabel("workers")
+        axes[0].set_ylabel("ms per sync step")
+        axes[1].set_xlabel("workers")
+        axes[1].set_ylabel("t(1) / t(W)")
+        axes[1].set_ylim(0, 1.1)
+        for ax in axes:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=110)
+        plt.close(fig)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
