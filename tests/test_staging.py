@@ -125,6 +125,7 @@ def test_gradients_copied_to_the_gpu_while_received_equal_apply(wire: str) -> No
         parse = _wire.frame_deserializer(_push_request())
         raw = [_wire.header_frame(_wire_header()), *frames]
         decoded = _wire.decode_stream([parse(f) for f in raw], allocate=receiver.allocate)[1]
+        receiver.wait()  # as the server does when the stream ends
         values = {t.header.name: receiver.wrap(t.header.name, t.value) for t in decoded}
         if wire != "bfloat16":  # bfloat16 is widened on the host, so it takes the plain path
             assert all(isinstance(v, DeviceStagedArray) for k, v in values.items() if v.size)

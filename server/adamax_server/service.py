@@ -222,11 +222,15 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
             def receive() -> list[tuple[str, Any]]:
                 # On a GPU engine, chunks are copied to the device as they arrive.
                 receiver = host.device_receiver()
-                _, tensors = self._decode(
-                    itertools.chain([first], frames),
-                    check_tensor=lambda th: host.check_gradient(_meta(th)),
-                    allocate=receiver.allocate if receiver is not None else None,
-                )
+                try:
+                    _, tensors = self._decode(
+                        itertools.chain([first], frames),
+                        check_tensor=lambda th: host.check_gradient(_meta(th)),
+                        allocate=receiver.allocate if receiver is not None else None,
+                    )
+                finally:
+                    if receiver is not None:  # no copy may outlive the push's buffers
+                        receiver.wait()
                 announced = header.num_tensors
                 if announced and len(tensors) != announced:
                     # A call cancelled between two tensors can end like a complete stream.

@@ -463,6 +463,16 @@ class DeviceReceiver:
 
         return host, filled
 
+    def wait(self) -> None:
+        """Block until every copy this receiver started has finished.
+
+        Called when the stream ends, decoded or not: only the last chunk's copy can still be
+        running then, and afterwards the pinned and device buffers are safe to release (a
+        rejected push drops them without ever applying them).
+        """
+        for _, _, event in self._mirrors.values():
+            event.synchronize()
+
     def wrap(self, name: str, host: np.ndarray) -> Any:
         mirror = self._mirrors.get(name)
         if mirror is None or not isinstance(host, np.ndarray):

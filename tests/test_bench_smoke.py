@@ -1,0 +1,39 @@
+"""Smoke test of the measurement suite: every benchmark runs at --quick size and writes JSON and PNG.
+
+No timing assertions: the figures depend on the machine; only that each benchmark runs to the
+end through ``adamax-ps bench`` and leaves strict JSON and a PNG behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "server"))
+
+from adamax_server.bench import BENCHMARKS, benchmarks_dir  # noqa: E402
+
+pytestmark = pytest.mark.skipif(benchmarks_dir() is None, reason="benchmarks/ is not in this installation")
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmark_runs_quick_and_writes_json_and_png(name: str, tmp_path: Path) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), str(ROOT / "client"), env.get("PYTHONPATH", "")])
+    env.setdefault("MPLBACKEND", "Agg")
+    done = subprocess.run(
+        [sys.executable, "-m", "adamax_server.cli", "--log-level", "WARNING", "bench", name, "--quick",
+         "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / f"{name}.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert result["rows"] and set(result["columns"]) <= set().union(*result["rows"])
+    assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["title"] in done.stdout  # the table was printed too
