@@ -180,7 +180,7 @@ class Table:
         Path(path).write_text(json.dumps(_finite(payload), indent=2, allow_nan=False))
 
     def write_png(self, path: str | os.PathLike[str], label: Sequence[str], value: str, ylabel: str,
-                  log: bool = False) -> None:
+                  log: bool = False, reference: tuple[float, str] | None = None) -> None:
         """A bar chart of column ``value``, one bar per row, labelled by the ``label`` columns."""
         import matplotlib
 
@@ -195,7 +195,10 @@ class Table:
         ax.set_ylabel(ylabel)
         if log:
             ax.set_yscale("log")
-        ax.set_title(self.title, fontsize=9)
+        if reference is not None:
+            ax.axhline(reference[0], color="k", ls="--", lw=1, label=reference[1])
+            ax.legend(fontsize=8)
+        ax.set_title(textwrap.fill(self.title, 90), fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -80,7 +80,7 @@ def run_job(target: str, job: str, workers: int, n: int, warmup: int, rounds: in
 
 def measure(sizes: list[int], worker_counts: list[int], quick: bool) -> Table:
     table = Table(f"Sync rounds, W worker processes, one server, 127.0.0.1 ({os.cpu_count()} cores)",
-                  ["params", "workers", "step_ms", "steps/s", "floor/worker_ms", "floor/server_ms",
+                  ["params", "workers", "step_ms", "steps/s", "server_MB/s", "floor/worker_ms", "floor/server_ms",
                    "x floor/server", "efficiency"])
     for n in sizes:
         nbytes = 4 * n
@@ -93,10 +93,11 @@ def measure(sizes: list[int], worker_counts: list[int], quick: bool) -> Table:
                 t = run_job(srv.target, f"scale-{n}-{w}", w, n, 1 if quick else 2, rounds)
                 base = t if base is None else base
                 table.add(**{"params": f"{n:.0e}", "workers": w, "step_ms": t * 1e3, "steps/s": 1 / t,
+                             "server_MB/s": w * 2 * nbytes / 1e6 / t,
                              "floor/worker_ms": floor * 1e3, "floor/server_ms": w * floor * 1e3,
                              "x floor/server": t / (w * floor), "efficiency": base / t})
     table.notes.append("floor/worker = raw TCP send + receive time of 4 bytes/param, measured in this run")
-    table.notes.append("efficiency = t(first worker count) / t(W)")
+    table.notes.append("efficiency = t(first worker count) / t(W); server_MB/s = W x (gradient + weights) / step")
     return table
 
 
@@ -119,12 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for size in dict.fromkeys(r["params"] for r in table.rows):
+        for k, size in enumerate(dict.fromkeys(r["params"] for r in table.rows)):
             rows = [r for r in table.rows if r["params"] == size]
             ws = [r["workers"] for r in rows]
-            axes[0].plot(ws, [r["step_ms"] for r in rows], marker="o", label=f"{size} params: step")
-            axes[0].plot(ws, [r["floor/server_ms"] for r in rows], ls="--", label=f"{size} params: floor/server")
-            axes[1].plot(ws, [r["efficiency"] for r in rows], marker="o", label=f"{size} params")
+            color = f"C{k}"
+            axes[0].plot(ws, [r["step_ms"] for r in rows], marker="o", color=color, label=f"{size} params: step")
+            axes[0].plot(ws, [r["floor/server_ms"] for r in rows], ls="--", color=color,
+                         label=f"{size} params: floor/server")
+            axes[1].plot(ws, [r["efficiency"] for r in rows], marker="o", color=color, label=f"{size} params")
         axes[0].set_yscale("log")
         axes[0].set_xlabel("workers")
         axes[0].set_ylabel("ms per sync step")

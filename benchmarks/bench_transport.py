@@ -134,7 +134,7 @@ def sweep_table(mb: float, quick: bool) -> Table:
         one.close()
         four.close()
     # The real service: push chunking is the client's choice, pull chunking the server's (whole MiB).
-    for chunk in chunks:
+    for chunk in chunks[-1:] if quick else chunks:
         mib = chunk // (1024 * KIB)
         with SpawnedServer(["--chunk-mib", str(max(mib, 1))]) as srv:
             push, pull = _service_push_pull(srv.target, n, reps, chunk_bytes=chunk)
