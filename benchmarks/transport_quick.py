@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,30 +34,8 @@ from adamax_client import RemoteAdamax  # noqa: E402
 from adamax_client._proto.adamax.v1 import adamax_pb2 as pb  # noqa: E402
 from adamax_client import _wire  # noqa: E402
 
-_RAW_PEER = textwrap.dedent(
-    """
-    import socket, sys
-    n = int(sys.argv[1])
-    payload = bytes(n)
-    srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
-    print(srv.getsockname()[1], flush=True)
-    conn, _ = srv.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = bytearray(n); view = memoryview(buf)
-    while True:
-        op = conn.recv(1)
-        if not op:
-            break
-        if op == b"P":  # push: read n bytes, ack
-            got = 0
-            while got < n:
-                got += conn.recv_into(view[got:])
-            conn.sendall(b"k")
-        else:  # pull: send n bytes
-            conn.sendall(payload)
-    """
-)
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import raw_tcp_seconds  # noqa: E402
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
@@ -78,33 +54,8 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def bench_raw_tcp(nbytes: int, repeats: int) -> tuple[float, float]:
-    peer = subprocess.Popen([sys.executable, "-c", _RAW_PEER, str(nbytes)], stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(peer.stdout.readline())
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        payload = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
-        view = memoryview(payload).cast("B")
-        recv = bytearray(nbytes)
-        rview = memoryview(recv)
-
-        def push() -> None:
-            sock.sendall(b"P")
-            sock.sendall(view)
-            sock.recv(1)
-
-        def pull() -> None:
-            sock.sendall(b"G")
-            got = 0
-            while got < nbytes:
-                got += sock.recv_into(rview[got:])
-            np.frombuffer(recv, dtype=np.float32)
-
-        result = _median_seconds(push, repeats), _median_seconds(pull, repeats)
-        sock.close()
-        return result
-    finally:
-        peer.wait(10)
+    """The floor: median push-like and pull-like seconds of raw TCP (shared with the suite)."""
+    return raw_tcp_seconds(nbytes, repeats)
 
 
 def bench_grpc(nbytes: int, repeats: int) -> tuple[float, float, float]:

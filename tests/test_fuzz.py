@@ -26,7 +26,6 @@ from _ps_helpers import assert_same_state, running_server, snapshot
 from adamax_client import RemoteAdamax
 from adamax_client import _wire
 from adamax_client._proto.adamax.v1 import adamax_pb2 as pb
-from adamax_server.server import SERVICE_NAME
 
 EXAMPLES = int(os.environ.get("ADAMAX_PS_FUZZ_EXAMPLES", "250"))
 FUZZ = settings(

@@ -118,8 +118,6 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _token_from_env_or_file(path: str | None) -> str | None:
     if path:
-        from .security import TokenTable  # noqa: F401 - same file format as the server's
-
         with open(path, encoding="utf-8") as f:
             for line in f:
                 words = line.split("#", 1)[0].split()
