@@ -223,16 +223,27 @@ class _Worker:
     last_seen: float = field(default_factory=time.monotonic)
 
 
-def _non_finite_counts(grads: Mapping[str, Gradient]) -> dict[str, int]:
-    counts = {}
+class GradientStats(NamedTuple):
+    """One gradient's sum of squares and largest magnitude (finite part) and non-finite count."""
+
+    sumsq: float
+    max_abs: float
+    non_finite: int
+
+
+def _gradient_stats(grads: Mapping[str, Gradient]) -> dict[str, GradientStats]:
+    """One parallel pass per gradient; the non-finite check and the metrics share the result."""
+    out = {}
     for name, g in grads.items():
         if g is None:
             continue
         values = g.values if isinstance(g, RowSparseGradient) else g
-        _, _, bad = gradient_stats(np.asarray(values))  # one parallel pass, no temporaries
-        if bad:
-            counts[name] = bad
-    return counts
+        out[name] = GradientStats(*gradient_stats(np.asarray(values)))
+    return out
+
+
+def _non_finite_counts(stats: Mapping[str, GradientStats]) -> dict[str, int]:
+    return {name: st.non_finite for name, st in stats.items() if st.non_finite}
 
 
 class OptimizerHost:
@@ -486,12 +497,13 @@ class OptimizerHost:
         engine = self._engine
         if self.policy.mode == "async":
             self._check_step(step)
-            bad = _non_finite_counts(grads)
+            stats = _gradient_stats(grads)
+            bad = _non_finite_counts(stats)
             if bad:
                 if self.policy.non_finite == "reject":
                     raise InvalidArgument(_non_finite_message(bad))
                 return PushResult("skipped_non_finite", self._version, engine.iterations, detail=_non_finite_message(bad, skipped=True))
-            self._apply(grads)
+            self._apply(grads, stats)
             self._set_version(self._version + 1)
             return PushResult("applied", self._version, engine.iterations)
 
@@ -513,7 +525,7 @@ class OptimizerHost:
                 current_version=self._version,
             )
         if self.policy.non_finite == "reject":
-            bad = _non_finite_counts(grads)
+            bad = _non_finite_counts(_gradient_stats(grads))
             if bad:
                 raise InvalidArgument(_non_finite_message(bad))
         self._round[worker_id] = _Contribution(request_id, grads)
@@ -578,13 +590,14 @@ class OptimizerHost:
         detail = f"round for version {version} {why}"
         present = {n: g for n, g in combined.items() if g is not None}
         try:
-            bad = _non_finite_counts(present)
+            stats = _gradient_stats(present)
+            bad = _non_finite_counts(stats)
             if bad:  # only reachable with non_finite="skip" (or overflow in the sum)
                 detail += "; " + _non_finite_message(bad, skipped=True)
             elif not present:
                 detail += "; no worker sent any gradient, step skipped"
             else:
-                self._apply(present)
+                self._apply(present, stats)
         except BaseException:
             self._abort_round(f"round for version {version} was aborted: applying the combined gradient failed")
             raise
@@ -594,11 +607,11 @@ class OptimizerHost:
         self._observe("on_round_closed", time.monotonic() - self._round_started, len(contributions), self.policy.num_workers)
         return detail
 
-    def _apply(self, grads: dict[str, Gradient]) -> None:
-        """One engine apply (under the lock), timed for the metrics."""
+    def _apply(self, grads: dict[str, Gradient], stats: Mapping[str, GradientStats]) -> None:
+        """One engine apply (under the lock), timed for the metrics; ``stats`` from the check."""
         start = time.perf_counter()
         self._engine.apply(grads)
-        self._observe("on_apply", time.perf_counter() - start, grads, self._engine.iterations, self.initial_config)
+        self._observe("on_apply", time.perf_counter() - start, stats, self._engine.iterations, self.initial_config)
 
     def _observe(self, hook: str, *args: Any) -> None:
         if self._observer is None:
@@ -857,7 +870,8 @@ class CoordinatorObserver(Protocol):
     """Hooks for metrics (``adamax_server.metrics.ServerMetrics``); called under a host's lock."""
 
     def on_apply(
-        self, optimizer: str, seconds: float, grads: Mapping[str, Any], iterations: int, config: Mapping[str, Any]
+        self, optimizer: str, seconds: float, stats: Mapping[str, GradientStats], iterations: int,
+        config: Mapping[str, Any],
     ) -> None: ...
 
     def on_round_closed(self, optimizer: str, wait_seconds: float, arrived: int, num_workers: int) -> None: ...

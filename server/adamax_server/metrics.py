@@ -22,11 +22,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import grpc
-import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from .errors import ERROR_TYPE_KEY
-from .kernels.stats import gradient_stats
 
 _log = logging.getLogger(__name__)
 
@@ -64,12 +62,12 @@ class ServerMetrics:
 
     # -------------------------------------------------------------- coordinator hooks
 
-    def on_apply(self, optimizer: str, seconds: float, grads: Mapping[str, Any], iterations: int, config: Mapping[str, Any]) -> None:
-        """One engine apply of ``grads`` took ``seconds``; ``config`` is the Keras config."""
+    def on_apply(self, optimizer: str, seconds: float, stats: Mapping[str, Any], iterations: int, config: Mapping[str, Any]) -> None:
+        """One engine apply took ``seconds``; ``stats`` are its gradients' ``GradientStats``."""
         self.apply_seconds.labels(optimizer).observe(seconds)
         self.iterations.labels(optimizer).set(iterations)
         self.applies.labels(optimizer).inc()
-        norm, per_variable, max_abs = _norms(grads)
+        norm, per_variable, max_abs = _norms(stats)
         scale = config.get("loss_scale_factor") or 1.0
         norm, per_variable, max_abs = norm / scale, [n / scale for n in per_variable], max_abs / scale
         if math.isfinite(norm):
@@ -108,19 +106,14 @@ class ServerMetrics:
             self._http = None
 
 
-def _norms(grads: Mapping[str, Any]) -> tuple[float, list[float], float]:
-    """Global L2 norm, per-variable L2 norms and the largest magnitude (one pass per gradient).
-
-    A gradient with non-finite elements has an infinite norm, as Keras would compute it.
-    """
+def _norms(stats: Mapping[str, Any]) -> tuple[float, list[float], float]:
+    """Global L2 norm, per-variable L2 norms and the largest magnitude, from the coordinator's
+    one-pass ``GradientStats``. A gradient with non-finite elements has an infinite norm."""
     per_variable = []
     max_abs = 0.0
-    for g in grads.values():
-        if g is None:
-            continue
-        sumsq, largest, non_finite = gradient_stats(np.asarray(getattr(g, "values", g)))
-        per_variable.append(math.inf if non_finite else math.sqrt(sumsq))
-        max_abs = math.inf if non_finite else max(max_abs, largest)
+    for st in stats.values():
+        per_variable.append(math.inf if st.non_finite else math.sqrt(st.sumsq))
+        max_abs = math.inf if st.non_finite else max(max_abs, st.max_abs)
     return math.sqrt(sum(n * n for n in per_variable)), per_variable, max_abs
 
 
