@@ -196,22 +196,16 @@ def _as_wire_array(array: Any, name: str, requested: str | None) -> tuple[int, n
     return code, array.astype(_NUMPY_BY_WIRE[code], order="C", copy=False)
 
 
-def tensor_frames(
-    name: str,
-    value: Any,
-    *,
-    wire: str | None = None,
-    group: int = pb.TENSOR_GROUP_UNSPECIFIED,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> Iterator[bytes]:
-    """Frames for one tensor: its header, then chunk frames of at most ``chunk_bytes``.
+def tensor_payload(
+    name: str, value: Any, *, wire: str | None = None, group: int = pb.TENSOR_GROUP_UNSPECIFIED
+) -> tuple[Any, list[memoryview]]:
+    """(TensorHeader, the byte views of its payload in order) for one tensor.
 
     ``value`` is an array, a row-sparse gradient (``indices``/``values``) or None (absent).
     ``wire`` optionally narrows floats on the wire ("float16", "bfloat16", ...).
     """
     if value is None:
-        yield message_frame(TENSOR_FIELD, pb.TensorHeader(name=name, absent=True, group=group))
-        return
+        return pb.TensorHeader(name=name, absent=True, group=group), []
     if isinstance(value, RowSparse) and not isinstance(value, np.ndarray):
         indices = np.asarray(value.indices).reshape(-1).astype("<i8", order="C", copy=False)
         code, values = _as_wire_array(value.values, name, wire)
@@ -220,7 +214,6 @@ def tensor_frames(
                 f"Row-sparse gradient '{name}' needs one row of `values` per index. "
                 f"Received: indices.shape={indices.shape}, values.shape={values.shape}"
             )
-        views = [_byte_view(indices), _byte_view(values)]
         header = pb.TensorHeader(
             name=name,
             dtype=code,
@@ -230,12 +223,24 @@ def tensor_frames(
             num_rows=indices.shape[0],
             group=group,
         )
-    else:
-        code, array = _as_wire_array(value, name, wire)
-        views = [_byte_view(array)]
-        header = pb.TensorHeader(
-            name=name, dtype=code, shape=array.shape, nbytes=array.nbytes, layout=pb.DENSE, group=group
-        )
+        return header, [_byte_view(indices), _byte_view(values)]
+    code, array = _as_wire_array(value, name, wire)
+    header = pb.TensorHeader(
+        name=name, dtype=code, shape=array.shape, nbytes=array.nbytes, layout=pb.DENSE, group=group
+    )
+    return header, [_byte_view(array)]
+
+
+def tensor_frames(
+    name: str,
+    value: Any,
+    *,
+    wire: str | None = None,
+    group: int = pb.TENSOR_GROUP_UNSPECIFIED,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Iterator[bytes]:
+    """Frames for one tensor: its header, then chunk frames of at most ``chunk_bytes``."""
+    header, views = tensor_payload(name, value, wire=wire, group=group)
     yield message_frame(TENSOR_FIELD, header)
     yield from chunk_frames(views, chunk_bytes)
 
@@ -279,7 +284,7 @@ class DecodedTensor(NamedTuple):
 TensorCheck = Callable[[Any], None]
 
 
-def _expected_nbytes(header: Any) -> int:
+def expected_nbytes(header: Any) -> int:
     if any(d < 0 for d in header.shape):
         raise WireFormatError(f"tensor '{header.name}': negative dimension in shape {tuple(header.shape)}")
     count = math.prod(header.shape)
@@ -302,11 +307,11 @@ def _expected_nbytes(header: Any) -> int:
 Allocator = Callable[[Any, int], "tuple[np.ndarray, Callable[[int, int], None] | None] | None"]
 
 
-class _Pending:
+class PendingTensor:
     __slots__ = ("header", "buffer", "filled", "on_filled")
 
     def __init__(self, header: Any, max_tensor_bytes: int, allocate: Allocator | None = None) -> None:
-        expected = _expected_nbytes(header)
+        expected = expected_nbytes(header)
         if header.nbytes != expected:
             raise WireFormatError(
                 f"tensor '{header.name}': header announces {header.nbytes} bytes but shape "
@@ -336,18 +341,23 @@ class _Pending:
         self.filled = end
 
     def finish(self) -> DecodedTensor:
-        header = self.header
         if self.filled != self.buffer.size:
             raise WireFormatError(
-                f"tensor '{header.name}': stream ended after {self.filled} of {self.buffer.size} bytes"
+                f"tensor '{self.header.name}': stream ended after {self.filled} of {self.buffer.size} bytes"
             )
-        offset = header.num_rows * 8 if header.layout == pb.ROW_SPARSE else 0
-        raw = self.buffer[offset:].view(_NUMPY_BY_WIRE[header.dtype]).reshape(tuple(header.shape))
-        values = from_bfloat16_bits(raw) if header.dtype == pb.BFLOAT16 else raw
-        if header.layout == pb.ROW_SPARSE:
-            indices = self.buffer[:offset].view("<i8")
-            return DecodedTensor(header, RowSparseGradient(indices, values))
-        return DecodedTensor(header, values)
+        return decode_buffer(self.header, self.buffer)
+
+
+def decode_buffer(header: Any, buffer: np.ndarray) -> DecodedTensor:
+    """The tensor a complete payload (uint8, ``expected_nbytes(header)`` long) holds; no copy
+    except the bfloat16 -> float32 widening."""
+    offset = header.num_rows * 8 if header.layout == pb.ROW_SPARSE else 0
+    raw = buffer[offset:].view(_NUMPY_BY_WIRE[header.dtype]).reshape(tuple(header.shape))
+    values = from_bfloat16_bits(raw) if header.dtype == pb.BFLOAT16 else raw
+    if header.layout == pb.ROW_SPARSE:
+        indices = buffer[:offset].view("<i8")
+        return DecodedTensor(header, RowSparseGradient(indices, values))
+    return DecodedTensor(header, values)
 
 
 def decode_stream(
@@ -366,7 +376,7 @@ def decode_stream(
     """
     header = None
     tensors: list[DecodedTensor] = []
-    pending: _Pending | None = None
+    pending: PendingTensor | None = None
     for frame in frames:
         if isinstance(frame, memoryview):
             kind, payload = "chunk", frame
@@ -391,7 +401,7 @@ def decode_stream(
             if payload.absent:
                 tensors.append(DecodedTensor(payload, None))
             else:
-                pending = _Pending(payload, max_tensor_bytes, allocate)
+                pending = PendingTensor(payload, max_tensor_bytes, allocate)
         elif kind == "chunk":
             if pending is None:
                 raise WireFormatError("a chunk frame must follow a tensor header")

@@ -107,7 +107,7 @@ ASSIGN_ADD: AssignOp
 ASSIGN_SUB: AssignOp
 
 class TensorHeader(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "nbytes", "layout", "num_rows", "absent", "group")
+    __slots__ = ("name", "dtype", "shape", "nbytes", "layout", "num_rows", "absent", "group", "in_shm", "shm_offset")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,8 @@ class TensorHeader(_message.Message):
     NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
     ABSENT_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
+    IN_SHM_FIELD_NUMBER: _ClassVar[int]
+    SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -124,7 +126,9 @@ class TensorHeader(_message.Message):
     num_rows: int
     absent: bool
     group: TensorGroup
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., layout: _Optional[_Union[Layout, str]] = ..., num_rows: _Optional[int] = ..., absent: _Optional[bool] = ..., group: _Optional[_Union[TensorGroup, str]] = ...) -> None: ...
+    in_shm: bool
+    shm_offset: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., layout: _Optional[_Union[Layout, str]] = ..., num_rows: _Optional[int] = ..., absent: _Optional[bool] = ..., group: _Optional[_Union[TensorGroup, str]] = ..., in_shm: _Optional[bool] = ..., shm_offset: _Optional[int] = ...) -> None: ...
 
 class VariableSpec(_message.Message):
     __slots__ = ("name", "shape", "dtype")
@@ -329,30 +333,36 @@ class PushResponse(_message.Message):
     def __init__(self, outcome: _Optional[_Union[PushOutcome, str]] = ..., version: _Optional[int] = ..., iterations: _Optional[int] = ..., duplicate: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("optimizer", "names", "min_version", "known_version", "worker_id")
+    __slots__ = ("optimizer", "names", "min_version", "known_version", "worker_id", "shm", "wait_seconds")
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     KNOWN_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     names: _containers.RepeatedScalarFieldContainer[str]
     min_version: int
     known_version: int
     worker_id: str
-    def __init__(self, optimizer: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., min_version: _Optional[int] = ..., known_version: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    shm: bool
+    wait_seconds: float
+    def __init__(self, optimizer: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., min_version: _Optional[int] = ..., known_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., shm: _Optional[bool] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("version", "iterations", "not_modified", "num_tensors")
+    __slots__ = ("version", "iterations", "not_modified", "num_tensors", "shm_name")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     NOT_MODIFIED_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     version: int
     iterations: int
     not_modified: bool
     num_tensors: int
-    def __init__(self, version: _Optional[int] = ..., iterations: _Optional[int] = ..., not_modified: _Optional[bool] = ..., num_tensors: _Optional[int] = ...) -> None: ...
+    shm_name: str
+    def __init__(self, version: _Optional[int] = ..., iterations: _Optional[int] = ..., not_modified: _Optional[bool] = ..., num_tensors: _Optional[int] = ..., shm_name: _Optional[str] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("header", "tensor", "chunk")
@@ -411,6 +421,87 @@ class StatelessApplyFrame(_message.Message):
     tensor: TensorHeader
     chunk: bytes
     def __init__(self, header: _Optional[_Union[OptimizerRef, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class OpenBulkChannelRequest(_message.Message):
+    __slots__ = ("optimizer", "worker_id")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    worker_id: str
+    def __init__(self, optimizer: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class OpenBulkChannelResponse(_message.Message):
+    __slots__ = ("available", "port", "ticket", "ticket_ttl_seconds", "shared_memory")
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    TICKET_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    available: bool
+    port: int
+    ticket: bytes
+    ticket_ttl_seconds: float
+    shared_memory: bool
+    def __init__(self, available: _Optional[bool] = ..., port: _Optional[int] = ..., ticket: _Optional[bytes] = ..., ticket_ttl_seconds: _Optional[float] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+
+class BulkHello(_message.Message):
+    __slots__ = ("ticket",)
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    ticket: bytes
+    def __init__(self, ticket: _Optional[bytes] = ...) -> None: ...
+
+class BulkStatus(_message.Message):
+    __slots__ = ("code", "message", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ShmRegister(_message.Message):
+    __slots__ = ("name", "nonce", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    nonce: bytes
+    size: int
+    def __init__(self, name: _Optional[str] = ..., nonce: _Optional[bytes] = ..., size: _Optional[int] = ...) -> None: ...
+
+class ShmRelease(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BulkFrame(_message.Message):
+    __slots__ = ("hello", "status", "push", "pull", "tensor", "push_response", "pull_header", "shm_register", "release")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    PUSH_RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    PULL_HEADER_FIELD_NUMBER: _ClassVar[int]
+    SHM_REGISTER_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    hello: BulkHello
+    status: BulkStatus
+    push: PushHeader
+    pull: PullRequest
+    tensor: TensorHeader
+    push_response: PushResponse
+    pull_header: PullHeader
+    shm_register: ShmRegister
+    release: ShmRelease
+    def __init__(self, hello: _Optional[_Union[BulkHello, _Mapping]] = ..., status: _Optional[_Union[BulkStatus, _Mapping]] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., push_response: _Optional[_Union[PushResponse, _Mapping]] = ..., pull_header: _Optional[_Union[PullHeader, _Mapping]] = ..., shm_register: _Optional[_Union[ShmRegister, _Mapping]] = ..., release: _Optional[_Union[ShmRelease, _Mapping]] = ...) -> None: ...
 
 class CheckpointOptimizer(_message.Message):
     __slots__ = ("optimizer", "version", "iterations", "num_variables", "nbytes")

@@ -109,6 +109,11 @@ class AdamaxServiceStub:
                 request_serializer=adamax_dot_v1_dot_adamax__pb2.StatelessApplyFrame.SerializeToString,
                 response_deserializer=adamax_dot_v1_dot_adamax__pb2.StatelessApplyFrame.FromString,
                 _registered_method=True)
+        self.OpenBulkChannel = channel.unary_unary(
+                '/adamax.v1.AdamaxService/OpenBulkChannel',
+                request_serializer=adamax_dot_v1_dot_adamax__pb2.OpenBulkChannelRequest.SerializeToString,
+                response_deserializer=adamax_dot_v1_dot_adamax__pb2.OpenBulkChannelResponse.FromString,
+                _registered_method=True)
 
 
 class AdamaxServiceServicer:
@@ -205,6 +210,14 @@ class AdamaxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenBulkChannel(self, request, context):
+        """Control plane of the bulk channel: authenticates like every call (token, TLS) and hands
+        out a one-time ticket for the server's bulk TCP port.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdamaxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -282,6 +295,11 @@ def add_AdamaxServiceServicer_to_server(servicer, server):
                     servicer.StatelessApply,
                     request_deserializer=adamax_dot_v1_dot_adamax__pb2.StatelessApplyFrame.FromString,
                     response_serializer=adamax_dot_v1_dot_adamax__pb2.StatelessApplyFrame.SerializeToString,
+            ),
+            'OpenBulkChannel': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenBulkChannel,
+                    request_deserializer=adamax_dot_v1_dot_adamax__pb2.OpenBulkChannelRequest.FromString,
+                    response_serializer=adamax_dot_v1_dot_adamax__pb2.OpenBulkChannelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -689,6 +707,33 @@ class AdamaxService:
             '/adamax.v1.AdamaxService/StatelessApply',
             adamax_dot_v1_dot_adamax__pb2.StatelessApplyFrame.SerializeToString,
             adamax_dot_v1_dot_adamax__pb2.StatelessApplyFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenBulkChannel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamax.v1.AdamaxService/OpenBulkChannel',
+            adamax_dot_v1_dot_adamax__pb2.OpenBulkChannelRequest.SerializeToString,
+            adamax_dot_v1_dot_adamax__pb2.OpenBulkChannelResponse.FromString,
             options,
             channel_credentials,
             insecure,
