@@ -178,7 +178,7 @@ def test_stream_a_256_mb_state_out_and_in(tmp_path: Path) -> None:
     manager = CheckpointManager(coordinator, CheckpointStore(tmp_path / "server"), CheckpointPolicy(keep=2))
     _, host = coordinator.create("big", {"learning_rate": 0.01, "use_ema": True}, Policy())
     host.build(list(big.items()))
-    host.push("w0", "r0", 0, lambda: [(n, np.full(v.shape, 0.25, v.dtype)) for n, v in big.items()])
+    host.push("w0", "r0", 0, lambda _staging: [(n, np.full(v.shape, 0.25, v.dtype)) for n, v in big.items()])
     with running_server(coordinator=coordinator, checkpoints=manager) as (target, _):
         with CheckpointClient(target, chunk_bytes=4 << 20) as client:
             start = time.perf_counter()
@@ -193,7 +193,7 @@ def test_stream_a_256_mb_state_out_and_in(tmp_path: Path) -> None:
             source, manifest, files = client.download(info.checkpoint_id, progress=lambda d, t: seen.append((d, t)))
             download_s = time.perf_counter() - start
             assert source == info.checkpoint_id and seen[-1][0] == seen[-1][1] == info.nbytes
-            host.push("w0", "r1", 1, lambda: [(n, np.full(v.shape, -1.0, v.dtype)) for n, v in big.items()])
+            host.push("w0", "r1", 1, lambda _staging: [(n, np.full(v.shape, -1.0, v.dtype)) for n, v in big.items()])
             start = time.perf_counter()
             saved, restored = client.upload(manifest, files, save=True, restore=True)
             upload_s = time.perf_counter() - start

@@ -36,7 +36,7 @@ def grads_for(step: int, worker: int = 0) -> list[tuple[str, Any]]:
 
 
 def push(host, worker: str, request: str, step: int, grads) -> Any:
-    return host.push(worker, request, step, lambda: grads)
+    return host.push(worker, request, step, lambda _staging: grads)
 
 
 def populated_coordinator() -> Coordinator:
@@ -119,7 +119,7 @@ def test_restore_into_a_running_optimizer_fences_in_flight_pushes(manager: Check
     receiving, release = threading.Event(), threading.Event()
     outcome: dict[str, Any] = {}
 
-    def slow_receive():
+    def slow_receive(_staging=None):
         receiving.set()
         release.wait(5)
         return grads_for(6)

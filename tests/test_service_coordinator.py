@@ -40,7 +40,7 @@ def grads(seed, scale=1.0):
 
 
 def push(host, worker, request, step, items):
-    return host.push(worker, request, step, lambda: items, timeout=5)
+    return host.push(worker, request, step, lambda _staging: items, timeout=5)
 
 
 def local_engine():
@@ -147,7 +147,7 @@ def test_retry_arriving_while_the_first_copy_is_in_flight_waits_for_it():
     release = threading.Event()
     started = threading.Event()
 
-    def slow_receive():
+    def slow_receive(_staging=None):
         started.set()
         release.wait(5)
         return grads(1)
@@ -171,7 +171,7 @@ def test_retry_arriving_while_the_first_copy_is_in_flight_waits_for_it():
 def test_a_failed_first_copy_lets_the_retry_apply():
     host = make_host()
 
-    def broken():
+    def broken(_staging=None):
         raise ConnectionError("stream broke")
 
     with pytest.raises(ConnectionError):

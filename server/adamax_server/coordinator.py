@@ -106,6 +106,10 @@ class Policy:
 PushOutcomeName = Literal["applied", "accepted", "round_closed", "dropped_late", "skipped_non_finite"]
 
 
+# ``staging(name, dtype)``: a writable flat buffer for variable ``name``'s gradient, or None.
+StagingLookup = Callable[[str, np.dtype], "np.ndarray | None"]
+
+
 @dataclass(frozen=True)
 class PushResult:
     outcome: PushOutcomeName
@@ -281,7 +285,9 @@ class OptimizerHost:
         self._last_abort = ""
         self._last_closed = ""
         self._closed = False
-        self._pull_cache: OrderedDict[tuple[str, ...], PullResult[Any]] = OrderedDict()
+        self._pull_cache: OrderedDict[tuple[str, tuple[str, ...]], PullResult[Any]] = OrderedDict()
+        self._pushes_in_flight = 0  # pushes between dedup.begin and their end
+        self._staging_leased = False  # a push is receiving into the engine's staging buffer
 
     # -------------------------------------------------------------- inspection
 
@@ -311,6 +317,32 @@ class OptimizerHost:
                 ],
                 round_arrivals=sorted(self._round),
             )
+
+    @property
+    def iterations(self) -> int:
+        with self._cond:
+            return self._engine.iterations
+
+    def variable_specs(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+        """(name, shape, dtype) of the model variables in build order (empty before build)."""
+        with self._cond:
+            return list(self._engine.variable_specs) if self._engine.built else []
+
+    def touch(self, worker_id: str) -> None:
+        """Record that ``worker_id`` was seen (status shows when each worker last called)."""
+        with self._cond:
+            self._touch(worker_id)
+
+    def read_weights_into(self, outs: Mapping[str, np.ndarray]) -> tuple[int, int]:
+        """Copy the current weights into ``outs`` (name -> host array); returns (version, iterations).
+
+        One copy per variable under the lock, straight from the engine's buffers: the
+        shared-memory pull segment is filled this way, without an intermediate snapshot.
+        """
+        with self._cond:
+            self._require_built()
+            self._engine.read_variables_into(outs)
+            return self._version, self._engine.iterations
 
     def _touch(self, worker_id: str) -> _Worker:
         worker = self._workers.setdefault(worker_id, _Worker())
@@ -407,14 +439,17 @@ class OptimizerHost:
         worker_id: str,
         request_id: str,
         step: int,
-        receive: Callable[[], Sequence[tuple[str, Gradient]]],
+        receive: Callable[[StagingLookup | None], Sequence[tuple[str, Gradient]]],
         *,
         timeout: float | None = None,
     ) -> PushResult:
-        """Handle one push exactly once; ``receive()`` reads its gradients (outside the lock).
+        """Handle one push exactly once; ``receive(staging)`` reads its gradients (outside the lock).
 
-        Raises StaleGradient, FailedPrecondition, InvalidArgument or NotFound; a failed push
-        changes nothing and may be retried with the same request id.
+        ``staging(name, dtype)`` (or None) hands out the engine's own gradient staging buffer
+        of a variable when this push may use it (async, host engine, no other push in
+        flight): a payload received there lands where the update reads it, with no copy and
+        no fresh allocation. Raises StaleGradient, FailedPrecondition, InvalidArgument or
+        NotFound; a failed push changes nothing and may be retried with the same request id.
         """
         if not worker_id:
             raise InvalidArgument("Every push must carry a non-empty `worker_id`.")
@@ -440,9 +475,13 @@ class OptimizerHost:
             self._check_step(step)  # fail early, before the payload is read
             self._dedup.begin(worker_id, request_id)
             epoch = self._restore_epoch
+            lease = self._take_staging_lease()
+            self._pushes_in_flight += 1
         try:
-            grads = receive()
+            grads = receive(self._staging_lookup if lease else None)
             with self._cond:
+                while not lease and self._staging_leased:  # it is being filled: apply after it
+                    self._cond.wait()
                 self._require_built()
                 if self._restore_epoch != epoch:
                     raise StateRestored(
@@ -464,6 +503,36 @@ class OptimizerHost:
                     self._dedup.discard(worker_id, request_id)
                 self._cond.notify_all()
             raise
+        finally:
+            with self._cond:
+                self._pushes_in_flight -= 1
+                if lease:
+                    self._staging_leased = False
+                    self._cond.notify_all()
+
+    def _take_staging_lease(self) -> bool:
+        """Whether the push starting now may receive into the engine's staging buffer.
+
+        Only one push may fill it, and no other apply may run while it is being filled (an
+        apply writes its own gradients there); so it is lent only to an async push that
+        starts while no other push is in flight. Later pushes receive into their own buffers
+        and apply after the lease holder. (Sync rounds keep every worker's gradient until
+        the round closes; the GPU engine receives through its pinned ring instead.)
+        """
+        if self.policy.mode != "async" or self._staging_leased or self._pushes_in_flight:
+            return False
+        if not self._engine.built or not self._engine.host_staging:
+            return False
+        self._staging_leased = True
+        return True
+
+    def _staging_lookup(self, name: str, dtype: np.dtype) -> np.ndarray | None:
+        """The staging buffer of variable ``name`` (writable, flat) if its dtype is ``dtype``."""
+        engine = self._engine
+        specs = {n: np.dtype(d) for n, _, d in engine.variable_specs}
+        if specs.get(name) != np.dtype(dtype):
+            return None
+        return engine.gradient_buffer(name).reshape(-1)
 
     def device_receiver(self) -> Any:
         """Receive helper for pushes (GPU engine, async mode), or None.
@@ -683,15 +752,19 @@ class OptimizerHost:
         known_version: int | None = None,
         timeout: float | None = None,
         worker_id: str = "",
+        encoding: str = "frames",
     ) -> PullResult[T]:
         """Current weights (all, or ``names``) with their version, encoded once per version.
 
-        ``encode(version, iterations, [(name, array), ...])`` runs once per (version, names)
-        and its result is handed to every puller of that version.
+        ``encode(version, iterations, [(name, array), ...])`` runs once per (encoding, version,
+        names) and its result is handed to every puller of that version; ``encoding`` names
+        the kind of payload ``encode`` makes (gRPC frames, raw arrays for the bulk channel).
+        The arrays passed to ``encode`` are private host copies.
         """
         if min_version > 0:
             self.wait_for_version(min_version, timeout)
-        key = tuple(names)
+        names = tuple(names)
+        key = (encoding, names)
         with self._encode_lock:
             with self._cond:
                 self._require_built()
@@ -705,11 +778,11 @@ class OptimizerHost:
                     self._pull_cache.move_to_end(key)
                     return cached
                 values = self._engine.trainable_variables
-                if key:
-                    missing = [n for n in key if n not in values]
+                if names:
+                    missing = [n for n in names if n not in values]
                     if missing:
                         raise NotFound(f"optimizer '{self.key}' has no variable(s) {missing}. Known variables: {list(values)}")
-                    values = {n: values[n] for n in key}
+                    values = {n: values[n] for n in names}
             result = PullResult(version, iterations, False, encode(version, iterations, list(values.items())))
             self._pull_cache[key] = result
             self._pull_cache.move_to_end(key)

@@ -295,6 +295,21 @@ class Adamax:
         hosts = self._host_slot("w")
         return {v.name: hosts[v.index] for v in self._vars}
 
+    def read_variables_into(self, outs: Mapping[str, np.ndarray]) -> None:
+        """Copy model variables into host arrays of the same shape and dtype (name -> array).
+
+        Unlike ``trainable_variables`` this makes no intermediate copy: each variable goes
+        straight from the optimizer's buffer into its destination.
+        """
+        for name, out in outs.items():
+            v = self._require_var(name)
+            if tuple(out.shape) != v.shape or out.dtype != v.dtype:
+                raise ValueError(
+                    f"Destination for {name!r} has shape {tuple(out.shape)} and dtype {out.dtype}; "
+                    f"the variable has shape {v.shape} and dtype {v.dtype}."
+                )
+            self._backend.read_into(self._view("w", v), out)
+
     @property
     def variables(self) -> dict[str, np.ndarray]:
         """Optimizer variables in Keras's order: name -> host NumPy array (a copy)."""
@@ -640,6 +655,8 @@ class Adamax:
 
     def _load_gradient(self, v: _Var, g: Any) -> None:
         dst = self._view("g", v)
+        if _is_same_array(g, dst):
+            return  # received straight into the staging buffer (gradient_buffer)
         if isinstance(g, RowSparseGradient):
             dense = np.zeros(v.shape, dtype=v.dtype)
             np.add.at(dense, g.indices, g.values.astype(v.dtype))
@@ -684,6 +701,11 @@ class Adamax:
         self._backend.finish_staging()
         self._run_step(present)
         self._raw_iterations += 1
+
+    @property
+    def host_staging(self) -> bool:
+        """Whether ``gradient_buffer`` returns host (NumPy) memory that a receiver can fill."""
+        return self.built and all(isinstance(g.buffers["g"], np.ndarray) for g in self._groups.values())
 
     def gradient_buffer(self, name: str) -> Any:
         """The writable staging buffer for ``name``'s gradient (variable shape and dtype).
@@ -1135,3 +1157,16 @@ def _keras_global_scale(squared_norms: list[Any], clip_norm: float) -> np.ndarra
         scale_for_finite = clip_norm * minimum[()]
         scale = scale_for_finite + (use_norm - use_norm)
     return np.asarray(scale)
+
+
+def _is_same_array(a: Any, b: Any) -> bool:
+    """Whether two NumPy arrays are the same memory with the same shape and dtype."""
+    return (
+        isinstance(a, np.ndarray)
+        and isinstance(b, np.ndarray)
+        and a.shape == b.shape
+        and a.dtype == b.dtype
+        and a.ctypes.data == b.ctypes.data
+        and a.flags.c_contiguous
+        and b.flags.c_contiguous
+    )

@@ -227,6 +227,10 @@ class Backend(Protocol):
 
     def to_host(self, array: Any) -> np.ndarray: ...
 
+    def read_into(self, array: Any, out: np.ndarray) -> None:
+        """Copy a backend array into the host array ``out`` (same shape and dtype)."""
+        ...
+
     def write(self, dst: Any, src: np.ndarray) -> None:
         """Copy a host array into a backend array of the same size (casting to dst's dtype)."""
         ...

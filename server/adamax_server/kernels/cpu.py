@@ -53,6 +53,9 @@ class _HostBackendBase:
     def to_host(self, array: np.ndarray) -> np.ndarray:
         return np.array(array, copy=True)
 
+    def read_into(self, array: np.ndarray, out: np.ndarray) -> None:
+        np.copyto(out, array.reshape(out.shape))
+
     def write(self, dst: np.ndarray, src: np.ndarray) -> None:
         np.copyto(dst, np.asarray(src).reshape(dst.shape), casting="unsafe")
 

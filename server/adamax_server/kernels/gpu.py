@@ -298,6 +298,10 @@ class CupyBackend:
     def to_host(self, array) -> np.ndarray:
         return cp.asnumpy(array)
 
+    def read_into(self, array, out: np.ndarray) -> None:
+        # One device-to-host copy straight into ``out`` (pageable; synchronous on the stream).
+        cp.asnumpy(array.reshape(out.shape), out=out)
+
     def write(self, dst, src) -> None:
         if isinstance(src, cp.ndarray):
             dst[...] = src.reshape(dst.shape).astype(dst.dtype, copy=False)
