@@ -9,6 +9,7 @@ handles the remote optimizer's errors unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -153,7 +154,16 @@ def from_rpc_error(exc: grpc.RpcError) -> AdamaxError:
     """The AdamaxError for a failed call (use as ``raise from_rpc_error(e) from e``)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     message = (exc.details() if hasattr(exc, "details") else None) or str(code)
-    metadata = _trailing(exc)
+    return _build(code, message, _trailing(exc))
+
+
+def from_status(code_name: str, message: str, metadata: Mapping[str, str]) -> AdamaxError:
+    """The AdamaxError for a status given by name (the bulk channel's BulkStatus)."""
+    code = getattr(grpc.StatusCode, code_name, grpc.StatusCode.UNKNOWN)
+    return _build(code, message or code_name, dict(metadata))
+
+
+def _build(code: grpc.StatusCode, message: str, metadata: Mapping[str, str]) -> AdamaxError:
     server_type = metadata.get(ERROR_TYPE_KEY)
     cls = _BY_CODE.get(code, AdamaxError)
     special = _BY_SERVER_TYPE.get(server_type or "")

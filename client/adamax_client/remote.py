@@ -36,10 +36,12 @@ import numpy as np
 
 from . import _wire
 from ._proto.adamax.v1 import adamax_pb2 as pb
+from .bulk import BULK_MODES, BulkChannel, BulkMode, BulkUnavailable
 from .errors import InvalidArgumentError
 from .transport import RetryPolicy, Transport
 
 _log = logging.getLogger(__name__)
+_NO_BULK: Any = object()  # RemoteAdamax._bulk once the server turned out to have no bulk channel
 
 _KERAS_DEFAULTS: dict[str, Any] = {
     "learning_rate": 0.001,
@@ -160,6 +162,10 @@ class RemoteAdamax:
         gradient_wire_dtype: send gradients as "float16"/"bfloat16" to halve the bytes.
         credentials: ``grpc`` channel credentials (``adamax_client.tls_channel_credentials``).
         token: bearer token sent on every call when the server requires one.
+        bulk: how pushes and pulls move tensor bytes. ``"auto"`` (default): the server's bulk
+            channel when it offers one (raw TCP; shared memory when on the server's host),
+            else gRPC. ``"tcp"``: the bulk channel without shared memory. ``"shm"``: like
+            auto, warning when shared memory is refused. ``"off"``: gRPC streams only.
         **keras_kwargs: ``keras.optimizers.Adamax`` arguments (learning_rate, beta_1, ...).
     """
 
@@ -185,6 +191,7 @@ class RemoteAdamax:
         channel_options: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[Any] = (),
         token: str | None = None,
+        bulk: BulkMode = "auto",
         **keras_kwargs: Any,
     ) -> None:
         keras_kwargs.pop("device", None)  # a server-side choice; accepted for engine parity
@@ -226,6 +233,10 @@ class RemoteAdamax:
             )
             for t in targets
         ]
+        if bulk not in BULK_MODES:
+            raise ValueError(f"`bulk` must be one of {list(BULK_MODES)}. Received: bulk={bulk!r}")
+        self._bulk_mode = bulk
+        self._bulk: Any = None  # BulkChannel once used; _NO_BULK when the server offers none
         self._specs: list[VariableSpec] = []
         self._version = 0  # weights version this worker holds (last build/pull)
         self._expect_version = 0  # what pull() waits for by default
@@ -406,9 +417,11 @@ class RemoteAdamax:
             optimizer=self.key, worker_id=self.worker_id, step=step,
             request_id=request_id or uuid.uuid4().hex, num_tensors=len(items),
         )  # fmt: skip
-        response = self._transport.stream_unary(
-            "Push", lambda: self._frames(header, items, wire=self._gradient_wire), timeout=timeout
-        )
+        response = self._via_bulk(lambda ch: ch.push(header, items, wire=self._gradient_wire, timeout=timeout or self.timeout))
+        if response is None:
+            response = self._transport.stream_unary(
+                "Push", lambda: self._frames(header, items, wire=self._gradient_wire), timeout=timeout
+            )
         result = PushResult(
             _OUTCOME_NAMES.get(response.outcome, "applied"),  # type: ignore[arg-type]
             int(response.version),
@@ -451,18 +464,50 @@ class RemoteAdamax:
         if cached is not None:
             request.known_version = cached[0]
 
-        def consume(frames: Iterator[Any]) -> tuple[Any, list[_wire.DecodedTensor]]:
-            return _wire.decode_stream(frames)
+        def consume(frames: Iterator[Any]) -> tuple[Any, list[tuple[str, Any]]]:
+            head, tensors = _wire.decode_stream(frames)
+            return head, [(t.header.name, t.value) for t in tensors]
 
-        head, tensors = self._transport.unary_stream("Pull", request, consume, timeout=timeout)
+        reply = self._via_bulk(lambda ch: ch.pull(request, timeout=timeout or self.timeout))
+        if reply is None:
+            reply = self._transport.unary_stream("Pull", request, consume, timeout=timeout)
+        head, tensors = reply
         if head.not_modified and cached is not None:
             values = cached[1]
         else:
-            values = OrderedDict((t.header.name, _readonly(t.value)) for t in tensors)
+            values = OrderedDict((name, _readonly(value)) for name, value in tensors)
             self._cache[key] = (int(head.version), values)
         if not key:
             self._version = int(head.version)
         return OrderedDict(values)
+
+    # -------------------------------------------------------------- bulk channel
+
+    @property
+    def transfer_path(self) -> str:
+        """How pushes and pulls travel now: "shm", "tcp" (bulk channel), "grpc", or "unknown"
+        before the first push or pull."""
+        if self._bulk_mode == "off":
+            return "grpc"
+        if self._bulk is None:
+            return "unknown"
+        if self._bulk is _NO_BULK:
+            return "grpc"
+        return "shm" if self._bulk.shared_memory else "tcp"
+
+    def _via_bulk(self, call: Any) -> Any:
+        """``call(channel)`` over the bulk channel, or None to use gRPC (none offered)."""
+        if self._bulk_mode == "off" or self._bulk is _NO_BULK:
+            return None
+        if self._bulk is None:
+            self._bulk = BulkChannel(self._transport, self.key, self.worker_id, mode=self._bulk_mode)
+        try:
+            return call(self._bulk)
+        except BulkUnavailable as exc:
+            _log.info("worker '%s': no bulk channel (%s); using gRPC streams", self.worker_id, exc)
+            self._bulk.close()
+            self._bulk = _NO_BULK
+            return None
 
     # -------------------------------------------------------------- the rest of the Keras API
 
@@ -530,6 +575,9 @@ class RemoteAdamax:
         if self._closed:
             return
         self._closed = True
+        bulk = getattr(self, "_bulk", None)
+        if bulk is not None and bulk is not _NO_BULK:
+            bulk.close()
         for transport in self._transports:
             transport.close()
 

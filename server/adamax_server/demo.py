@@ -153,7 +153,7 @@ def _worker(rank: int, target: str, args_dict: dict, result_queue) -> None:
 def run_distributed(args, data) -> dict[str, float]:
     from adamax_client import RemoteAdamax
 
-    from .server import create_server
+    from .server import create_server, stop_server
 
     server, port = create_server("127.0.0.1:0", device=args.device)
     server.start()
@@ -182,7 +182,7 @@ def run_distributed(args, data) -> dict[str, float]:
         steps = chief.iterations
         chief.close()
     finally:
-        server.stop(grace=2).wait()
+        stop_server(server, grace=2)
     if sorted(r for r, _ in results) != list(range(args.workers)):
         raise RuntimeError(f"workers reported {results}")
     return {

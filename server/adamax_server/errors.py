@@ -106,6 +106,18 @@ class Cancelled(ServiceError):
     code = "CANCELLED"
 
 
+class PermissionDenied(ServiceError):
+    """The caller is authenticated but may not do this (e.g. a bulk connection bound elsewhere)."""
+
+    code = "PERMISSION_DENIED"
+
+
+class Unauthenticated(ServiceError):
+    """Missing, unknown or expired credentials (bulk-channel tickets)."""
+
+    code = "UNAUTHENTICATED"
+
+
 class StatusInfo(NamedTuple):
     code: str  # a grpc.StatusCode member name
     message: str

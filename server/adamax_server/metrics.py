@@ -99,6 +99,38 @@ class ServerMetrics:
         self._http = server
         return int(server.server_address[1])
 
+    # ------------------------------------------------------------ calls (gRPC and bulk channel)
+
+    def observe_push(self, optimizer: str, worker_id: str, response: Any) -> None:
+        """A handled push (``PushResponse``): outcome, retries answered from the dedup table."""
+        from adamax_client._proto.adamax.v1 import adamax_pb2 as pb  # the servicer imported it already
+
+        outcome = pb.PushOutcome.Name(response.outcome).lower()
+        self.pushes.labels(optimizer, outcome).inc()
+        if response.duplicate:
+            self.duplicates.labels(optimizer).inc()
+        if response.outcome == pb.DROPPED_LATE:
+            self.late_pushes.labels(optimizer).inc()
+        _log.debug(
+            "push %s%s", outcome, " (retry)" if response.duplicate else "",
+            extra={"optimizer": optimizer, "worker": worker_id, "version": response.version},
+        )
+
+    def observe_push_rejected(self, optimizer: str, worker_id: str, step: int, reason: str, details: str) -> None:
+        self.rejected.labels(reason).inc()
+        _log.info(
+            "push rejected (%s): %s", reason, details,
+            extra={"optimizer": optimizer, "worker": worker_id, "version": step, "reason": reason},
+        )
+
+    def observe_call(self, method: str, code: str, bytes_in: int = 0, bytes_out: int = 0) -> None:
+        """One finished call that no gRPC interceptor saw (the bulk channel's "BulkPush", ...)."""
+        self.rpcs.labels(method, code).inc()
+        if bytes_in:
+            self.bytes_in.labels(method).inc(bytes_in)
+        if bytes_out:
+            self.bytes_out.labels(method).inc(bytes_out)
+
     def close(self) -> None:
         if self._http is not None:
             self._http.shutdown()
@@ -193,13 +225,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 code = _code_name(context)
                 m.rpcs.labels(name, code).inc()
                 if spy is not None:
-                    reason = _error_type(context) or code
-                    m.rejected.labels(reason).inc()
-                    _log.info(
-                        "push rejected (%s): %s", reason, _details(context),
-                        extra={"optimizer": spy.optimizer, "worker": spy.worker_id, "version": spy.step,
-                               "reason": reason},
-                    )
+                    m.observe_push_rejected(spy.optimizer, spy.worker_id, spy.step,
+                                            _error_type(context) or code, _details(context))  # fmt: skip
                 raise
             if spy is not None:
                 self._observe_push(spy, response)
@@ -211,18 +238,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         return handler._replace(**{kind: observed})
 
     def _observe_push(self, spy: _PushSpy, response: Any) -> None:
-        from adamax_client._proto.adamax.v1 import adamax_pb2 as pb  # the servicer imported it already
-
-        outcome = pb.PushOutcome.Name(response.outcome).lower()
-        self._m.pushes.labels(spy.optimizer, outcome).inc()
-        if response.duplicate:
-            self._m.duplicates.labels(spy.optimizer).inc()
-        if response.outcome == pb.DROPPED_LATE:
-            self._m.late_pushes.labels(spy.optimizer).inc()
-        _log.debug(
-            "push %s%s", outcome, " (retry)" if response.duplicate else "",
-            extra={"optimizer": spy.optimizer, "worker": spy.worker_id, "version": response.version},
-        )
+        self._m.observe_push(spy.optimizer, spy.worker_id, response)
 
     def _count_stream(self, name: str, frames: Any, context: grpc.ServicerContext) -> Any:
         try:

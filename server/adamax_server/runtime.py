@@ -108,6 +108,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(limits, "--max-mib-per-optimizer", None, type=float, help="MiB of model variables one optimizer may hold")
     _switch(limits, "--no-reflection", "turn gRPC server reflection off (production)")
 
+    transfer = parser.add_argument_group("bulk channel (push/pull bytes outside gRPC)")
+    _switch(transfer, "--no-bulk", "serve tensors over gRPC only (the bulk channel is on by default without TLS)")
+    _flag(transfer, "--bulk-port", 0, type=int, help="TCP port of the bulk channel (0 picks one; workers learn it over gRPC)")
+    _switch(transfer, "--no-shared-memory", "do not offer shared memory to workers on this host")
+
     observe = parser.add_argument_group("observability")
     _flag(observe, "--metrics-port", None, type=int, help="serve Prometheus /metrics on this port (0 picks one)")
     _flag(observe, "--metrics-host", "0.0.0.0", help="address of the metrics endpoint")
@@ -164,6 +169,9 @@ def server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     out["max_message_bytes"] = args.max_message_mib * 1024 * 1024
     out["max_concurrent_rpcs"] = args.max_concurrent_rpcs
     out["reflection"] = not args.no_reflection
+    out["bulk"] = False if args.no_bulk else None  # None: on unless TLS is on
+    out["bulk_port"] = int(args.bulk_port)
+    out["shared_memory"] = not args.no_shared_memory
     return out
 
 
@@ -236,6 +244,9 @@ class GracefulShutdown:
             health.enter_graceful_shutdown()
         coordinator = getattr(self._server, "coordinator", None)
         self._server.stop(self._grace).wait(self._grace + 1.0)
+        bulk = getattr(self._server, "bulk", None)
+        if bulk is not None:
+            bulk.close()
         status = 0
         if self._final_checkpoint is not None:  # no call runs now: the state is final
             try:

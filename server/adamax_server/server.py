@@ -19,11 +19,12 @@ from adamax_client import _wire
 from adamax_client._proto.adamax.v1 import adamax_pb2 as pb
 from adamax_client._proto.adamax.v1 import adamax_pb2_grpc as pb_grpc
 
+from .bulk import BulkServer
 from .checkpoint_service import CheckpointServicer, add_checkpoint_service
 from .checkpointing import CheckpointManager
 from .coordinator import Coordinator
 from .metrics import MetricsInterceptor, ServerMetrics
-from .security import TokenAuthInterceptor, TokenTable
+from .security import SecurityConfigError, TokenAuthInterceptor, TokenTable
 from .service import AdamaxServicer
 from .validation import ResourceLimits, tolerant_handler
 
@@ -100,6 +101,9 @@ def create_server(
     reflection: bool = True,
     checkpoints: CheckpointManager | None = None,
     options: Sequence[tuple[str, Any]] = (),
+    bulk: bool | None = None,
+    bulk_port: int = 0,
+    shared_memory: bool = True,
 ) -> tuple[grpc.Server, int]:
     """Create (not start) a server bound to ``address``; returns it and the bound port.
 
@@ -108,7 +112,18 @@ def create_server(
     ``metrics`` counts every call (pass the same object as the coordinator's ``observer``),
     ``max_concurrent_rpcs`` answers calls beyond it with RESOURCE_EXHAUSTED, and
     ``reflection=False`` hides the service descriptions (production).
+
+    ``bulk`` opens the bulk channel (raw TCP on ``bulk_port`` of the same host, plus shared
+    memory for same-host workers unless ``shared_memory=False``; see ``bulk.py``). ``None``
+    (default): on without TLS, off with TLS, since the bulk channel carries no encryption;
+    ``bulk=True`` together with TLS credentials is refused.
     """
+    if bulk is None:
+        bulk = credentials is None
+    elif bulk and credentials is not None:
+        raise SecurityConfigError(
+            "the bulk channel is unencrypted; it cannot be combined with TLS (use --no-bulk)"
+        )
     coordinator = coordinator or Coordinator(device=device, observer=metrics)
     chain: list[grpc.ServerInterceptor] = []
     if metrics is not None:
@@ -130,9 +145,16 @@ def create_server(
     )
     if limits is not None:
         max_tensor_bytes = min(max_tensor_bytes, limits.max_bytes_per_optimizer or max_tensor_bytes)
+    bulk_server = None
+    if bulk:
+        bulk_server = BulkServer(
+            coordinator, host=_host_of(address), port=bulk_port, shared_memory=shared_memory,
+            max_tensor_bytes=max_tensor_bytes, metrics=metrics,
+        ).start()  # fmt: skip
     servicer = AdamaxServicer(
-        coordinator, chunk_bytes=chunk_bytes, max_tensor_bytes=max_tensor_bytes, limits=limits or ResourceLimits()
-    )
+        coordinator, chunk_bytes=chunk_bytes, max_tensor_bytes=max_tensor_bytes, limits=limits or ResourceLimits(),
+        bulk=bulk_server,
+    )  # fmt: skip
     handlers = method_handlers(servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -157,7 +179,10 @@ def create_server(
     else:
         port = server.add_secure_port(address, credentials)
     if port == 0:
+        if bulk_server is not None:
+            bulk_server.close()
         raise OSError(f"could not bind {address}")
+    server.bulk = bulk_server  # type: ignore[attr-defined]
     server.coordinator = coordinator  # type: ignore[attr-defined]  # for the CLI and tests
     server.health = health_servicer  # type: ignore[attr-defined]
     server.metrics = metrics  # type: ignore[attr-defined]
@@ -174,3 +199,18 @@ def stop_server(server: grpc.Server, grace: float | None = 1.0) -> None:
     if coordinator is not None:
         coordinator.close()
     server.stop(grace).wait()
+    close_bulk(server)
+
+
+def close_bulk(server: grpc.Server) -> None:
+    """Close the server's bulk channel, if it has one (after the gRPC server stopped)."""
+    bulk_server = getattr(server, "bulk", None)
+    if bulk_server is not None:
+        bulk_server.close()
+
+
+def _host_of(address: str) -> str:
+    """The host part of a gRPC bind address ("[::]:50051" -> "::", "0.0.0.0:0" -> "0.0.0.0")."""
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    host = host.strip("[]")
+    return host or "0.0.0.0"

@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import json
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -30,6 +30,9 @@ from .engine import RowSparseGradient
 from .errors import InvalidArgument, status_for
 from .validation import ResourceLimits, require_finite_float32
 
+if TYPE_CHECKING:
+    from .bulk import BulkServer
+
 _MODES = {pb.MODE_UNSPECIFIED: "async", pb.ASYNC: "async", pb.SYNC: "sync"}
 _AGGREGATIONS = {pb.AGGREGATION_UNSPECIFIED: "mean", pb.MEAN: "mean", pb.SUM: "sum"}
 _TIMEOUT_POLICIES = {
@@ -38,7 +41,7 @@ _TIMEOUT_POLICIES = {
     pb.ABORT_ROUND: "abort",
 }
 _NON_FINITE = {pb.NON_FINITE_POLICY_UNSPECIFIED: "reject", pb.REJECT: "reject", pb.SKIP_STEP: "skip"}
-_OUTCOMES = {
+OUTCOMES = {
     "applied": pb.APPLIED,
     "accepted": pb.ACCEPTED,
     "round_closed": pb.ROUND_CLOSED,
@@ -106,7 +109,7 @@ def info_to_proto(status: OptimizerStatus) -> Any:
     )
 
 
-def _meta(header: Any) -> TensorMeta:
+def tensor_meta(header: Any) -> TensorMeta:
     return TensorMeta(
         name=header.name,
         dtype=_wire.dtype_name(header.dtype) if header.dtype else "unspecified",
@@ -116,7 +119,7 @@ def _meta(header: Any) -> TensorMeta:
     )
 
 
-def _engine_value(value: Any) -> Any:
+def engine_value(value: Any) -> Any:
     if isinstance(value, _wire.RowSparseGradient):
         return RowSparseGradient(value.indices, value.values)
     return value
@@ -127,6 +130,27 @@ def _dense_only(tensor: _wire.DecodedTensor) -> np.ndarray:
         raise InvalidArgument(f"tensor '{tensor.header.name}' must be a dense array here")
     return tensor.value
 
+
+
+def staging_allocator(staging: Any) -> _wire.Allocator | None:
+    """A wire-decoder allocator over ``OptimizerHost.push``'s staging lookup (None: none lent).
+
+    Dense tensors sent in their variable's dtype are received into the engine's own staging
+    buffer; anything else (row-sparse, narrowed on the wire) gets a buffer of its own.
+    """
+    if staging is None:
+        return None
+
+    def allocate(header: Any, nbytes: int) -> tuple[np.ndarray, None] | None:
+        if header.layout != pb.DENSE or header.dtype == pb.BFLOAT16:
+            return None
+        buffer = staging(header.name, _wire.numpy_dtype(header.dtype))
+        if buffer is None:
+            return None
+        raw = buffer.view(np.uint8)
+        return (raw, None) if raw.size == nbytes else None
+
+    return allocate
 
 
 @contextlib.contextmanager
@@ -154,8 +178,10 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
         chunk_bytes: int = _wire.DEFAULT_CHUNK_BYTES,
         max_tensor_bytes: int = _wire.DEFAULT_MAX_TENSOR_BYTES,
         limits: ResourceLimits | None = None,
+        bulk: BulkServer | None = None,
     ) -> None:
         self._coordinator = coordinator
+        self._bulk = bulk
         self._limits = limits or ResourceLimits()
         self._chunk_bytes = chunk_bytes
         self._max_tensor_bytes = max_tensor_bytes
@@ -219,14 +245,15 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
             header = first.header
             host = self._coordinator.get(header.optimizer)
 
-            def receive() -> list[tuple[str, Any]]:
-                # On a GPU engine, chunks are copied to the device as they arrive.
+            def receive(staging: Any) -> list[tuple[str, Any]]:
+                # On a GPU engine, chunks are copied to the device as they arrive; on the host,
+                # a lone async push is received straight into the engine's staging buffer.
                 receiver = host.device_receiver()
                 try:
                     _, tensors = self._decode(
                         itertools.chain([first], frames),
-                        check_tensor=lambda th: host.check_gradient(_meta(th)),
-                        allocate=receiver.allocate if receiver is not None else None,
+                        check_tensor=lambda th: host.check_gradient(tensor_meta(th)),
+                        allocate=receiver.allocate if receiver is not None else staging_allocator(staging),
                     )
                 finally:
                     if receiver is not None:  # no copy may outlive the push's buffers
@@ -240,7 +267,7 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
                     )
                 if not tensors:
                     raise InvalidArgument("the push carries no tensors; nothing was applied")
-                values = [(t.header.name, _engine_value(t.value)) for t in tensors]
+                values = [(t.header.name, engine_value(t.value)) for t in tensors]
                 if receiver is not None:
                     values = [(name, receiver.wrap(name, value)) for name, value in values]
                 return values
@@ -249,7 +276,7 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
                 header.worker_id, header.request_id, header.step, receive, timeout=context.time_remaining()
             )
             return pb.PushResponse(
-                outcome=_OUTCOMES[result.outcome],
+                outcome=OUTCOMES[result.outcome],
                 version=result.version,
                 iterations=result.iterations,
                 duplicate=result.duplicate,
@@ -276,6 +303,22 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
             yield _wire.header_frame(head)
             return
         yield from result.payload
+
+    def OpenBulkChannel(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._translating(context):
+            bulk = self._bulk
+            if bulk is None:
+                return pb.OpenBulkChannelResponse(available=False)
+            self._coordinator.get(request.optimizer)  # NOT_FOUND before a ticket is spent on it
+            if not request.worker_id:
+                raise InvalidArgument("OpenBulkChannel needs the `worker_id` the connection will push as")
+            return pb.OpenBulkChannelResponse(
+                available=True,
+                port=bulk.port,
+                ticket=bulk.issue_ticket(request.optimizer, request.worker_id),
+                ticket_ttl_seconds=bulk.ticket_ttl,
+                shared_memory=bulk.shared_memory,
+            )
 
     # -------------------------------------------------------------- the rest of the Keras API
 
@@ -335,7 +378,7 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
             for t in tensors:
                 if t.header.group not in groups:
                     raise InvalidArgument(f"tensor {t.header.name!r} of StatelessApply has no group")
-                groups[t.header.group].append(_engine_value(t.value))
+                groups[t.header.group].append(engine_value(t.value))
             new_trainable, new_optimizer = host.stateless_apply(
                 groups[pb.OPTIMIZER_VARIABLES], groups[pb.GRADIENTS], groups[pb.TRAINABLE_VARIABLES]
             )

@@ -1,0 +1,292 @@
+"""The worker side of the bulk channel (see proto/adamax/v1/adamax.proto, "bulk channel").
+
+``RemoteAdamax`` sends pushes and pulls through a :class:`BulkChannel` when the server
+offers one (``bulk="auto"``, the default) and gRPC otherwise. The channel asks for a ticket
+over gRPC (so tokens, optimizer scopes and TLS-verified identities apply), connects to the
+server's bulk port on the same host name, and then moves tensor bytes with ``sendall`` /
+``recv_into``. On the server's host it also registers a shared-memory segment: pushes are
+copied into it once and pulls are copied out of the server's per-version segment once.
+
+A broken connection is retried on a fresh one with the same request id, so a push is still
+applied exactly once.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from . import _bulk, _shm, _wire
+from ._proto.adamax.v1 import adamax_pb2 as pb
+from .errors import AdamaxError, DeadlineExceededError, ProtocolError, UnavailableError, UnimplementedError, from_status
+
+BulkMode = Literal["auto", "tcp", "shm", "off"]
+BULK_MODES = ("auto", "tcp", "shm", "off")
+_ATTEMPTS = 3
+_ALIGN = 64
+
+
+class BulkUnavailable(Exception):
+    """This server (or network path) has no usable bulk channel: use gRPC."""
+
+
+def _host_of(target: str) -> str:
+    host = target.rsplit(":", 1)[0] if ":" in target else target
+    if host.startswith("dns:///"):
+        host = host[len("dns:///") :]
+    return host.strip("[]") or "127.0.0.1"
+
+
+class BulkChannel:
+    """One worker's bulk connection for one optimizer; one call at a time (a lock orders them)."""
+
+    def __init__(self, transport: Any, optimizer: str, worker_id: str, *, mode: BulkMode = "auto") -> None:
+        if mode not in BULK_MODES or mode == "off":
+            raise ValueError(f"`mode` must be one of {BULK_MODES[:3]}. Received: mode={mode!r}")
+        self._transport = transport
+        self.optimizer = optimizer
+        self.worker_id = worker_id
+        self.mode = mode
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._push_segment: Any = None
+        self._push_nonce = b""
+        self._pull_segments: dict[str, Any] = {}
+        self.shared_memory = False  # shared memory in use on the current connection
+        self._server_shm = False
+        self._shm_failed = mode == "tcp"
+        self._closed = False
+
+    # -------------------------------------------------------------- connection
+
+    def _connect(self, timeout: float) -> socket.socket:
+        try:
+            response = self._transport.unary(
+                "OpenBulkChannel",
+                pb.OpenBulkChannelRequest(optimizer=self.optimizer, worker_id=self.worker_id),
+                timeout=timeout,
+            )
+        except UnimplementedError as exc:  # an older server without the bulk channel
+            raise BulkUnavailable(str(exc)) from exc
+        if not response.available:
+            raise BulkUnavailable("the server has no bulk channel")
+        host = _host_of(self._transport.target)
+        try:
+            sock = socket.create_connection((host, response.port), timeout=timeout)
+        except OSError as exc:
+            raise BulkUnavailable(f"cannot reach the bulk port {host}:{response.port}: {exc}") from exc
+        try:
+            _bulk.tune(sock)
+            sock.settimeout(timeout)
+            _bulk.send_frame(sock, pb.BulkFrame(hello=pb.BulkHello(ticket=response.ticket)))
+            self._expect_ok(_bulk.recv_frame(sock))
+            self._server_shm = response.shared_memory
+            self.shared_memory = False
+            if self._server_shm and not self._shm_failed:
+                if self._push_segment is None:  # small until the first push says how big
+                    self._push_segment, self._push_nonce = _shm.create(4096)
+                self._register(sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        return sock
+
+    @staticmethod
+    def _expect_ok(frame: Any) -> None:
+        if frame.WhichOneof("frame") != "status":
+            raise ProtocolError(f"expected a status frame, got '{frame.WhichOneof('frame')}'")
+        if frame.status.code != "OK":
+            raise from_status(frame.status.code, frame.status.message, frame.status.metadata)
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+        self._sock = None
+        self.shared_memory = False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._drop()
+            _shm.release(self._push_segment, unlink=True)
+            self._push_segment = None
+            for segment in self._pull_segments.values():
+                _shm.release(segment, unlink=False)
+            self._pull_segments.clear()
+
+    def _call(self, body: Any, timeout: float) -> Any:
+        """Run ``body(sock, remaining)`` on a connection; reconnect and retry on a broken one."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._closed:
+                raise UnavailableError("the bulk channel was closed")
+            for attempt in range(_ATTEMPTS):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                sock = self._sock or self._connect(remaining)
+                sock.settimeout(max(remaining, 1e-3))
+                try:
+                    return body(sock, remaining)
+                except AdamaxError:  # the server's answer (some are OSErrors too): not a broken connection
+                    raise
+                except OSError as exc:  # a broken or timed-out connection (BulkClosed included)
+                    self._drop()
+                    if attempt == _ATTEMPTS - 1 or time.monotonic() >= deadline:
+                        if isinstance(exc, TimeoutError):
+                            raise DeadlineExceededError(f"bulk call ran past its {timeout:.3g}s deadline") from exc
+                        raise UnavailableError(f"bulk connection failed: {exc}") from exc
+                except _wire.WireFormatError as exc:
+                    self._drop()
+                    raise ProtocolError(f"malformed bulk reply: {exc}") from exc
+            raise DeadlineExceededError(f"bulk call ran past its {timeout:.3g}s deadline")
+
+    # -------------------------------------------------------------- shared memory
+
+    def _ensure_segment(self, nbytes: int) -> bool:
+        """A push segment of at least ``nbytes`` registered on the current connection."""
+        if self._shm_failed or not self._server_shm:
+            return False
+        if self._push_segment is not None and self._push_segment.size - _shm.data_offset() >= nbytes:
+            return self.shared_memory
+        _shm.release(self._push_segment, unlink=True)
+        self._push_segment, self._push_nonce = _shm.create(nbytes)
+        if self._sock is not None:
+            self._register(self._sock)
+        return self.shared_memory
+
+    def _register(self, sock: socket.socket) -> None:
+        segment = self._push_segment
+        request = pb.ShmRegister(name=segment.name, nonce=self._push_nonce, size=segment.size)
+        _bulk.send_frame(sock, pb.BulkFrame(shm_register=request))
+        frame = _bulk.recv_frame(sock)
+        if frame.WhichOneof("frame") != "status":
+            raise ProtocolError("expected the reply to a shared-memory registration")
+        if frame.status.code == "OK":
+            self.shared_memory = True
+        else:  # another host, another /dev/shm, or shared memory off: TCP from now on
+            self.shared_memory = False
+            self._shm_failed = True
+            if self.mode == "shm":
+                warnings.warn(f"shared memory refused by the server ({frame.status.message}); using TCP", stacklevel=4)
+            _shm.release(self._push_segment, unlink=True)
+            self._push_segment = None
+
+    # -------------------------------------------------------------- push
+
+    def push(self, header: Any, items: Sequence[tuple[str, Any]], *, wire: str | None, timeout: float) -> Any:
+        """Send one push; returns the PushResponse (raises the call's AdamaxError)."""
+        payloads = [_wire.tensor_payload(name, value, wire=wire) for name, value in items]
+
+        def body(sock: socket.socket, remaining: float) -> Any:
+            total = sum(_aligned(sum(len(v) for v in views)) for _, views in payloads)
+            use_shm = total > 0 and self._ensure_segment(total)
+            _bulk.send_frame(sock, pb.BulkFrame(push=header))
+            if use_shm:
+                buf = self._push_segment.buf
+                offset = _shm.data_offset()
+                for tensor, views in payloads:
+                    if tensor.absent:
+                        _bulk.send_frame(sock, pb.BulkFrame(tensor=tensor))
+                        continue
+                    placed = pb.TensorHeader()
+                    placed.CopyFrom(tensor)
+                    placed.in_shm, placed.shm_offset = True, offset
+                    for view in views:
+                        buf[offset : offset + len(view)] = view
+                        offset += len(view)
+                    offset = _aligned(offset)
+                    _bulk.send_frame(sock, pb.BulkFrame(tensor=placed))
+            else:
+                for tensor, views in payloads:
+                    _bulk.send_tensor(sock, tensor, views)
+            frame = _bulk.recv_frame(sock)
+            kind = frame.WhichOneof("frame")
+            if kind == "push_response":
+                return frame.push_response
+            if kind == "status":
+                raise from_status(frame.status.code, frame.status.message, frame.status.metadata)
+            raise ProtocolError(f"unexpected reply '{kind}' to a push")
+
+        return self._call(body, timeout)
+
+    # -------------------------------------------------------------- pull
+
+    def pull(self, request: Any, *, timeout: float) -> tuple[Any, list[tuple[str, np.ndarray]]]:
+        """One pull; returns (PullHeader, [(name, private array), ...])."""
+
+        def body(sock: socket.socket, remaining: float) -> tuple[Any, list[tuple[str, np.ndarray]]]:
+            sent = pb.PullRequest()
+            sent.CopyFrom(request)
+            sent.wait_seconds = max(remaining - 0.5, 1e-3)  # answer before our socket gives up
+            sent.shm = self.shared_memory and not request.names
+            _bulk.send_frame(sock, pb.BulkFrame(pull=sent))
+            frame = _bulk.recv_frame(sock)
+            kind = frame.WhichOneof("frame")
+            if kind == "status":
+                raise from_status(frame.status.code, frame.status.message, frame.status.metadata)
+            if kind != "pull_header":
+                raise ProtocolError(f"unexpected reply '{kind}' to a pull")
+            head = frame.pull_header
+            if head.not_modified:
+                return head, []
+            headers = []
+            out: list[tuple[str, np.ndarray]] = []
+            for _ in range(head.num_tensors):
+                frame = _bulk.recv_frame(sock)
+                if frame.WhichOneof("frame") != "tensor":
+                    raise ProtocolError("a pull reply ended before its announced tensors")
+                tensor = frame.tensor
+                if tensor.in_shm:
+                    headers.append(tensor)
+                    continue
+                pending = _wire.PendingTensor(tensor, _wire.DEFAULT_MAX_TENSOR_BYTES)
+                _bulk.recv_payload(sock, pending)
+                out.append((tensor.name, pending.finish().value))
+            if headers:
+                out = self._copy_from_shm(sock, head.shm_name, headers)
+                if out is None:  # could not attach the server's segment: ask again over TCP
+                    return body(sock, remaining)
+            return head, out
+
+        return self._call(body, timeout)
+
+    def _copy_from_shm(self, sock: socket.socket, name: str, headers: list[Any]) -> list[tuple[str, np.ndarray]] | None:
+        out: list[tuple[str, np.ndarray]] | None = []
+        try:
+            segment = self._pull_segments.get(name)
+            if segment is None:
+                for old in self._pull_segments.values():  # the server replaced its segment
+                    _shm.release(old, unlink=False)
+                self._pull_segments.clear()
+                segment = self._pull_segments[name] = _shm.attach(name)
+            for tensor in headers:
+                nbytes = _wire.expected_nbytes(tensor)
+                if tensor.shm_offset < 0 or tensor.shm_offset + nbytes > segment.size:
+                    raise ProtocolError(f"tensor '{tensor.name}' lies outside the server's segment")
+                raw = np.frombuffer(segment.buf, dtype=np.uint8, count=nbytes, offset=tensor.shm_offset)
+                out.append((tensor.name, _wire.decode_buffer(tensor, raw.copy()).value))  # type: ignore[union-attr]
+        except (OSError, ValueError):  # not the server's /dev/shm after all (or not our uid)
+            self.shared_memory = False
+            self._shm_failed = True
+            out = None
+        finally:
+            _bulk.send_frame(sock, pb.BulkFrame(release=pb.ShmRelease()))
+        return out
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN if n else 0
+
+
+__all__ = ["BULK_MODES", "BulkChannel", "BulkMode", "BulkUnavailable"]
