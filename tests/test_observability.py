@@ -49,7 +49,7 @@ def _value(text, sample):
 
 def test_metrics_count_pushes_bytes_latency_rejections_rounds_and_clipping(observed):
     target, metrics, address = observed
-    with RemoteAdamax(target, name="a", worker_id="w0", clipnorm=1.0, max_staleness=0) as remote:
+    with RemoteAdamax(target, name="a", worker_id="w0", clipnorm=1.0, max_staleness=0, bulk="off") as remote:  # gRPC method labels
         remote.build({"w": np.zeros(4, np.float32)})
         remote.apply([np.full(4, 10.0, np.float32)])  # norm 20 > clipnorm: clipped
         remote.pull()

@@ -160,7 +160,8 @@ def test_a_scoped_token_cannot_touch_another_optimizer():
             other.build(VARS)
             other.apply(GRAD)
         before = coordinator.get("b").status()
-        with RemoteAdamax(target, name="a", token="job-a-token", timeout=5) as mine:
+        # gRPC's scope check (a bulk connection is bound to one optimizer: test_bulk.py)
+        with RemoteAdamax(target, name="a", token="job-a-token", timeout=5, bulk="off") as mine:
             mine.build(VARS)
             assert mine.apply(GRAD).version == 1
             # the same client object, aimed at the other job's optimizer
@@ -255,7 +256,8 @@ def test_message_size_limit_is_resource_exhausted():
 
 def test_concurrent_rpc_limit_is_resource_exhausted():
     with running_server(max_concurrent_rpcs=2) as (target, _):
-        remote = RemoteAdamax(target, name="m", mode="sync", num_workers=2, timeout=5)
+        # the limit counts gRPC calls; bulk-channel connections have their own cap
+        remote = RemoteAdamax(target, name="m", mode="sync", num_workers=2, timeout=5, bulk="off")
         remote.build(VARS)
         remote.apply(GRAD)  # the round stays open: pulls wait
         waiters = [threading.Thread(target=_ignore, args=(lambda: remote.pull(timeout=2),)) for _ in range(2)]

@@ -82,7 +82,8 @@ class LoseReplies(grpc.ServerInterceptor):
 def test_unavailable_before_sending_is_retried_with_backoff():
     with running_server() as (target, _):
         interceptor = FailFirstCalls("/Push", 2)
-        with RemoteAdamax(target, name="m", retry=FAST_RETRY, interceptors=[interceptor]) as remote:
+        # gRPC-level fault injection: pushes must go over gRPC (bulk faults: test_bulk.py)
+        with RemoteAdamax(target, name="m", retry=FAST_RETRY, interceptors=[interceptor], bulk="off") as remote:
             remote.build(VARS)
             result = remote.apply(GRAD)
             assert result.outcome == "applied" and result.version == 1
@@ -92,7 +93,7 @@ def test_unavailable_before_sending_is_retried_with_backoff():
 def test_lost_reply_is_retried_with_the_same_request_id_and_applied_once():
     lose = LoseReplies(1)
     with running_server(interceptors=[lose]) as (target, coordinator):
-        with RemoteAdamax(target, name="m", retry=FAST_RETRY) as remote:
+        with RemoteAdamax(target, name="m", retry=FAST_RETRY, bulk="off") as remote:
             remote.build(VARS)
             result = remote.apply(GRAD)
             assert result.duplicate and result.version == 1
