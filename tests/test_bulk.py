@@ -396,3 +396,24 @@ def test_bulk_calls_are_in_the_metrics():
     assert 'adamax_ps_rpcs_total{code="INVALID_ARGUMENT",method="BulkPush"} 1.0' in text
     assert 'adamax_ps_received_bytes_total{method="BulkPush"} 4000.0' in text
     assert 'adamax_ps_sent_bytes_total{method="BulkPull"} 4000.0' in text
+
+
+def test_docker_images_publish_the_bulk_port(monkeypatch):
+    """The images set a fixed bulk port through the environment and publish it (workers in
+    other containers reach it on the host name they use for gRPC; /dev/shm is not shared
+    across containers, so they use TCP by themselves)."""
+    import re
+    from pathlib import Path
+
+    from adamax_server import cli
+
+    root = Path(__file__).resolve().parent.parent
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        text = (root / "docker" / name).read_text()
+        port = re.search(r"ADAMAX_PS_BULK_PORT=(\d+)", text).group(1)
+        exposed = re.search(r"^EXPOSE (.+)$", text, re.M).group(1).split()
+        assert port in exposed, name
+        monkeypatch.setenv("ADAMAX_PS_BULK_PORT", port)
+        assert cli.build_parser().parse_args(["serve"]).bulk_port == int(port)
+    compose = (root / "docker" / "compose.yaml").read_text()
+    assert f'"{port}:{port}"' in compose

@@ -70,6 +70,12 @@ def _serve(args: argparse.Namespace) -> int:
     _log.info("adamax-ps listening on %s:%d (device=%s, tls=%s, auth=%s)", args.host, port, args.device,
               "credentials" in hardening, "tokens" in hardening)
     print(f"listening on {args.host}:{port}", flush=True)
+    bulk = getattr(server, "bulk", None)
+    if bulk is not None:
+        _log.info("bulk channel on %s:%d (shared memory for same-host workers: %s)", args.host, bulk.port,
+                  bulk.shared_memory)
+    else:
+        _log.info("bulk channel off: tensors travel in gRPC streams")
     if args.metrics_port is not None:
         metrics_port = metrics.serve_http(args.metrics_port, args.metrics_host)
         _log.info("metrics on http://%s:%d/metrics", args.metrics_host, metrics_port)
