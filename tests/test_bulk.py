@@ -417,3 +417,24 @@ def test_docker_images_publish_the_bulk_port(monkeypatch):
         assert cli.build_parser().parse_args(["serve"]).bulk_port == int(port)
     compose = (root / "docker" / "compose.yaml").read_text()
     assert f'"{port}:{port}"' in compose
+
+
+@pytest.mark.parametrize("path", ["tcp", "shm"])
+def test_pull_buffers_are_reused_only_when_nothing_points_into_them(path):
+    with running_server() as (target, _):
+        with RemoteAdamax(target, optimizer=f"pool-{path}", worker_id="w0", learning_rate=0.1, bulk=path) as opt:
+            opt.build({"w": np.zeros(1000, np.float32)})
+            kept = []
+            for step in range(4):
+                opt.push([np.full(1000, 1.0 + step, np.float32)])
+                weights = opt.pull()["w"]
+                kept.append((weights, weights.copy()))
+            for held, snapshot in kept:  # every version the caller still holds is intact
+                np.testing.assert_array_equal(held, snapshot)
+            assert len({held.ctypes.data for held, _ in kept}) == 4
+            kept.clear()
+            addresses = set()
+            for step in range(6):  # dropping each step's weights lets the buffers cycle
+                opt.push([np.full(1000, 1.0, np.float32)])
+                addresses.add(opt.pull()["w"].ctypes.data)
+            assert len(addresses) <= 3

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import threading
 import time
 import warnings
@@ -286,6 +287,7 @@ class OptimizerHost:
         self._last_closed = ""
         self._closed = False
         self._pull_cache: OrderedDict[tuple[str, tuple[str, ...]], PullResult[Any]] = OrderedDict()
+        self._copy_pool: dict[tuple[str, tuple[str, ...]], list[dict[str, np.ndarray]]] = {}
         self._pushes_in_flight = 0  # pushes between dedup.begin and their end
         self._staging_leased = False  # a push is receiving into the engine's staging buffer
 
@@ -706,7 +708,13 @@ class OptimizerHost:
                     values = np.divide(values, np.asarray(count, dtype=dtype))
                 out[name] = RowSparseGradient(indices, values)
                 continue
-            total = np.zeros(shape, dtype=dtype)
+            # Summed straight into the engine's staging buffer when it is host memory (sync
+            # rounds never lend it to a receive): no new allocation, and apply copies nothing.
+            total = self._engine.gradient_buffer(name) if self._engine.host_staging else None
+            if total is None or total.dtype != np.dtype(dtype):
+                total = np.zeros(shape, dtype=dtype)
+            else:
+                total[...] = 0
             for p in parts:
                 if isinstance(p, RowSparseGradient):
                     np.add.at(total, np.asarray(p.indices), np.asarray(p.values).astype(dtype))
@@ -777,12 +785,10 @@ class OptimizerHost:
                 if cached is not None and cached.version == version:
                     self._pull_cache.move_to_end(key)
                     return cached
-                values = self._engine.trainable_variables
-                if names:
-                    missing = [n for n in names if n not in values]
-                    if missing:
-                        raise NotFound(f"optimizer '{self.key}' has no variable(s) {missing}. Known variables: {list(values)}")
-                    values = {n: values[n] for n in names}
+                if cached is not None:  # an older version: let it go before copying the new one
+                    del self._pull_cache[key]
+                    cached = None
+                values = self._weights_copy(key, names)
             result = PullResult(version, iterations, False, encode(version, iterations, list(values.items())))
             self._pull_cache[key] = result
             self._pull_cache.move_to_end(key)
@@ -791,6 +797,35 @@ class OptimizerHost:
             return result
 
     # -------------------------------------------------------------- the rest of the Keras API
+
+    _FREE_REFS = 3  # a pooled array referenced only by its dict, a loop variable and getrefcount
+
+    def _weights_copy(self, key: tuple[str, tuple[str, ...]], names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """A private host copy of the weights (all, or ``names``), under the lock.
+
+        Copies go into arrays of an earlier version when nothing references them any more (no
+        cached reply, no pull still sending them): fresh memory would cost page faults on
+        every version, under the lock.
+        """
+        specs = {n: (shape, dtype) for n, shape, dtype in self._engine.variable_specs}
+        if names:
+            missing = [n for n in names if n not in specs]
+            if missing:
+                raise NotFound(f"optimizer '{self.key}' has no variable(s) {missing}. Known variables: {list(specs)}")
+            specs = {n: specs[n] for n in names}
+        pool = self._copy_pool.setdefault(key, [])
+        chosen = None
+        for candidate in pool:
+            if all(sys.getrefcount(a) <= self._FREE_REFS for a in candidate.values()):
+                chosen = candidate
+                break
+        if chosen is None:
+            chosen = {n: np.empty(shape, dtype) for n, (shape, dtype) in specs.items()}
+            pool.append(chosen)
+            if len(pool) > 2:
+                pool.pop(0)  # its holders keep it alive; the pool forgets it
+        self._engine.read_variables_into(chosen)
+        return dict(chosen)
 
     def get_config(self) -> dict[str, Any]:
         with self._cond:
@@ -908,6 +943,7 @@ class OptimizerHost:
             self._last_closed, self._last_abort = snap.last_closed, snap.last_abort
             self._restore_epoch += 1
             self._pull_cache.clear()
+            self._copy_pool.clear()
             self._set_version(max(self._version, snap.version) + 1 if fence else snap.version)
             return self._version, engine.iterations
 

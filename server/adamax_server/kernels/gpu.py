@@ -300,7 +300,10 @@ class CupyBackend:
 
     def read_into(self, array, out: np.ndarray) -> None:
         # One device-to-host copy straight into ``out`` (pageable; synchronous on the stream).
-        cp.asnumpy(array.reshape(out.shape), out=out)
+        try:
+            cp.asnumpy(array.reshape(out.shape), out=out)
+        except TypeError:  # a CuPy without asnumpy(out=): through a temporary
+            np.copyto(out, cp.asnumpy(array).reshape(out.shape))
 
     def write(self, dst, src) -> None:
         if isinstance(src, cp.ndarray):
