@@ -438,3 +438,19 @@ def test_pull_buffers_are_reused_only_when_nothing_points_into_them(path):
                 opt.push([np.full(1000, 1.0, np.float32)])
                 addresses.add(opt.pull()["w"].ctypes.data)
             assert len(addresses) <= 3
+
+
+def test_a_stalled_push_fails_and_frees_the_optimizer_for_the_others():
+    """A worker that stops sending mid-push (host gone, no FIN) must not hold the staging
+    buffer, and the pushes queued behind it, for ever."""
+    with running_server(bulk_stall_timeout=0.5) as (target, coordinator):
+        _built(target).close()
+        sock, _ = _connect(target, _ticket(target))
+        _bulk.send_frame(sock, _push_header("stalled"))
+        header, views = _wire.tensor_payload("a", np.ones(1000, np.float32))
+        _bulk.send_frame(sock, pb.BulkFrame(tensor=header))
+        sock.sendall(views[0][:100])  # ... and nothing more
+        with RemoteAdamax(target, optimizer="raw", worker_id="w1", bulk="tcp", timeout=10) as other:
+            assert other.push([np.ones(1000, np.float32)] * 2).outcome == "applied"
+        assert coordinator.get("raw").iterations == 1
+        sock.close()

@@ -107,3 +107,16 @@ def tune(sock: socket.socket) -> None:
     """Socket options for bulk transfers: no Nagle delay on the small frames. Buffer sizes are
     left to the kernel's autotuning (setting SO_RCVBUF turns it off and measured slower)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def keepalive(sock: socket.socket, idle: int = 30, interval: int = 10, count: int = 3) -> None:
+    """TCP keepalive probes, so a connection to a host that vanished is noticed (Linux options
+    where the platform has them)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+        option = getattr(socket, name, None)
+        if option is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            except OSError:
+                pass

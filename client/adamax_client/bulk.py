@@ -117,6 +117,7 @@ class BulkChannel:
             raise BulkUnavailable(f"cannot reach the bulk port {host}:{response.port}: {exc}") from exc
         try:
             _bulk.tune(sock)
+            _bulk.keepalive(sock)
             sock.settimeout(timeout)
             _bulk.send_frame(sock, pb.BulkFrame(hello=pb.BulkHello(ticket=response.ticket)))
             self._expect_ok(_bulk.recv_frame(sock))

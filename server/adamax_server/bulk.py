@@ -45,6 +45,8 @@ _log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 10.0
 DEFAULT_TICKET_TTL = 60.0
 DEFAULT_MAX_CONNECTIONS = 256
+# Longest silence inside a call (between two reads of one push, or a shared-memory release).
+DEFAULT_STALL_TIMEOUT = 30.0
 
 
 class _CloseConnection(Exception):
@@ -105,8 +107,10 @@ class BulkServer:
         max_tensor_bytes: int = _wire.DEFAULT_MAX_TENSOR_BYTES,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         metrics: ServerMetrics | None = None,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
     ) -> None:
         self._coordinator = coordinator
+        self.stall_timeout = float(stall_timeout)
         self._metrics = metrics
         self.shared_memory = shared_memory
         self.ticket_ttl = float(ticket_ttl)
@@ -206,11 +210,16 @@ class BulkServer:
             conn = self._hello(sock, peer)
             if conn is None:
                 return
-            sock.settimeout(None)  # idle connections stay open until the worker or server closes them
+            _bulk.keepalive(sock)  # an idle connection to a vanished host is found and closed
             while True:
+                sock.settimeout(None)  # idle between calls for as long as the worker likes
                 frame = _bulk.recv_frame(sock, eof_ok=True)
                 if frame is None:
                     return
+                # Inside a call the peer must keep the bytes coming: a stalled or vanished sender
+                # fails its push (nothing applied) instead of holding the optimizer's staging
+                # buffer and the pushes queued behind it.
+                sock.settimeout(self.stall_timeout)
                 kind = frame.WhichOneof("frame")
                 if kind == "push":
                     self._push(conn, frame.push)

@@ -19,7 +19,7 @@ from adamax_client import _wire
 from adamax_client._proto.adamax.v1 import adamax_pb2 as pb
 from adamax_client._proto.adamax.v1 import adamax_pb2_grpc as pb_grpc
 
-from .bulk import BulkServer
+from .bulk import DEFAULT_STALL_TIMEOUT, BulkServer
 from .checkpoint_service import CheckpointServicer, add_checkpoint_service
 from .checkpointing import CheckpointManager
 from .coordinator import Coordinator
@@ -104,6 +104,7 @@ def create_server(
     bulk: bool | None = None,
     bulk_port: int = 0,
     shared_memory: bool = True,
+    bulk_stall_timeout: float = DEFAULT_STALL_TIMEOUT,
 ) -> tuple[grpc.Server, int]:
     """Create (not start) a server bound to ``address``; returns it and the bound port.
 
@@ -116,7 +117,8 @@ def create_server(
     ``bulk`` opens the bulk channel (raw TCP on ``bulk_port`` of the same host, plus shared
     memory for same-host workers unless ``shared_memory=False``; see ``bulk.py``). ``None``
     (default): on without TLS, off with TLS, since the bulk channel carries no encryption;
-    ``bulk=True`` together with TLS credentials is refused.
+    ``bulk=True`` together with TLS credentials is refused. A bulk call whose peer sends
+    nothing for ``bulk_stall_timeout`` seconds fails (nothing applied) and its connection closes.
     """
     if bulk is None:
         bulk = credentials is None
@@ -149,7 +151,7 @@ def create_server(
     if bulk:
         bulk_server = BulkServer(
             coordinator, host=_host_of(address), port=bulk_port, shared_memory=shared_memory,
-            max_tensor_bytes=max_tensor_bytes, metrics=metrics,
+            max_tensor_bytes=max_tensor_bytes, metrics=metrics, stall_timeout=bulk_stall_timeout,
         ).start()  # fmt: skip
     servicer = AdamaxServicer(
         coordinator, chunk_bytes=chunk_bytes, max_tensor_bytes=max_tensor_bytes, limits=limits or ResourceLimits(),
