@@ -9,7 +9,9 @@ Two tables, each measured in one run on 127.0.0.1 (servers in spawned subprocess
    unary message holding everything (what a naive service does; benchmark-only service in
    ``_bytes_service.py``); the real service: ``RemoteAdamax.push`` end to end (it includes
    the server's apply, shown separately as measured in-process) and ``Pull`` served from
-   the once-per-version reply cache, always transferring.
+   the once-per-version copy, always transferring; each over gRPC streams, the bulk
+   channel's TCP and shared memory (with one in-memory copy of the bytes beside it: the
+   floor of the shared-memory path).
 2. Sweep, at one size: chunk size 256 KiB to 8 MiB; one streaming call vs concurrent unary
    chunk calls (8 in flight) over 1 or 4 channels (benchmark-only service); and the real
    service's push (client ``chunk_bytes``) and pull (server ``--chunk-mib``, whole MiB only).
@@ -48,29 +50,54 @@ def _bytes_service(nbytes: int) -> SpawnedServer:
 
 
 def _service_push_pull(target: str, n: int, reps: int, chunk_bytes: int | None = None,
-                       name: str = "bench") -> tuple[float, float]:
+                       name: str = "bench", bulk: str = "off") -> tuple[float, float]:
+    """Median push (incl. the server's apply) and pull seconds of the real service.
+
+    ``bulk``: "off" (gRPC streams), "tcp" or "shm" (the bulk channel). Pulls never send a
+    known version, so every pull transfers (served from the server's per-version copy).
+    """
     from adamax_client import RemoteAdamax, _wire
     from adamax_client._proto.adamax.v1 import adamax_pb2 as pb
 
     rng = np.random.default_rng(0)
     grad = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
     kw = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
-    with RemoteAdamax(target, optimizer=name, worker_id=f"w-{chunk_bytes}", learning_rate=1e-6, timeout=300,
-                      **kw) as remote:
+    with RemoteAdamax(target, optimizer=name, worker_id=f"w-{chunk_bytes}-{bulk}", learning_rate=1e-6, timeout=300,
+                      bulk=bulk, **kw) as remote:  # fmt: skip
         remote.build({"w": rng.standard_normal(n, dtype=np.float32)})
         push = median_seconds(lambda: remote.push([grad]), reps)
+        if remote.transfer_path != ("grpc" if bulk == "off" else bulk):
+            raise RuntimeError(f"asked for bulk={bulk!r} but pushes went over {remote.transfer_path}")
         request = pb.PullRequest(optimizer=name)  # no known_version: always transfers
-        pull = median_seconds(lambda: remote._transport.unary_stream("Pull", request, _wire.decode_stream), reps)
+        if bulk == "off":
+            pull = median_seconds(lambda: remote._transport.unary_stream("Pull", request, _wire.decode_stream), reps)
+        else:
+            pull = median_seconds(lambda: remote._bulk.pull(request, timeout=300), reps)
     return push, pull
 
 
 def _engine_apply(n: int, reps: int) -> float:
+    """The server's share of a push: gradient statistics (non-finite check) and the update
+    on a gradient already in the staging buffer (where the server receives it)."""
     from adamax_server import Adamax
+    from adamax_server.kernels.stats import gradient_stats
 
     engine = Adamax(learning_rate=1e-6, device="cpu")
     engine.build({"w": np.zeros(n, np.float32)})
-    grad = np.full(n, 1e-3, np.float32)
-    return median_seconds(lambda: engine.apply([grad]), reps)
+    engine.gradient_buffer("w")[...] = np.float32(1e-3)
+
+    def step() -> None:
+        gradient_stats(engine.gradient_buffer("w"))
+        engine.apply_staged()
+
+    return median_seconds(step, reps)
+
+
+def _memcpy_seconds(nbytes: int, reps: int) -> float:
+    """One copy of the bytes in memory: the floor of the shared-memory path's each direction."""
+    src = np.random.default_rng(2).integers(0, 255, nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    return median_seconds(lambda: np.copyto(dst, src), reps)
 
 
 def size_table(sizes_mb: list[float], quick: bool) -> Table:
@@ -92,12 +119,15 @@ def size_table(sizes_mb: list[float], quick: bool) -> Table:
             rows.append(("gRPC stream, 2 MiB chunks", median_seconds(lambda: client.push_stream(data, 2 << 20), reps),
                          median_seconds(lambda: client.pull_stream(out, 2 << 20), reps)))
             client.close()
-        with SpawnedServer() as srv:
-            push, pull = _service_push_pull(srv.target, n, reps)
         apply = _engine_apply(n, reps)
-        rows.append(("adamax-ps push (incl. apply) / pull", push, pull))
-        rows.append(("  of which server apply (in-process)", apply, float("nan")))
-        rows.append(("adamax-ps push minus apply", max(push - apply, 1e-9), pull))
+        copy = _memcpy_seconds(nbytes, reps)
+        with SpawnedServer() as srv:
+            for bulk, label in (("off", "gRPC stream"), ("tcp", "bulk TCP"), ("shm", "shared memory")):
+                push, pull = _service_push_pull(srv.target, n, reps, name=f"bench-{bulk}", bulk=bulk)
+                rows.append((f"adamax-ps {label}: push (incl. apply) / pull", push, pull))
+                rows.append((f"adamax-ps {label}: push minus apply", max(push - apply, 1e-9), pull))
+        rows.append(("  server apply + stats (in-process)", apply, float("nan")))
+        rows.append(("  memcpy of the bytes (shm floor)", copy, copy))
         for path, p, q in rows:
             table.add(**{"MB": round(nbytes / MB, 1), "path": path, "push_ms": p * 1e3, "pull_ms": q * 1e3,
                          "push_MB/s": nbytes / MB / p, "pull_MB/s": nbytes / MB / q,
@@ -169,17 +199,33 @@ def main(argv: list[str] | None = None) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-        for ax, direction in zip(axes, ("push", "pull")):
+        rows = 2 if sizes_t is not None else 1
+        fig, grid = plt.subplots(rows, 2, figsize=(13, 4.5 * rows), squeeze=False)
+        if sizes_t is not None:  # top: every path against the raw-TCP floor, by size
+            for ax, direction in zip(grid[0], ("push", "pull")):
+                for path in dict.fromkeys(r["path"] for r in sizes_t.rows):
+                    pts = [(r["MB"], r[f"{direction}_x_floor"]) for r in sizes_t.rows
+                           if r["path"] == path and r[f"{direction}_x_floor"] == r[f"{direction}_x_floor"]]
+                    if pts and "apply +" not in path:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=path.strip())
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.set_xlabel("MB per transfer")
+                ax.set_ylabel("time / raw TCP (1 = floor)")
+                ax.set_title(f"{direction}: time against raw TCP on 127.0.0.1")
+                ax.axhline(1.0, color="k", lw=0.8)
+                ax.axhline(1.25, color="k", lw=0.8, ls="--")
+            grid[0][0].legend(fontsize=7)
+        for ax, direction in zip(grid[-1], ("push", "pull")):
             for mode in dict.fromkeys(r["mode"] for r in sweep_t.rows):
                 pts = [(r["chunk_KiB"], r[f"{direction}_x_floor"]) for r in sweep_t.rows if r["mode"] == mode]
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("chunk KiB")
             ax.set_ylabel("time / raw TCP (1 = floor)")
-            ax.set_title(f"{direction}, {sweep_mb:.0f} MB")
+            ax.set_title(f"gRPC chunk sweep, {direction}, {sweep_mb:.0f} MB")
             ax.axhline(1.0, color="k", lw=0.8)
-        axes[0].legend(fontsize=7)
+        grid[-1][0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(args.png, dpi=110)
         plt.close(fig)
