@@ -75,12 +75,60 @@ class FaultInjector(grpc.StreamUnaryClientInterceptor):
         raise _Injected()
 
 
-def push_worker(target: str, key: str, worker: int, pushes: int, fault_rate: float) -> dict:
-    """``pushes`` async pushes; returns [(version, k, start, seconds, duplicate)] and fault counts."""
+class BulkFaults:
+    """The same three faults on the bulk channel, by wrapping its framing functions in this
+    worker process: the connection breaks before a push is sent, mid-push (after a tensor
+    header), or after the server's reply arrived (lost reply); the channel reconnects and
+    resends with the same request id."""
+
+    def __init__(self, seed: int, rate: float) -> None:
+        from adamax_client import _bulk
+
+        self.rng = random.Random(seed)
+        self.rate = rate
+        self.counts = {"before": 0, "lost_reply": 0, "dropped": 0}
+        self._send, self._recv = _bulk.send_frame, _bulk.recv_frame
+        self.planned: str | None = None
+        _bulk.send_frame, _bulk.recv_frame = self.send_frame, self.recv_frame
+
+    def _break(self, sock, fault: str) -> None:
+        self.counts[fault] += 1
+        self.planned = None
+        try:
+            sock.shutdown(2)  # socket.SHUT_RDWR
+        except OSError:
+            pass
+        raise ConnectionResetError(f"injected fault: {fault}")
+
+    def send_frame(self, sock, frame) -> None:
+        kind = frame.WhichOneof("frame")
+        if kind == "push" and self.rng.random() < self.rate:
+            self.planned = self.rng.choice(("before", "lost_reply", "dropped"))
+            if self.planned == "before":
+                self._break(sock, "before")
+        self._send(sock, frame)
+        if kind == "tensor" and self.planned == "dropped":
+            self._break(sock, "dropped")
+
+    def recv_frame(self, sock, **kwargs):
+        frame = self._recv(sock, **kwargs)
+        if frame is not None and frame.WhichOneof("frame") == "push_response" and self.planned == "lost_reply":
+            self._break(sock, "lost_reply")
+        return frame
+
+
+def push_worker(target: str, key: str, worker: int, pushes: int, fault_rate: float, bulk: str = "off") -> dict:
+    """``pushes`` async pushes; returns [(version, k, start, seconds, duplicate)] and fault counts.
+
+    ``bulk="off"``: gRPC pushes with faults injected by a client interceptor; else the bulk
+    channel (``"auto"``: shared memory on this host) with faults injected into its framing.
+    """
     injector = FaultInjector(seed=worker, rate=fault_rate)
+    if bulk != "off":
+        injector = BulkFaults(seed=worker, rate=fault_rate)
     log = []
-    with RemoteAdamax(target, worker_id=f"w{worker}", name=key, timeout=60, retry=RETRY,
-                      interceptors=[injector], learning_rate=0.01) as opt:
+    with RemoteAdamax(target, worker_id=f"w{worker}", name=key, timeout=60, retry=RETRY, bulk=bulk,
+                      interceptors=[injector] if bulk == "off" else [], learning_rate=0.01) as opt:  # fmt: skip
         opt.attach()
         for k in range(pushes):
             if k % 50 == 49:
@@ -89,4 +137,5 @@ def push_worker(target: str, key: str, worker: int, pushes: int, fault_rate: flo
             wall = time.time()
             result = opt.push({"w": gradient(worker, k)})
             log.append((result.version, k, wall, time.perf_counter() - start, result.duplicate))
-    return {"log": log, "faults": injector.counts}
+        path = opt.transfer_path
+    return {"log": log, "faults": injector.counts, "path": path}

@@ -454,3 +454,20 @@ def test_a_stalled_push_fails_and_frees_the_optimizer_for_the_others():
             assert other.push([np.ones(1000, np.float32)] * 2).outcome == "applied"
         assert coordinator.get("raw").iterations == 1
         sock.close()
+
+
+@pytest.mark.parametrize("path", ["tcp", "shm"])
+def test_a_duplicate_push_on_the_same_connection_keeps_it_in_step(path):
+    """A retry answered from the exactly-once table is not read by the coordinator; its
+    tensors must still be consumed, or the next call on the connection would read them."""
+    with running_server() as (target, coordinator):
+        with RemoteAdamax(target, optimizer=f"dup-{path}", worker_id="w0", bulk=path) as opt:
+            opt.build({"a": np.zeros(100, np.float32), "b": np.zeros(3, np.float32)})
+            grads = [np.ones(100, np.float32), np.ones(3, np.float32)]
+            first = opt.push(grads, request_id="same")
+            again = opt.push(grads, request_id="same")
+            assert (first.duplicate, again.duplicate) == (False, True)
+            assert opt.push(grads).outcome == "applied"
+            assert opt.pull()["b"].shape == (3,)
+            assert opt.transfer_path == path
+        assert coordinator.get(f"dup-{path}").iterations == 2

@@ -17,6 +17,7 @@ import time
 
 import grpc
 import numpy as np
+import pytest
 
 from _ps_helpers import assert_bitwise_equal, host_weights, running_server
 import _ps_load_workers as workers
@@ -29,7 +30,8 @@ PUSHES = int(os.environ.get("ADAMAX_PS_LOAD_PUSHES", "500"))
 FAULT_RATE = 0.02
 
 
-def test_16_workers_x_500_pushes_with_injected_faults_apply_each_push_exactly_once():
+@pytest.mark.parametrize("bulk", ["off", "auto"], ids=["grpc", "bulk-shm"])
+def test_16_workers_x_500_pushes_with_injected_faults_apply_each_push_exactly_once(bulk):
     init = {"w": np.zeros(workers.SHAPE, np.float32)}
     with running_server(max_workers=WORKERS + 8) as (target, coordinator):
         with RemoteAdamax(target, name="load", learning_rate=0.01) as setup:
@@ -37,7 +39,7 @@ def test_16_workers_x_500_pushes_with_injected_faults_apply_each_push_exactly_on
         # spawn, never fork: this process runs gRPC threads
         with multiprocessing.get_context("spawn").Pool(WORKERS) as pool:
             results = pool.starmap(
-                workers.push_worker, [(target, "load", w, PUSHES, FAULT_RATE) for w in range(WORKERS)]
+                workers.push_worker, [(target, "load", w, PUSHES, FAULT_RATE, bulk) for w in range(WORKERS)]
             )
         host = coordinator.get("load")
         total = WORKERS * PUSHES
@@ -62,8 +64,9 @@ def test_16_workers_x_500_pushes_with_injected_faults_apply_each_push_exactly_on
     faults = {k: sum(r["faults"][k] for r in results) for k in results[0]["faults"]}
     duplicates = sum(e[4] for e in entries)
     assert faults["lost_reply"] == 0 or duplicates >= 1  # lost replies were answered from the table
+    assert sum(faults.values()) > 0 and {r["path"] for r in results} == {"grpc" if bulk == "off" else "shm"}
     print(
-        f"\nload: {WORKERS} workers x {PUSHES} pushes = {total} in {span:.2f} s -> {total / span:.0f} pushes/s; "
+        f"\nload ({results[0]['path']}): {WORKERS} workers x {PUSHES} pushes = {total} in {span:.2f} s -> {total / span:.0f} pushes/s; "
         f"latency p50 {np.percentile(latencies, 50) * 1e3:.2f} ms, p99 {np.percentile(latencies, 99) * 1e3:.2f} ms; "
         f"injected faults {faults}, retries answered as duplicates {duplicates}"
     )

@@ -342,6 +342,9 @@ class BulkServer:
                 raise InvalidArgument("a bulk push must state `num_tensors` (at least 1)")
             reader.host = host
             result = host.push(header.worker_id, header.request_id, header.step, reader.receive)
+            # A retry answered from the exactly-once table never read its tensors: skip them.
+            if (reader.remaining or reader.payload_left) and not reader.drain():
+                raise _CloseConnection()
         except (_CloseConnection, OSError):
             raise
         except Exception as exc:
