@@ -471,3 +471,69 @@ def test_a_duplicate_push_on_the_same_connection_keeps_it_in_step(path):
             assert opt.pull()["b"].shape == (3,)
             assert opt.transfer_path == path
         assert coordinator.get(f"dup-{path}").iterations == 2
+
+
+def test_fuzzed_bulk_connections_never_crash_the_server_or_change_state(caplog):
+    """Random bytes and random (well- and ill-formed) frames after a valid hello: every
+    connection ends with a status reply or a close, nothing is applied, no internal error is
+    logged, and the server keeps serving."""
+    import logging
+    import random
+
+    rng = random.Random(1234)
+    caplog.set_level(logging.ERROR, logger="adamax_server")
+
+    def random_tensor():
+        header = pb.TensorHeader(
+            name=rng.choice(["a", "b", "zz", ""]), dtype=rng.randrange(0, 9),
+            shape=[rng.randrange(-2, 2000) for _ in range(rng.randrange(0, 3))],
+            nbytes=rng.choice([0, 4, 4000, rng.randrange(-5, 1 << 40)]), layout=rng.randrange(0, 3),
+            num_rows=rng.randrange(-1, 5), absent=rng.random() < 0.1, in_shm=rng.random() < 0.2,
+            shm_offset=rng.randrange(-100, 1 << 20),
+        )  # fmt: skip
+        return pb.BulkFrame(tensor=header)
+
+    def random_message(sock):
+        kind = rng.randrange(6)
+        if kind == 0:
+            sock.sendall(rng.randbytes(rng.randrange(1, 64)))
+        elif kind == 1:
+            body = rng.randbytes(rng.randrange(0, 40))
+            sock.sendall(len(body).to_bytes(4, "little") + body)
+        elif kind == 2:
+            sock.sendall((rng.randrange(1 << 21, 1 << 32)).to_bytes(4, "little"))
+        elif kind == 3:
+            _bulk.send_frame(sock, _push_header(rng.choice(["x", "y"]), num_tensors=rng.randrange(-1, 4),
+                                                optimizer=rng.choice(["raw", "other", ""])))
+        elif kind == 4:
+            _bulk.send_frame(sock, random_tensor())
+            sock.sendall(rng.randbytes(rng.randrange(0, 5000)))
+        else:
+            request = pb.PullRequest(optimizer=rng.choice(["raw", "nope"]), names=rng.choice([[], ["a"], ["q"]]),
+                                     shm=rng.random() < 0.5, min_version=rng.randrange(0, 3), wait_seconds=0.01)
+            _bulk.send_frame(sock, pb.BulkFrame(pull=request))
+
+    with running_server(bulk_stall_timeout=0.3) as (target, coordinator):
+        _built(target).close()
+        host = coordinator.get("raw")
+        connections = 0
+        for _ in range(150):
+            sock, reply = _connect(target, _ticket(target))
+            assert reply.status.code == "OK"
+            sock.settimeout(2.0)
+            connections += 1
+            try:
+                for _ in range(rng.randrange(1, 6)):
+                    random_message(sock)
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(1 << 16):  # the server answers and/or closes; never hangs
+                    pass
+            except (OSError, socket.timeout):
+                pass
+            finally:
+                sock.close()
+        assert host.iterations == 0 and host.version == 0
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+        with RemoteAdamax(target, optimizer="raw", worker_id="w0", bulk="tcp") as opt:
+            assert opt.push([np.ones(1000, np.float32)] * 2).outcome == "applied"
+    print(f"\nbulk fuzz: {connections} connections of random frames and bytes")
