@@ -480,7 +480,7 @@ class OptimizerHost:
             lease = self._take_staging_lease()
             self._pushes_in_flight += 1
         try:
-            grads = receive(self._staging_lookup if lease else None)
+            grads = receive(self._staging_lookup() if lease else None)
             with self._cond:
                 while not lease and self._staging_leased:  # it is being filled: apply after it
                     self._cond.wait()
@@ -528,13 +528,18 @@ class OptimizerHost:
         self._staging_leased = True
         return True
 
-    def _staging_lookup(self, name: str, dtype: np.dtype) -> np.ndarray | None:
-        """The staging buffer of variable ``name`` (writable, flat) if its dtype is ``dtype``."""
+    def _staging_lookup(self) -> StagingLookup:
+        """``lookup(name, dtype)``: the staging buffer of variable ``name`` (writable, flat) if
+        its dtype is ``dtype``, else None; for the push holding the lease."""
         engine = self._engine
-        specs = {n: np.dtype(d) for n, _, d in engine.variable_specs}
-        if specs.get(name) != np.dtype(dtype):
-            return None
-        return engine.gradient_buffer(name).reshape(-1)
+        dtypes = {n: np.dtype(d) for n, _, d in engine.variable_specs}
+
+        def lookup(name: str, dtype: np.dtype) -> np.ndarray | None:
+            if dtypes.get(name) != np.dtype(dtype):
+                return None
+            return engine.gradient_buffer(name).reshape(-1)
+
+        return lookup
 
     def device_receiver(self) -> Any:
         """Receive helper for pushes (GPU engine, async mode), or None.
