@@ -100,9 +100,11 @@ def _proc_status_kib(pid: int, key: str) -> int:
 
 _RAW_PEER = textwrap.dedent(
     """
-    import socket, sys
+    import os, socket, sys
     n = int(sys.argv[1])
-    payload = bytes(n)
+    # Real bytes: bytes(n) would be untouched zero pages, all backed by one physical page that
+    # stays in cache, which makes the pull floor faster than any real payload can go.
+    payload = (os.urandom(1 << 20) * (n // (1 << 20) + 1))[:n]
     srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
     print(srv.getsockname()[1], flush=True)
     conn, _ = srv.accept()
