@@ -537,3 +537,31 @@ def test_fuzzed_bulk_connections_never_crash_the_server_or_change_state(caplog):
         with RemoteAdamax(target, optimizer="raw", worker_id="w0", bulk="tcp") as opt:
             assert opt.push([np.ones(1000, np.float32)] * 2).outcome == "applied"
     print(f"\nbulk fuzz: {connections} connections of random frames and bytes")
+
+
+def test_shared_memory_pull_segments_follow_deletes_and_re_creates():
+    """A deleted optimizer's pull segment is unlinked, and a re-created optimizer with the
+    same name never gets the old one's weights (its versions start again from 0)."""
+    import os
+
+    with running_server() as (target, coordinator):
+        names = []
+        for value in (1.0, 2.0):
+            local = Adamax()
+            local.build({"a": np.full(10, value, np.float32)})
+            local.apply([np.ones(10, np.float32)])
+            with RemoteAdamax(target, optimizer="again", worker_id="w0", bulk="shm") as opt:
+                opt.build({"a": np.full(10, value, np.float32)})
+                opt.push([np.ones(10, np.float32)])  # version 1 in both lives of "again"
+                pulled = opt.pull()["a"]
+                assert opt.transfer_path == "shm" and len(opt._bulk._pull_segments) == 1
+                np.testing.assert_array_equal(pulled, local.trainable_variables["a"])
+                names.append(next(iter(opt._bulk._pull_segments)))
+                opt._transport.unary("DeleteOptimizer", pb.OptimizerRef(optimizer="again"))
+        assert names[0] != names[1]
+        with RemoteAdamax(target, optimizer="third", worker_id="w0", bulk="shm") as opt:
+            opt.build({"a": np.zeros(10, np.float32)})
+            opt.push([np.ones(10, np.float32)])
+            opt.pull()  # any shared-memory pull sweeps the segments of deleted optimizers
+        assert not os.path.exists(f"/dev/shm/{names[0].lstrip('/')}")
+        assert not os.path.exists(f"/dev/shm/{names[1].lstrip('/')}")

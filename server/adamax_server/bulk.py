@@ -75,8 +75,10 @@ class _PullArena:
 
     segment: Any
     layout: list[tuple[str, tuple[int, ...], np.dtype, int]]  # name, shape, dtype, byte offset
-    version: int = -1
+    host: Any = None  # the OptimizerHost it belongs to (a re-created optimizer gets a new one)
+    stamp: tuple[int, int] = (-1, -1)  # (restore epoch, version) of the weights it holds
     iterations: int = 0
+    version: int = -1
     readers: int = 0
     cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -406,18 +408,21 @@ class BulkServer:
 
     def _arena(self, host: OptimizerHost) -> _PullArena:
         with self._lock:
+            live = {id(h) for h in self._coordinator.hosts()}
+            for key in [k for k, a in self._arenas.items() if id(a.host) not in live]:
+                _shm.release(self._arenas.pop(key).segment, unlink=True)  # optimizer deleted
             arena = self._arenas.get(host.key)
             specs = host.variable_specs()
             layout, offset = [], _shm.data_offset()
             for name, shape, dtype in specs:
                 layout.append((name, tuple(shape), np.dtype(dtype), offset))
                 offset += -(-math.prod(shape) * np.dtype(dtype).itemsize // 64) * 64
-            if arena is not None and arena.layout == layout:
+            if arena is not None and arena.layout == layout and arena.host is host:
                 return arena
-            if arena is not None:  # the optimizer was re-created with other variables
+            if arena is not None:  # the optimizer was re-created (maybe with other variables)
                 _shm.release(arena.segment, unlink=True)
             segment, _ = _shm.create(offset)
-            arena = _PullArena(segment, layout)
+            arena = _PullArena(segment, layout, host)
             self._arenas[host.key] = arena
             return arena
 
@@ -429,15 +434,16 @@ class BulkServer:
         arena = self._arena(host)
         with arena.cond:
             while True:
-                version = host.version
+                version, epoch = host.version, host.restore_epoch
                 if known is not None and known == version:
                     head = pb.PullHeader(version=version, iterations=host.iterations, not_modified=True)
                     _bulk.send_frame(conn.sock, pb.BulkFrame(pull_header=head))
                     return
-                if arena.version == version:
+                if arena.stamp == (epoch, version):
                     break
                 if arena.readers == 0:
                     arena.version, arena.iterations = host.read_weights_into(arena.views())
+                    arena.stamp = (epoch, arena.version)
                     continue
                 arena.cond.wait(1.0)  # readers only copy out; they are gone within milliseconds
             arena.readers += 1

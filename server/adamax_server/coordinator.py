@@ -325,6 +325,12 @@ class OptimizerHost:
         with self._cond:
             return self._engine.iterations
 
+    @property
+    def restore_epoch(self) -> int:
+        """Bumped by every restore: weights copied before it are stale whatever their version."""
+        with self._cond:
+            return self._restore_epoch
+
     def variable_specs(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
         """(name, shape, dtype) of the model variables in build order (empty before build)."""
         with self._cond:
