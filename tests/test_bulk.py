@@ -565,3 +565,41 @@ def test_shared_memory_pull_segments_follow_deletes_and_re_creates():
             opt.pull()  # any shared-memory pull sweeps the segments of deleted optimizers
         assert not os.path.exists(f"/dev/shm/{names[0].lstrip('/')}")
         assert not os.path.exists(f"/dev/shm/{names[1].lstrip('/')}")
+
+
+def test_shared_memory_gradients_are_copied_before_they_are_checked():
+    """The worker owns its segment and may write it at any time: what the server checked
+    (finite values) must be what it applies, so the server reads a private copy."""
+    with running_server() as (target, coordinator):
+        _built(target).close()
+        sock, _ = _connect(target, _ticket(target))
+        from adamax_client import _shm
+
+        segment, nonce = _shm.create(8192)
+        try:
+            _bulk.send_frame(sock, pb.BulkFrame(shm_register=pb.ShmRegister(name=segment.name, nonce=nonce)))
+            assert _bulk.recv_frame(sock).status.code == "OK"
+            view = np.frombuffer(segment.buf, dtype=np.float32, count=2000, offset=64)
+            view[:] = 1.0
+            host = coordinator.get("raw")
+            original = host._engine.apply
+
+            def poisoning_apply(grads):  # the worker scribbles NaN after the check
+                view[:] = np.nan
+                return original(grads)
+
+            host._engine.apply = poisoning_apply
+            _bulk.send_frame(sock, _push_header("p", num_tensors=2))
+            for name, offset in (("a", 64), ("b", 64 + 4000)):
+                header, _ = _wire.tensor_payload(name, np.ones(1000, np.float32))
+                header.in_shm, header.shm_offset = True, offset
+                _bulk.send_frame(sock, pb.BulkFrame(tensor=header))
+            assert _bulk.recv_frame(sock).push_response.outcome == pb.APPLIED
+            host._engine.apply = original
+            with host._cond:
+                weights = host._engine.trainable_variables
+            assert all(np.isfinite(w).all() for w in weights.values())
+        finally:
+            del view
+            _shm.release(segment, unlink=True)
+            sock.close()

@@ -317,7 +317,7 @@ class BulkServer:
         conn.segment = segment
         _bulk.send_frame(conn.sock, _bulk.status_frame("OK"))
 
-    def _shm_tensor(self, conn: _Connection, header: Any, *, copy: bool) -> Any:
+    def _shm_tensor(self, conn: _Connection, header: Any, *, staging: Any = None) -> Any:
         if conn.segment is None:
             raise InvalidArgument(f"tensor '{header.name}' is in shared memory, but no segment is registered")
         nbytes = _wire.expected_nbytes(header)
@@ -330,9 +330,15 @@ class BulkServer:
                 f"registered segment of {conn.segment.size} bytes"
             )
         raw = np.frombuffer(conn.segment.buf, dtype=np.uint8, count=nbytes, offset=start)
-        # Sync rounds keep gradients until the round closes; the worker may reuse its segment
-        # by then, so they get a private copy. An async push is applied before the reply.
-        return _wire.decode_buffer(header, raw.copy() if copy else raw).value
+        # Always a private copy: the worker can write its segment at any time (a sync round
+        # keeps gradients until it closes; a checked gradient must be the applied one). With
+        # the staging lease the copy lands in the engine's staging buffer, so the apply then
+        # copies nothing: the same number of passes as reading the segment in place.
+        allocate = staging_allocator(staging)
+        supplied = allocate(header, nbytes) if allocate is not None else None
+        private = supplied[0] if supplied is not None else np.empty(nbytes, dtype=np.uint8)
+        np.copyto(private, raw)
+        return _wire.decode_buffer(header, private).value
 
     # -------------------------------------------------------------- push
 
@@ -506,7 +512,7 @@ class _PushReader:
                     values.append((header.name, None))
                     continue
                 if header.in_shm:
-                    value = self.server._shm_tensor(self.conn, header, copy=host.policy.mode != "async")
+                    value = self.server._shm_tensor(self.conn, header, staging=staging)
                 else:
                     pending = _wire.PendingTensor(header, self.server._max_tensor_bytes, allocate)
                     _bulk.recv_payload(sock, pending)
