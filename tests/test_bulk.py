@@ -576,6 +576,7 @@ def test_shared_memory_gradients_are_copied_before_they_are_checked():
         from adamax_client import _shm
 
         segment, nonce = _shm.create(8192)
+        view = None
         try:
             _bulk.send_frame(sock, pb.BulkFrame(shm_register=pb.ShmRegister(name=segment.name, nonce=nonce)))
             assert _bulk.recv_frame(sock).status.code == "OK"
@@ -600,6 +601,6 @@ def test_shared_memory_gradients_are_copied_before_they_are_checked():
                 weights = host._engine.trainable_variables
             assert all(np.isfinite(w).all() for w in weights.values())
         finally:
-            del view
+            view = None  # let the segment close
             _shm.release(segment, unlink=True)
             sock.close()
