@@ -34,7 +34,14 @@ _ALIGN = 64
 
 
 class BulkUnavailable(Exception):
-    """This server (or network path) has no usable bulk channel: use gRPC."""
+    """This server (or network path) has no usable bulk channel: use gRPC.
+
+    ``offered``: the server offers one but it cannot be reached (a firewalled port).
+    """
+
+    def __init__(self, message: str, *, offered: bool = False) -> None:
+        super().__init__(message)
+        self.offered = offered
 
 
 def _host_of(target: str) -> str:
@@ -114,7 +121,7 @@ class BulkChannel:
         try:
             sock = socket.create_connection((host, response.port), timeout=timeout)
         except OSError as exc:
-            raise BulkUnavailable(f"cannot reach the bulk port {host}:{response.port}: {exc}") from exc
+            raise BulkUnavailable(f"cannot reach the bulk port {host}:{response.port}: {exc}", offered=True) from exc
         try:
             _bulk.tune(sock)
             _bulk.keepalive(sock)

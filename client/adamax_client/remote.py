@@ -505,7 +505,7 @@ class RemoteAdamax:
             return call(self._bulk)
         except BulkUnavailable as exc:
             # Asked for explicitly, or offered but unreachable (a firewalled port): say so louder.
-            level = logging.INFO if self._bulk_mode == "auto" and "no bulk channel" in str(exc) else logging.WARNING
+            level = logging.INFO if self._bulk_mode == "auto" and not exc.offered else logging.WARNING
             _log.log(level, "worker '%s': bulk channel unavailable (%s); using gRPC streams", self.worker_id, exc)
             self._bulk.close()
             self._bulk = _NO_BULK

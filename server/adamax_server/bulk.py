@@ -277,10 +277,15 @@ class BulkServer:
             )
         return self._coordinator.get(optimizer)
 
-    def _reply_error(self, conn: _Connection, exc: BaseException, method: str, *, push: Any = None) -> None:
-        info = status_for(exc)
+    def _reply_error(self, conn: _Connection, exc: BaseException, method: str, *, push: Any = None,
+                     quietly: bool = False) -> None:
+        info = status_for(exc)  # once: it logs unexpected exceptions
         self._observe(method, info.code, push=push, info=info)
-        _bulk.send_frame(conn.sock, _bulk.status_frame(info.code, info.message, info.metadata))
+        frame = _bulk.status_frame(info.code, info.message, info.metadata)
+        if quietly:
+            self._send_quietly(conn.sock, frame)
+        else:
+            _bulk.send_frame(conn.sock, frame)
 
     def _observe(self, method: str, code: str, *, bytes_in: int = 0, bytes_out: int = 0, push: Any = None,
                  response: Any = None, info: Any = None) -> None:
@@ -317,7 +322,7 @@ class BulkServer:
         conn.segment = segment
         _bulk.send_frame(conn.sock, _bulk.status_frame("OK"))
 
-    def _shm_tensor(self, conn: _Connection, header: Any, *, staging: Any = None) -> Any:
+    def _shm_tensor(self, conn: _Connection, header: Any, allocate: _wire.Allocator | None) -> Any:
         if conn.segment is None:
             raise InvalidArgument(f"tensor '{header.name}' is in shared memory, but no segment is registered")
         nbytes = _wire.expected_nbytes(header)
@@ -333,11 +338,13 @@ class BulkServer:
         # Always a private copy: the worker can write its segment at any time (a sync round
         # keeps gradients until it closes; a checked gradient must be the applied one). With
         # the staging lease the copy lands in the engine's staging buffer, so the apply then
-        # copies nothing: the same number of passes as reading the segment in place.
-        allocate = staging_allocator(staging)
+        # copies nothing: the same number of passes as reading the segment in place. ``allocate``
+        # is the receive allocator of the push (staging buffer, or a GPU server's pinned buffer).
         supplied = allocate(header, nbytes) if allocate is not None else None
-        private = supplied[0] if supplied is not None else np.empty(nbytes, dtype=np.uint8)
+        private, on_filled = supplied if supplied is not None else (np.empty(nbytes, dtype=np.uint8), None)
         np.copyto(private, raw)
+        if on_filled is not None:
+            on_filled(0, nbytes)
         return _wire.decode_buffer(header, private).value
 
     # -------------------------------------------------------------- push
@@ -356,12 +363,10 @@ class BulkServer:
         except (_CloseConnection, OSError):
             raise
         except Exception as exc:
-            if not reader.drain():
-                code, message, metadata = _error_parts(exc)
-                self._observe("BulkPush", code, push=header, info=status_for(exc))
-                self._send_quietly(conn.sock, _bulk.status_frame(code, message, metadata))
+            in_step = reader.drain()
+            self._reply_error(conn, exc, "BulkPush", push=header, quietly=not in_step)
+            if not in_step:
                 raise _CloseConnection() from exc
-            self._reply_error(conn, exc, "BulkPush", push=header)
             return
         response = pb.PushResponse(
             outcome=OUTCOMES[result.outcome],
@@ -481,11 +486,6 @@ def _raw_items(version: int, iterations: int, items: list[tuple[str, np.ndarray]
     return items
 
 
-def _error_parts(exc: BaseException) -> tuple[str, str, Any]:
-    info = status_for(exc)
-    return info.code, info.message, info.metadata
-
-
 class _PushReader:
     """Reads one push's tensors off a bulk connection; keeps the stream in step on refusal."""
 
@@ -512,7 +512,7 @@ class _PushReader:
                     values.append((header.name, None))
                     continue
                 if header.in_shm:
-                    value = self.server._shm_tensor(self.conn, header, staging=staging)
+                    value = self.server._shm_tensor(self.conn, header, allocate)
                 else:
                     pending = _wire.PendingTensor(header, self.server._max_tensor_bytes, allocate)
                     _bulk.recv_payload(sock, pending)
