@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-for _p in (str(ROOT / "client"), str(ROOT / "server")):
+for _p in (str(ROOT / "client"), str(ROOT / "wire"), str(ROOT / "server")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
@@ -32,7 +32,7 @@ MB = 1_000_000
 
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), str(ROOT / "client"), str(ROOT / "benchmarks"),
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), str(ROOT / "client"), str(ROOT / "wire"), str(ROOT / "benchmarks"),
                                          env.get("PYTHONPATH", "")])
     return env
 

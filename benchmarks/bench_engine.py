@@ -217,7 +217,7 @@ def main() -> None:
                          "engine_apply": eng["apply"], "engine_apply_staged": eng["apply_staged"],
                          "blocked_numpy_apply": npy["apply"], "keras_apply": ker, "torch_foreach_step": tor})
         try:
-            from adamax_server.kernels.cpu import numba_threads
+            from adamax_server.optim.kernels.cpu import numba_threads
             print(f"numba threads: {numba_threads()}, cores: {os.cpu_count()}")
         except Exception:
             pass

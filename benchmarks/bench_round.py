@@ -24,12 +24,13 @@ import numpy as np
 sys.path[:0] = [
     os.path.join(os.path.dirname(__file__), "..", "server"),
     os.path.join(os.path.dirname(__file__), "..", "client"),
+    os.path.join(os.path.dirname(__file__), "..", "wire"),
 ]
 
 
 def run(device: str, mib: float, reps: int, variables: int = 8) -> dict[str, float]:
     from adamax_client import RemoteAdamax
-    from adamax_server.server import create_server
+    from adamax_server.transport.server import create_server
 
     n = int(mib * (1 << 20) / 4)
     sizes = [n // variables] * variables
@@ -76,7 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     devices = args.devices
     if devices is None:
-        from adamax_server.kernels import gpu_available
+        from adamax_server.optim.kernels import gpu_available
 
         devices = ["cpu"] + (["gpu"] if gpu_available() else [])
     rows = []

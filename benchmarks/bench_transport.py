@@ -56,8 +56,9 @@ def _service_push_pull(target: str, n: int, reps: int, chunk_bytes: int | None =
     ``bulk``: "off" (gRPC streams), "tcp" or "shm" (the bulk channel). Pulls never send a
     known version, so every pull transfers (served from the server's per-version copy).
     """
-    from adamax_client import RemoteAdamax, _wire
-    from adamax_client._proto.adamax.v1 import adamax_pb2 as pb
+    from adamax_wire import tensors as _wire
+    from adamax_client import RemoteAdamax
+    from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
 
     rng = np.random.default_rng(0)
     grad = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
@@ -80,7 +81,7 @@ def _engine_apply(n: int, reps: int) -> float:
     """The server's share of a push: gradient statistics (non-finite check) and the update
     on a gradient already in the staging buffer (where the server receives it)."""
     from adamax_server import Adamax
-    from adamax_server.kernels.stats import gradient_stats
+    from adamax_server.optim.kernels.stats import gradient_stats
 
     engine = Adamax(learning_rate=1e-6, device="cpu")
     engine.build({"w": np.zeros(n, np.float32)})

@@ -31,7 +31,7 @@ WIRES = [("float32", None), ("bfloat16", "bfloat16"), ("float16", "float16")]
 def throughput(target: str, n: int, reps: int) -> Table:
     from adamax_client import RemoteAdamax
 
-    from adamax_client import _wire
+    from adamax_wire import tensors as _wire
 
     table = Table(f"Push throughput by wire dtype, {n:.0e} params ({4 * n / MB:.0f} MB as float32)",
                   ["wire", "wire_MB", "push_ms", "effective_MB/s", "speedup_vs_f32", "client_encode_ms",

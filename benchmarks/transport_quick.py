@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "server"), str(ROOT / "client")]
+sys.path[:0] = [str(ROOT / "server"), str(ROOT / "client"), str(ROOT / "wire")]
 
 from adamax_client import RemoteAdamax  # noqa: E402
-from adamax_client._proto.adamax.v1 import adamax_pb2 as pb  # noqa: E402
+from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb  # noqa: E402
 from adamax_client import _wire  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,7 +39,7 @@ from _common import raw_tcp_seconds  # noqa: E402
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), str(ROOT / "client"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), str(ROOT / "client"), str(ROOT / "wire"), env.get("PYTHONPATH", "")])
     return env
 
 

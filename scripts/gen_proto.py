@@ -1,8 +1,8 @@
 """Regenerate the Python protobuf/gRPC code from proto/ with a pinned grpcio-tools.
 
 proto/adamax/v1/adamax.proto is the only source of the wire contract; its generated
-modules (with .pyi stubs) are committed under client/adamax_client/_proto/ so that the
-client works without the server package and the server imports them from there.
+modules (with .pyi stubs) are committed under wire/adamax_wire/proto/, in the wire package that
+the client and the server both import (neither owns it privately).
 Generated files are never edited by hand: change the .proto and rerun
 
     python scripts/gen_proto.py            # rewrite the committed files
@@ -25,8 +25,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO_ROOT / "proto"
 PROTO_FILES = ("adamax/v1/adamax.proto",)
-OUTPUT_DIR = REPO_ROOT / "client" / "adamax_client" / "_proto"
-OUTPUT_PACKAGE = "adamax_client._proto"
+OUTPUT_DIR = REPO_ROOT / "wire" / "adamax_wire" / "proto"
+OUTPUT_PACKAGE = "adamax_wire.proto"
 # Bump together with the committed files; the check refuses other versions so that
 # drift is never blamed on a different generator.
 PINNED_GRPCIO_TOOLS = "1.85.1"
@@ -73,7 +73,7 @@ def generate(output_dir: Path) -> list[Path]:
             text = text.replace(f"from {module_dir} import", f"from {OUTPUT_PACKAGE}.{module_dir} import")
         path.write_text(text)
         written.append(path.relative_to(output_dir))
-    # Packages so that ``adamax_client._proto.adamax.v1`` imports as a regular package.
+    # Packages so that ``adamax_wire.proto.adamax.v1`` imports as a regular package.
     for package_dir in {output_dir, *(output_dir / Path(p).parent for p in PROTO_FILES)}:
         package_dir_parts = package_dir
         while True:

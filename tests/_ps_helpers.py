@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-for _package_root in (REPO_ROOT / "server", REPO_ROOT / "client"):
+for _package_root in (REPO_ROOT / "server", REPO_ROOT / "client", REPO_ROOT / "wire"):
     if str(_package_root) not in sys.path:
         sys.path.insert(0, str(_package_root))
 
-from adamax_server.coordinator import Coordinator  # noqa: E402
-from adamax_server.server import create_server, stop_server  # noqa: E402
+from adamax_server.coordination.coordinator import Coordinator  # noqa: E402
+from adamax_server.transport.server import create_server, stop_server  # noqa: E402
 
 
 @contextlib.contextmanager

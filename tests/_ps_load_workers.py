@@ -82,7 +82,7 @@ class BulkFaults:
     resends with the same request id."""
 
     def __init__(self, seed: int, rate: float) -> None:
-        from adamax_client import _bulk
+        from adamax_wire import bulk_frames as _bulk
 
         self.rng = random.Random(seed)
         self.rate = rate

@@ -16,14 +16,14 @@ from pathlib import Path
 os.environ.setdefault("KERAS_BACKEND", "numpy")
 
 _ROOT = Path(__file__).resolve().parents[1]
-for _sub in ("server", "client"):
+for _sub in ("server", "client", "wire", "tests"):
     _path = str(_ROOT / _sub)
-    if _path not in sys.path:  # running without PYTHONPATH=server:client or an install
+    if _path not in sys.path:  # running without PYTHONPATH=server:client:wire or an install
         sys.path.insert(0, _path)
 
 import pytest  # noqa: E402
 
-from adamax_server.kernels import gpu_available  # noqa: E402
+from adamax_server.optim.kernels import gpu_available  # noqa: E402
 
 CPU_BACKENDS = ("reference", "numpy", "numba")
 ALL_BACKENDS = (*CPU_BACKENDS, "gpu")

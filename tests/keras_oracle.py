@@ -28,7 +28,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from adamax_server import Adamax, RowSparseGradient  # noqa: E402
-from adamax_server import schedules as our_schedules  # noqa: E402
+from adamax_server.optim import schedules as our_schedules  # noqa: E402
 
 MISSING_GRADIENT_WARNING = "Gradients do not exist for variables"
 

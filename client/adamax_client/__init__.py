@@ -1,11 +1,12 @@
 """adamax-ps client: ``RemoteAdamax``, the Keras-shaped Adamax API on a parameter server.
 
-Only this package (and grpcio, protobuf, numpy) is needed on workers; the generated
-protocol code lives in ``adamax_client._proto`` and is shared with the server.
+Workers need this package and ``adamax_wire`` (the wire contract, shared with the server), plus
+grpcio, protobuf and numpy; the server package is never imported here.
 """
 
-from ._wire import RowSparseGradient
-from .errors import (
+from adamax_wire._moved import install as _install_moved
+from adamax_wire.tensors import RowSparseGradient
+from adamax_client.errors import (
     AbortedError,
     AdamaxError,
     AlreadyExistsError,
@@ -23,9 +24,9 @@ from .errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from .remote import PushResult, RemoteAdamax, VariableSpec
-from .security import tls_channel_credentials
-from .transport import RetryPolicy
+from adamax_client.remote import PushResult, RemoteAdamax, VariableSpec
+from adamax_client.security import tls_channel_credentials
+from adamax_client.transport import RetryPolicy
 
 __all__ = [
     "AbortedError",
@@ -51,3 +52,13 @@ __all__ = [
     "VariableSpec",
     "tls_channel_credentials",
 ]
+
+# The wire modules used to be private modules of this package.
+_install_moved(
+    {
+        "adamax_client._wire": "adamax_wire.tensors",
+        "adamax_client._bulk": "adamax_wire.bulk_frames",
+        "adamax_client._shm": "adamax_wire.shm",
+        "adamax_client._proto": "adamax_wire.proto",
+    }
+)

@@ -23,9 +23,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import _bulk, _shm, _wire
-from ._proto.adamax.v1 import adamax_pb2 as pb
-from .errors import AdamaxError, DeadlineExceededError, ProtocolError, UnavailableError, UnimplementedError, from_status
+from adamax_wire import bulk_frames as _bulk
+from adamax_wire import shm as _shm
+from adamax_wire import tensors as _wire
+from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
+from adamax_client.errors import AdamaxError, DeadlineExceededError, ProtocolError, UnavailableError, UnimplementedError, from_status
 
 BulkMode = Literal["auto", "tcp", "shm", "off"]
 BULK_MODES = ("auto", "tcp", "shm", "off")

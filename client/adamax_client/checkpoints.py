@@ -21,13 +21,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from . import _wire
-from ._proto.adamax.v1 import adamax_pb2 as pb
-from .transport import RetryPolicy, Transport
-
-Files = dict[str, dict[str, np.ndarray]]
-Progress = Callable[[int, int], None]
-
+from adamax_wire import tensors as _wire
+from adamax_wire.checkpoints import Files, Progress, checkpoint_frames, files_from_tensors
+from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
+from adamax_client.transport import RetryPolicy, Transport
 
 @dataclass(frozen=True)
 class CheckpointSummary:
@@ -67,45 +64,6 @@ def _summary(msg: Any) -> CheckpointSummary:
 
 def _restored(items: Iterable[Any]) -> list[RestoredOptimizer]:
     return [RestoredOptimizer(r.optimizer, r.version, r.iterations) for r in items]
-
-
-def checkpoint_frames(
-    checkpoint_id: str,
-    manifest: Mapping[str, Any],
-    files: Mapping[str, Mapping[str, np.ndarray]],
-    *,
-    chunk_bytes: int = _wire.DEFAULT_CHUNK_BYTES,
-    restore: bool = False,
-    save: bool = False,
-    progress: Progress | None = None,
-) -> Iterator[bytes]:
-    """A checkpoint stream: header with the manifest, then tensors named ``"<file>/<tensor>"``."""
-    total = sum(np.asarray(a).nbytes for tensors in files.values() for a in tensors.values())
-    yield _wire.header_frame(
-        pb.CheckpointHeader(
-            checkpoint_id=checkpoint_id, manifest_json=json.dumps(manifest), total_bytes=total, restore=restore, save=save
-        )
-    )
-    done = 0
-    for file_name, tensors in files.items():
-        for name, array in tensors.items():
-            yield from _wire.tensor_frames(f"{file_name}/{name}", array, chunk_bytes=chunk_bytes)
-            done += np.asarray(array).nbytes
-            if progress is not None:
-                progress(done, total)
-
-
-def files_from_tensors(tensors: Sequence[_wire.DecodedTensor]) -> Files:
-    """Decoded ``"<file>/<tensor>"`` tensors -> ``{file: {tensor: array}}``."""
-    files: Files = {}
-    for t in tensors:
-        file_name, sep, name = t.header.name.partition("/")
-        if not sep or not isinstance(t.value, np.ndarray):
-            raise _wire.WireFormatError(f"checkpoint tensor {t.header.name!r} must be a dense '<file>/<tensor>'")
-        if name in files.setdefault(file_name, {}):
-            raise _wire.WireFormatError(f"checkpoint tensor {t.header.name!r} was sent twice")
-        files[file_name][name] = t.value
-    return files
 
 
 def _counting(frames: Iterator[Any], total: Callable[[], int], progress: Progress) -> Iterator[Any]:

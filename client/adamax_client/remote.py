@@ -34,11 +34,11 @@ import json
 import grpc
 import numpy as np
 
-from . import _wire
-from ._proto.adamax.v1 import adamax_pb2 as pb
-from .bulk import BULK_MODES, BulkChannel, BulkMode, BulkUnavailable
-from .errors import InvalidArgumentError
-from .transport import RetryPolicy, Transport
+from adamax_wire import tensors as _wire
+from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
+from adamax_client.bulk import BULK_MODES, BulkChannel, BulkMode, BulkUnavailable
+from adamax_client.errors import InvalidArgumentError
+from adamax_client.transport import RetryPolicy, Transport
 
 _log = logging.getLogger(__name__)
 _NO_BULK: Any = object()  # RemoteAdamax._bulk once the server turned out to have no bulk channel

@@ -5,7 +5,7 @@ bounded by the call's overall deadline): the request is re-sent unchanged, so a 
 keeps its request id and the server's exactly-once table answers it with the first outcome.
 Streaming calls take a *factory* of request frames, because a retry must send them again.
 
-Streaming methods send pre-serialized frames (``adamax_client._wire``) and receive chunk
+Streaming methods send pre-serialized frames (``adamax_wire.tensors``) and receive chunk
 frames as memoryviews; unary methods use the generated message classes.
 """
 
@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 
 import grpc
 
-from . import _wire
-from ._proto.adamax.v1 import adamax_pb2 as pb
-from .errors import DeadlineExceededError, ProtocolError, UnavailableError, from_rpc_error
-from .security import BearerTokenInterceptor
+from adamax_wire import tensors as _wire
+from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
+from adamax_client.errors import DeadlineExceededError, ProtocolError, UnavailableError, from_rpc_error
+from adamax_client.security import BearerTokenInterceptor
 
 T = TypeVar("T")
 
@@ -31,7 +31,7 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["AdamaxService"]
 _SERVICES = (_SERVICE, pb.DESCRIPTOR.services_by_name["CheckpointService"])
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Ping idle connections every 30 s so NATs and load balancers do not drop a worker's channel
-# between steps; the server accepts pings that often (adamax_server.server.KEEPALIVE_OPTIONS).
+# between steps; the server accepts pings that often (adamax_server.transport.server.KEEPALIVE_OPTIONS).
 KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
-from adamax_client._wire import WireFormatError
+from adamax_wire.errors import WireFormatError
 
 _log = logging.getLogger(__name__)
 

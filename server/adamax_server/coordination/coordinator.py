@@ -1,0 +1,198 @@
+"""Workers, rounds and exactly-once pushes in front of the in-process Adamax engine.
+
+The coordinator owns every optimizer hosted by a server (keyed by name) and decides how
+pushes from workers become engine applies:
+
+* ``async``: each push is one apply, serialized by the optimizer's lock; ``max_staleness``
+  rejects gradients computed more than that many versions ago.
+* ``sync``: pushes computed on the current version are collected; when K distinct workers
+  have pushed, their mean (or sum) is one apply. Late pushes for a closed round are dropped
+  and reported, never applied. A round timeout closes the round with what arrived, or
+  aborts it, so a dead worker cannot hang the job.
+
+Every push carries (worker id, request id); a retry is answered with the first outcome and
+never applied twice, also while the first copy is still streaming or being applied.
+
+Versions: ``version`` counts changes of the model variables (applies, closed rounds,
+assignments, loads). Workers compute gradients on a version and pull by version.
+
+Nothing here imports grpc or the generated protocol code: the servicer translates wire
+frames to the calls below, and ``errors.status_for`` maps the exceptions to status codes.
+The engine is not thread safe; every engine call happens under the optimizer's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from adamax_server.coordination.host import OptimizerHost
+from adamax_server.coordination.policy import (
+    CoordinatorObserver,
+    OptimizerStatus,
+    Policy,
+    PullResult,
+    PushResult,
+    TensorMeta,
+    WorkerStatus,
+    config_to_json,
+    normalize_config,
+)
+from adamax_server.coordination.snapshot import OptimizerSnapshot
+from adamax_server.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from adamax_server.optim.engine import Adamax
+
+# The coordination layer's public face (the types live in ``policy``, the host in ``host``).
+__all__ = [
+    "Coordinator",
+    "CoordinatorObserver",
+    "OptimizerHost",
+    "OptimizerStatus",
+    "Policy",
+    "PullResult",
+    "PushResult",
+    "TensorMeta",
+    "WorkerStatus",
+    "config_to_json",
+]
+
+_log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------- the registry
+
+
+EngineFactory = Callable[[Mapping[str, Any]], Adamax]
+
+
+class Coordinator:
+    """All optimizers of one server, keyed by name."""
+
+    def __init__(
+        self,
+        *,
+        device: str = "auto",
+        engine_factory: EngineFactory | None = None,
+        dedup_capacity: int = 1024,
+        max_optimizers: int = 1024,
+        observer: CoordinatorObserver | None = None,
+    ) -> None:
+        self._observer = observer
+        self._engine_factory: EngineFactory = engine_factory or (lambda cfg: Adamax.from_config(cfg, device=device))
+        self._dedup_capacity = dedup_capacity
+        self._max_optimizers = max_optimizers
+        self._lock = threading.Lock()
+        self._hosts: dict[str, OptimizerHost] = {}
+        self._closed = False
+        self.device = device
+
+    def create(self, key: str, config: Mapping[str, Any], policy: Policy) -> tuple[bool, OptimizerHost]:
+        """Create an optimizer from a Keras config; idempotent for an identical config and policy."""
+        if not key:
+            raise InvalidArgument("`optimizer` (the key of the optimizer on the server) must be a non-empty string.")
+        config = dict(config)
+        if config.get("name") is None:
+            config["name"] = key
+        with self._lock:
+            self._require_open()
+            existing = self._hosts.get(key)
+        if existing is None:
+            engine = self._engine_factory(config)  # Keras-style ValueError on a bad config
+            normalized = normalize_config(engine.get_config())
+        else:
+            engine = None
+            normalized = normalize_config(self._engine_factory(config).get_config())
+        with self._lock:
+            existing = self._hosts.get(key)
+            if existing is not None:
+                if existing.initial_config != normalized or existing.policy != policy:
+                    raise AlreadyExists(
+                        f"optimizer '{key}' already exists with a different "
+                        f"{'config' if existing.initial_config != normalized else 'coordination policy'}; "
+                        "use another name or the same settings"
+                    )
+                return False, existing
+            if engine is None:
+                engine = self._engine_factory(config)
+            if len(self._hosts) >= self._max_optimizers:
+                raise ResourceExhausted(f"this server hosts at most {self._max_optimizers} optimizers")
+            host = OptimizerHost(
+                key, engine, normalized, policy, dedup_capacity=self._dedup_capacity, observer=self._observer
+            )
+            self._hosts[key] = host
+            return True, host
+
+    def engine_from_snapshot(self, snap: OptimizerSnapshot) -> Adamax:
+        """A new engine holding ``snap``'s config, exclusions, variables and store."""
+        engine = self._engine_factory(snap.config)
+        exclusions = snap.exclusions
+        if exclusions.get("var_list") or exclusions.get("var_names"):
+            engine.exclude_from_weight_decay(
+                var_list=exclusions.get("var_list") or None, var_names=exclusions.get("var_names") or None
+            )
+        if snap.built:
+            engine.build(dict(snap.variables))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                engine.load_own_variables(snap.store)
+            if caught:  # Keras only warns on a variable-count mismatch; a restore must not skip
+                raise InvalidArgument(f"cannot restore optimizer '{snap.key}': {caught[0].message}")
+        return engine
+
+    def restore(self, snap: OptimizerSnapshot) -> tuple[OptimizerHost, int, int]:
+        """Restore one optimizer: replace a running one (fenced) or create it with the saved version."""
+        engine = self.engine_from_snapshot(snap)  # the slow part, outside every lock
+        with self._lock:
+            self._require_open()
+            host = self._hosts.get(snap.key)
+            if host is None:
+                if len(self._hosts) >= self._max_optimizers:
+                    raise ResourceExhausted(f"this server hosts at most {self._max_optimizers} optimizers")
+                host = OptimizerHost(
+                    snap.key, engine, snap.initial_config, Policy(**snap.policy),
+                    dedup_capacity=self._dedup_capacity, observer=self._observer,
+                )
+                version, iterations = host.restore(snap, engine, fence=False)
+                self._hosts[snap.key] = host
+                return host, version, iterations
+        version, iterations = host.restore(snap, engine, fence=True)
+        return host, version, iterations
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise Unavailable("the parameter server is shutting down")
+
+    def get(self, key: str) -> OptimizerHost:
+        with self._lock:
+            self._require_open()
+            host = self._hosts.get(key)
+            if host is None:
+                raise NotFound(f"no optimizer named '{key}' on this server. Existing: {sorted(self._hosts)}")
+            return host
+
+    def hosts(self) -> list[OptimizerHost]:
+        with self._lock:
+            return [self._hosts[k] for k in sorted(self._hosts)]
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            host = self._hosts.pop(key, None)
+        if host is None:
+            return False
+        host.close()
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            hosts, self._hosts = list(self._hosts.values()), {}
+        for host in hosts:
+            host.close()

@@ -1,0 +1,141 @@
+"""Sync rounds of one ``OptimizerHost``: contributions, K-of-N closing, the round timer, late pushes,
+the combination (mean or sum) of the contributions and the apply."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from adamax_server.coordination.stats import GradientStats, non_finite_counts, non_finite_message, push_stats
+from adamax_server.coordination.policy import Gradient
+from adamax_server.optim.engine import RowSparseGradient
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class Contribution:
+    request_id: str
+    grads: dict[str, Gradient]
+
+
+
+
+class RoundsMixin:
+    """The sync-round half of ``OptimizerHost`` (``adamax_server.coordination.host``)."""
+
+    # -------------------------------------------------------------- sync rounds
+
+    def _start_round_timer(self) -> None:
+        assert self.policy.round_timeout is not None
+        timer = threading.Timer(self.policy.round_timeout, self._on_round_timeout, args=(self._round_epoch,))
+        timer.daemon = True
+        self._round_timer = timer
+        timer.start()
+
+    def _on_round_timeout(self, epoch: int) -> None:
+        with self._cond:
+            if epoch != self._round_epoch or not self._round or self._closed:
+                return
+            arrived = sorted(self._round)
+            why = f"timed out after {self.policy.round_timeout}s with {len(arrived)} of {self.policy.quorum} workers ({', '.join(arrived)})"
+            if self.policy.round_timeout_policy == "close":
+                try:
+                    self._close_round(why)
+                except Exception:  # the timer thread has nobody to report to
+                    _log.exception("closing round %d of '%s' failed", self._version, self.key)
+            else:
+                self._abort_round(f"round for version {self._version} of optimizer '{self.key}' was aborted: {why}")
+
+    def _reset_round(self) -> None:
+        self._round = {}
+        self._round_epoch += 1
+        if self._round_timer is not None:
+            self._round_timer.cancel()
+            self._round_timer = None
+
+    def _abort_round(self, message: str) -> None:
+        for worker_id, contribution in self._round.items():
+            # A retry of an aborted push must enter the next round, not be answered "accepted".
+            self._dedup.discard(worker_id, contribution.request_id)
+        self._reset_round()
+        self._aborts += 1
+        self._last_abort = message
+        _log.warning("%s", message)
+        self._cond.notify_all()
+
+    def _close_round(self, why: str) -> str:
+        contributions = [self._round[w] for w in sorted(self._round)]
+        combined = self._combine(contributions)
+        version = self._version
+        detail = f"round for version {version} {why}"
+        present = {n: g for n, g in combined.items() if g is not None}
+        try:
+            stats = push_stats(present)
+            bad = non_finite_counts(stats)
+            if bad:  # only reachable with non_finite="skip" (or overflow in the sum)
+                detail += "; " + non_finite_message(bad, skipped=True)
+            elif not present:
+                detail += "; no worker sent any gradient, step skipped"
+            else:
+                self._apply(present, stats)
+        except BaseException:
+            self._abort_round(f"round for version {version} was aborted: applying the combined gradient failed")
+            raise
+        self._reset_round()
+        self._last_closed = detail
+        self._set_version(version + 1)
+        self._observe("on_round_closed", time.monotonic() - self._round_started, len(contributions), self.policy.num_workers)
+        return detail
+
+    def _apply(self, grads: dict[str, Gradient], stats: Mapping[str, GradientStats]) -> None:
+        """One engine apply (under the lock), timed for the metrics; ``stats`` from the check."""
+        start = time.perf_counter()
+        self._engine.apply(grads)
+        self._observe("on_apply", time.perf_counter() - start, stats, self._engine.iterations, self.initial_config)
+
+    def _observe(self, hook: str, *args: Any) -> None:
+        if self._observer is None:
+            return
+        try:  # metrics must never fail a push that was already applied
+            getattr(self._observer, hook)(self.key, *args)
+        except Exception:
+            _log.exception("metrics hook %s failed", hook)
+
+    def _combine(self, contributions: list[Contribution]) -> dict[str, Gradient]:
+        """Sum or mean per variable, in worker-id order (so results do not depend on arrival)."""
+        count = len(contributions)
+        out: dict[str, Gradient] = {}
+        for name, shape, dtype in self._engine.variable_specs:
+            parts = [c.grads[name] for c in contributions if c.grads.get(name) is not None]
+            if not parts:
+                out[name] = None
+                continue
+            if all(isinstance(p, RowSparseGradient) for p in parts):
+                indices = np.concatenate([np.asarray(p.indices, dtype=np.int64) for p in parts])
+                values = np.concatenate([np.asarray(p.values).astype(dtype) for p in parts])
+                if self.policy.aggregation == "mean":
+                    values = np.divide(values, np.asarray(count, dtype=dtype))
+                out[name] = RowSparseGradient(indices, values)
+                continue
+            # Summed straight into the engine's staging buffer when it is host memory (sync
+            # rounds never lend it to a receive): no new allocation, and apply copies nothing.
+            total = self._engine.gradient_buffer(name) if self._engine.host_staging else None
+            if total is None or total.dtype != np.dtype(dtype):
+                total = np.zeros(shape, dtype=dtype)
+            else:
+                total[...] = 0
+            for p in parts:
+                if isinstance(p, RowSparseGradient):
+                    np.add.at(total, np.asarray(p.indices), np.asarray(p.values).astype(dtype))
+                else:
+                    np.add(total, np.asarray(p).astype(dtype, copy=False), out=total)
+            if self.policy.aggregation == "mean":
+                np.divide(total, np.asarray(count, dtype=dtype), out=total)
+            out[name] = total
+        return out

@@ -1,0 +1,2 @@
+"""Observability shared by the transports and the command line: Prometheus metrics (including the
+coordinator observer and the gRPC interceptor) and logging (plain or JSON lines)."""

@@ -1,0 +1,138 @@
+"""Translation shared by both transports (gRPC servicer and bulk channel).
+
+Proto enums <-> policy strings, ``OptimizerStatus`` -> ``OptimizerInfo``, tensor headers ->
+``TensorMeta``, decoded tensors -> engine values, and the receive allocator that lets a push land
+straight in the engine's staging buffer. No grpc here: the bulk channel uses it without a server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from adamax_wire import tensors as _wire
+from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
+
+from adamax_server.coordination.policy import OptimizerStatus, Policy, TensorMeta, config_to_json
+from adamax_server.errors import InvalidArgument
+from adamax_server.optim.engine import RowSparseGradient
+
+_MODES = {pb.MODE_UNSPECIFIED: "async", pb.ASYNC: "async", pb.SYNC: "sync"}
+_AGGREGATIONS = {pb.AGGREGATION_UNSPECIFIED: "mean", pb.MEAN: "mean", pb.SUM: "sum"}
+_TIMEOUT_POLICIES = {
+    pb.ROUND_TIMEOUT_POLICY_UNSPECIFIED: "close",
+    pb.CLOSE_WITH_ARRIVED: "close",
+    pb.ABORT_ROUND: "abort",
+}
+_NON_FINITE = {pb.NON_FINITE_POLICY_UNSPECIFIED: "reject", pb.REJECT: "reject", pb.SKIP_STEP: "skip"}
+OUTCOMES = {
+    "applied": pb.APPLIED,
+    "accepted": pb.ACCEPTED,
+    "round_closed": pb.ROUND_CLOSED,
+    "dropped_late": pb.DROPPED_LATE,
+    "skipped_non_finite": pb.SKIPPED_NON_FINITE,
+}
+ASSIGN_OPS = {pb.ASSIGN: "assign", pb.ASSIGN_ADD: "assign_add", pb.ASSIGN_SUB: "assign_sub"}
+
+
+def lookup_enum(table: dict[int, str], value: int, what: str) -> str:
+    try:
+        return table[value]
+    except KeyError:
+        raise InvalidArgument(f"unknown {what} value {value}") from None
+
+
+def policy_from_proto(msg: Any) -> Policy:
+    return Policy(
+        mode=lookup_enum(_MODES, msg.mode, "mode"),  # type: ignore[arg-type]
+        num_workers=msg.num_workers or 1,
+        min_workers=msg.min_workers or None,
+        aggregation=lookup_enum(_AGGREGATIONS, msg.aggregation, "aggregation"),  # type: ignore[arg-type]
+        round_timeout=msg.round_timeout_seconds or None,
+        round_timeout_policy=lookup_enum(_TIMEOUT_POLICIES, msg.round_timeout_policy, "round_timeout_policy"),  # type: ignore[arg-type]
+        max_staleness=msg.max_staleness if msg.HasField("max_staleness") else None,
+        non_finite=lookup_enum(_NON_FINITE, msg.non_finite, "non_finite"),  # type: ignore[arg-type]
+    )
+
+
+def policy_to_proto(policy: Policy) -> Any:
+    msg = pb.CoordinationPolicy(
+        mode=pb.SYNC if policy.mode == "sync" else pb.ASYNC,
+        num_workers=policy.num_workers,
+        min_workers=policy.min_workers or 0,
+        aggregation=pb.SUM if policy.aggregation == "sum" else pb.MEAN,
+        round_timeout_seconds=policy.round_timeout or 0.0,
+        round_timeout_policy=pb.ABORT_ROUND if policy.round_timeout_policy == "abort" else pb.CLOSE_WITH_ARRIVED,
+        non_finite=pb.SKIP_STEP if policy.non_finite == "skip" else pb.REJECT,
+    )
+    if policy.max_staleness is not None:
+        msg.max_staleness = policy.max_staleness
+    return msg
+
+
+def info_to_proto(status: OptimizerStatus) -> Any:
+    return pb.OptimizerInfo(
+        optimizer=status.key,
+        config_json=config_to_json(status.config),
+        policy=policy_to_proto(status.policy),
+        built=status.built,
+        variables=[
+            pb.VariableSpec(name=n, shape=s, dtype=_wire.wire_dtype(np.dtype(d))) for n, s, d in status.specs
+        ],
+        version=status.version,
+        iterations=status.iterations,
+        learning_rate=status.learning_rate,
+        learning_rate_is_schedule=status.learning_rate_is_schedule,
+        workers=[
+            pb.WorkerInfo(
+                worker_id=w.worker_id, last_step=w.last_step, pushes=w.pushes, seconds_since_seen=w.seconds_since_seen
+            )
+            for w in status.workers
+        ],
+        round_arrivals=status.round_arrivals,
+    )
+
+
+def tensor_meta(header: Any) -> TensorMeta:
+    return TensorMeta(
+        name=header.name,
+        dtype=_wire.dtype_name(header.dtype) if header.dtype else "unspecified",
+        shape=tuple(header.shape),
+        sparse=header.layout == pb.ROW_SPARSE,
+        absent=header.absent,
+    )
+
+
+def engine_value(value: Any) -> Any:
+    if isinstance(value, _wire.RowSparseGradient):
+        return RowSparseGradient(value.indices, value.values)
+    return value
+
+
+def dense_only(tensor: _wire.DecodedTensor) -> np.ndarray:
+    if tensor.value is None or isinstance(tensor.value, _wire.RowSparseGradient):
+        raise InvalidArgument(f"tensor '{tensor.header.name}' must be a dense array here")
+    return tensor.value
+
+
+
+def staging_allocator(staging: Any) -> _wire.Allocator | None:
+    """A wire-decoder allocator over ``OptimizerHost.push``'s staging lookup (None: none lent).
+
+    Dense tensors sent in their variable's dtype are received into the engine's own staging
+    buffer; anything else (row-sparse, narrowed on the wire) gets a buffer of its own.
+    """
+    if staging is None:
+        return None
+
+    def allocate(header: Any, nbytes: int) -> tuple[np.ndarray, None] | None:
+        if header.layout != pb.DENSE or header.dtype == pb.BFLOAT16:
+            return None
+        buffer = staging(header.name, _wire.numpy_dtype(header.dtype))
+        if buffer is None:
+            return None
+        raw = buffer.view(np.uint8)
+        return (raw, None) if raw.size == nbytes else None
+
+    return allocate
