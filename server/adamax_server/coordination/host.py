@@ -10,6 +10,7 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -170,6 +171,12 @@ class OptimizerHost(RoundsMixin, SnapshotMixin):
     def build(self, variables: Sequence[tuple[str, np.ndarray]], worker_id: str = "") -> bool:
         """Build with initial values; idempotent when already built with the same specs."""
         specs = [(name, tuple(value.shape), np.dtype(value.dtype)) for name, value in variables]
+        names = [name for name, _, _ in specs]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:  # a dict would silently keep the last value of each
+            raise InvalidArgument(
+                f"Build received more than one variable named {duplicates}; variable names must be unique"
+            )
         with self._cond:
             if self._closed:
                 raise Unavailable(f"optimizer '{self.key}' was deleted")
@@ -560,7 +567,22 @@ class OptimizerHost(RoundsMixin, SnapshotMixin):
         return self._mutate(lambda e: e.set_weights(list(weights)))
 
     def load_own_variables(self, store: Mapping[str, np.ndarray]) -> tuple[int, int]:
-        return self._mutate(lambda e: e.load_own_variables(dict(store)))
+        """Keras's ``load_own_variables``, except that a store of the wrong size is refused.
+
+        Keras only warns ("Skipping variable loading ...") and loads nothing; answering OK and
+        bumping the version would tell a remote caller its state was loaded. The server raises
+        InvalidArgument with Keras's message and changes nothing.
+        """
+
+        def load(engine: Adamax) -> None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                engine.load_own_variables(dict(store))
+            skipped = [w for w in caught if "Skipping variable loading" in str(w.message)]
+            if skipped:
+                raise InvalidArgument(f"LoadOwnVariables refused: {str(skipped[0].message).strip()}")
+
+        return self._mutate(load)
 
     def save_own_variables(self) -> dict[str, np.ndarray]:
         with self._cond:

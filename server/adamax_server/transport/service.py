@@ -38,7 +38,7 @@ from adamax_server.transport.common import (
     staging_allocator,
     tensor_meta,
 )
-from adamax_server.transport.validation import ResourceLimits, require_finite_float32
+from adamax_server.transport.validation import ResourceLimits, require_finite_config, require_finite_float32
 
 if TYPE_CHECKING:
     from adamax_server.transport.bulk import BulkServer
@@ -103,6 +103,7 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
                 raise InvalidArgument(f"`config_json` is not valid JSON: {exc}") from exc
             if not isinstance(config, dict):
                 raise InvalidArgument(f"`config_json` must be a JSON object. Received: {request.config_json[:80]}")
+            require_finite_config(config)  # NaN, Infinity, 1e400: refused like SetLearningRate does
             created, host = self._coordinator.create(request.optimizer, config, policy_from_proto(request.policy))
             return pb.CreateOptimizerResponse(created=created, info=info_to_proto(host.status()))
 
