@@ -115,7 +115,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
     observe = parser.add_argument_group("observability")
     _flag(observe, "--metrics-port", None, type=int, help="serve Prometheus /metrics on this port (0 picks one)")
-    _flag(observe, "--metrics-host", "0.0.0.0", help="address of the metrics endpoint")
+    _flag(observe, "--metrics-host", None,
+          help="address of the metrics endpoint (default: the --host the server binds; /metrics has no auth)")
 
 
 # ---------------------------------------------------------------- objects from flags

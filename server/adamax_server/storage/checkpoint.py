@@ -31,6 +31,7 @@ import re
 import shutil
 import stat
 import struct
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from adamax_server.errors import DataLoss, InvalidArgument, NotFound
+from adamax_server.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from adamax_server.coordination.snapshot import OptimizerSnapshot, RoundContribution
 
 _log = logging.getLogger(__name__)
@@ -379,12 +380,37 @@ def _require_regular_file(path: Path, where: str) -> None:
 # ---------------------------------------------------------------- the store
 
 
+def check_directory(root: Path) -> None:
+    """Create ``root`` if needed and prove it writable (a probe directory is made and removed).
+
+    A server must refuse to start on a checkpoint directory it cannot write, with a message
+    naming it, rather than fail every automatic checkpoint later with a bare ``[Errno 17]``.
+    """
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FailedPrecondition(f"checkpoint directory {str(root)!r} exists but is not a directory") from None
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"cannot create the checkpoint directory {str(root)!r}: {exc.strerror or exc}"
+        ) from None
+    if not root.is_dir():
+        raise FailedPrecondition(f"checkpoint directory {str(root)!r} is not a directory")
+    try:
+        probe = tempfile.mkdtemp(prefix=_TMP_PREFIX + "probe-", dir=root)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"the checkpoint directory {str(root)!r} is not writable: {exc.strerror or exc}"
+        ) from None
+
+
 class CheckpointStore:
     """The checkpoints of one directory. Thread safe for one writer at a time (the manager's lock)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
+        check_directory(root)
         self.root = Path(os.path.realpath(root))
         self.clean_temporaries()
 
