@@ -147,3 +147,21 @@ def test_metrics_listen_on_the_serve_host_unless_told_otherwise(metrics_host: st
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_opening_a_directory_does_not_remove_a_live_servers_write_in_progress(tmp_path: Path) -> None:
+    """With backoff, a checkpoint lost this way is not retried for a while: another process
+    opening the directory (``checkpoint list --dir``, a test) must leave a live writer's
+    temporary alone, and still clean up what dead writers left."""
+    CheckpointStore(tmp_path)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        (tmp_path / f".tmp-ckpt-00000001-aaaa-p{live.pid}").mkdir()
+        (tmp_path / f".tmp-ckpt-00000002-bbbb-p{int(dead.stdout)}").mkdir()
+        (tmp_path / f".del-ckpt-00000003-cccc-p{os.getpid()}").mkdir()  # ours: a leftover
+        CheckpointStore(tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f".tmp-ckpt-00000001-aaaa-p{live.pid}"]
+    finally:
+        live.kill()
+        live.wait()
