@@ -304,3 +304,18 @@ def test_unread_pulls_cannot_take_every_thread():
             for call in pulls:
                 call.cancel()
             channel.close()
+
+
+def test_budgets_and_reserved_threads_are_serve_flags(monkeypatch):
+    from adamax_server.cli import commands
+    from adamax_server.cli.runtime import server_kwargs
+
+    monkeypatch.setenv("ADAMAX_PS_STALL_SECONDS", "7")
+    args = commands.build_parser().parse_args(
+        ["serve", "--call-floor-seconds", "2", "--min-transfer-mib", "4", "--reserved-threads", "3"]
+    )
+    kwargs = server_kwargs(args)
+    assert kwargs["reserved_threads"] == 3
+    assert kwargs["call_limits"] == CallLimits(floor=2.0, min_rate=4.0 * 2**20, stall=7.0)
+    with pytest.raises(ValueError, match="stall"):
+        server_kwargs(commands.build_parser().parse_args(["serve", "--stall-seconds", "0"]))

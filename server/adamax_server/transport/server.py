@@ -138,6 +138,8 @@ def create_server(
     coordinator = coordinator or Coordinator(device=device, observer=metrics)
     call_limits = call_limits or CallLimits(stall=bulk_stall_timeout)
     reserved = default_reserved(max_workers) if reserved_threads is None else reserved_threads
+    if not 0 <= reserved < max_workers:
+        raise ValueError(f"`reserved_threads` must be in [0, max_workers={max_workers}). Received: {reserved}")
     admission = AdmissionInterceptor(max_workers - reserved)
     chain: list[grpc.ServerInterceptor] = []
     if metrics is not None:
