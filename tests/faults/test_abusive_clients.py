@@ -319,3 +319,27 @@ def test_budgets_and_reserved_threads_are_serve_flags(monkeypatch):
     assert kwargs["call_limits"] == CallLimits(floor=2.0, min_rate=4.0 * 2**20, stall=7.0)
     with pytest.raises(ValueError, match="stall"):
         server_kwargs(commands.build_parser().parse_args(["serve", "--stall-seconds", "0"]))
+
+
+def test_a_received_grpc_push_waiting_for_the_staging_buffer_is_not_cut_by_the_stall_limit():
+    """The stall limit is about bytes that stop coming; a push that has all its bytes and waits
+    (for the staging buffer, for an earlier copy of itself) has other bounds."""
+    with serving() as (target, server):
+        _build(target)
+        host = server.coordinator.get("m")
+        holding = threading.Event()
+
+        def slow_receive(_staging):
+            holding.set()
+            time.sleep(1.5)  # three stall limits; in-process, so nobody can cancel it
+            return [("a", np.ones(N, np.float32)), ("b", np.ones(N, np.float32))]
+
+        holder = threading.Thread(target=lambda: host.push("inproc", "r0", 0, slow_receive, timeout=10))
+        holder.start()
+        try:
+            assert holding.wait(5)
+            with RemoteAdamax(target, optimizer="m", worker_id="w1", bulk="off", timeout=10) as opt:
+                assert opt.push([np.ones(N, np.float32)] * 2, step=0).outcome == "applied"
+        finally:
+            holder.join(10)
+        assert host.iterations == 2

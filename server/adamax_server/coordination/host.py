@@ -301,6 +301,8 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin):
             self._pushes_in_flight += 1
         try:
             grads = receive(self._staging_lookup() if lease else None)
+            if progress is not None:  # all arrived: nothing to cancel any more
+                progress.cancel = None
             with self._cond:
                 if not lease:
                     self._wait_for_lease(deadline)  # it is being filled: apply after it

@@ -176,6 +176,7 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
                         allocate=receiver.allocate if receiver is not None else staging_allocator(staging),
                     )
                 finally:
+                    self._watchdog.done(watch)  # received: later waits have their own bounds
                     if receiver is not None:  # no copy may outlive the push's buffers
                         receiver.wait()
                 announced = header.num_tensors
