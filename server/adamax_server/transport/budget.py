@@ -107,7 +107,7 @@ class Watch:
 
 
 class Watchdog:
-    """Cancels watched calls past their budget; one daemon thread, started on first use."""
+    """Cancels watched calls past their budget; one daemon thread, while there are calls to watch."""
 
     def __init__(self, tick: float = 0.25) -> None:
         self._tick = tick
@@ -133,8 +133,11 @@ class Watchdog:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._watches:
-                    self._cond.wait()
+                if not self._watches:
+                    self._cond.wait(5.0)
+                    if not self._watches:  # idle: the next watch starts a new thread
+                        self._thread = None
+                        return
                 tick = min(self._tick, *(w.stall / 4 for w in self._watches))
                 self._cond.wait(max(tick, 0.01))
                 now = time.monotonic()
