@@ -112,8 +112,9 @@ def create_server(
 ) -> tuple[grpc.Server, int]:
     """Create (not start) a server bound to ``address``; returns it and the bound port.
 
-    Waiting pulls and open sync rounds each hold a worker thread, so ``max_workers`` should
-    exceed the number of workers of the largest job. ``tokens`` turns on bearer-token auth,
+    Waiting pulls and open sync rounds over gRPC each hold a worker thread, so ``max_workers``
+    minus ``reserved_threads`` should exceed the number of gRPC workers of the largest job
+    (pushes and pulls over the bulk channel hold none). ``tokens`` turns on bearer-token auth,
     ``metrics`` counts every call (pass the same object as the coordinator's ``observer``),
     ``max_concurrent_rpcs`` answers calls beyond it with RESOURCE_EXHAUSTED, and
     ``reflection=False`` hides the service descriptions (production).
