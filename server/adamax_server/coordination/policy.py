@@ -78,8 +78,9 @@ class ReceiveProgress:
 
     ``received`` grows as bytes arrive; ``cancel()`` stops the receive (the transport closes or
     cancels the stream, and ``receive`` then raises). A push that holds the engine's staging
-    buffer and falls below ``min_rate`` bytes/s over ``patience`` seconds while other pushes
-    wait for that buffer is cancelled: a slow or stalled sender cannot hold up the others.
+    buffer and falls more than ``patience`` seconds behind a pace of ``min_rate`` bytes/s while
+    other pushes wait for that buffer is cancelled: a slow or stalled sender cannot hold up the
+    others (``coordination.staging``).
     """
 
     min_rate: float = 1 << 20

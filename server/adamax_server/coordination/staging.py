@@ -24,28 +24,28 @@ class StagingMixin:
     def _wait_for_lease(self, deadline: float | None) -> None:
         """Wait (under the lock) until no push is receiving into the staging buffer.
 
-        The holder must keep moving: each ``patience`` seconds of waiting, it must have
-        received ``min_rate * patience`` more bytes, or it is cancelled (its push fails,
-        nothing applied; the worker retries with the same request id). So a stalled or
-        dribbling sender holds the others up for about ``patience`` seconds, not for ever.
+        The holder must keep moving: from the moment a push waits for it, it may fall at most
+        ``patience`` seconds behind a pace of ``min_rate`` bytes/s (its ``ReceiveProgress``),
+        or it is cancelled (its push fails, nothing applied; the worker retries with the same
+        request id). So a stalled or dribbling sender holds the others up for about
+        ``patience`` seconds, and a sender that keeps the pace is waited for.
         """
-        window_start, mark = time.monotonic(), None
+        since, mark, watched = time.monotonic(), 0, None
         while self._staging_leased:
             holder = self._lease_progress
             now = time.monotonic()
-            if holder is not None:
-                if mark is None:
-                    mark = holder.received
-                elif now - window_start >= holder.patience:
-                    if holder.received - mark < holder.min_rate * (now - window_start) and not holder.cancelled:
-                        holder.cancelled = True
-                        _log.warning(
-                            "optimizer '%s': a push receiving into the staging buffer got %d bytes in %.3g s while "
-                            "other pushes waited; cancelling it", self.key, holder.received - mark, now - window_start,
-                        )
-                        if holder.cancel is not None:
-                            holder.cancel()
-                    window_start, mark = now, holder.received
+            if holder is not None and holder is not watched:  # (a new holder: measure it afresh)
+                since, mark, watched = now, holder.received, holder
+            elif holder is not None and not holder.cancelled:
+                behind = (now - since) - (holder.received - mark) / holder.min_rate
+                if behind > holder.patience:
+                    holder.cancelled = True
+                    _log.warning(
+                        "optimizer '%s': a push receiving into the staging buffer got %d bytes in %.3g s while "
+                        "other pushes waited; cancelling it", self.key, holder.received - mark, now - since,
+                    )
+                    if holder.cancel is not None:
+                        holder.cancel()
             remaining = None if deadline is None else deadline - now
             if remaining is not None and remaining <= 0:
                 raise WaitTimeout(
@@ -53,8 +53,8 @@ class StagingMixin:
                     "nothing was applied (retry with the same request id)",
                     current_version=self._version,
                 )
-            patience = holder.patience if holder is not None else 1.0
-            self._cond.wait(patience if remaining is None else min(patience, remaining))
+            tick = holder.patience / 4 if holder is not None else 1.0
+            self._cond.wait(tick if remaining is None else min(tick, remaining))
 
     def _take_staging_lease(self, progress: ReceiveProgress | None = None) -> bool:
         """Whether the push starting now may receive into the engine's staging buffer.

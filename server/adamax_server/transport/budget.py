@@ -2,8 +2,8 @@
 
 * :class:`CallLimits`: every push has a receive budget (``floor`` seconds plus its announced
   bytes at ``min_rate``), a longest silence (``stall``), and while it holds the optimizer's
-  staging buffer it must keep up ``min_rate`` or be cancelled after ``lease_patience`` seconds
-  if other pushes wait (``coordination.staging``). A gRPC pull reply gets the same kind of
+  staging buffer and other pushes wait, it may fall at most ``lease_patience`` seconds behind
+  a pace of ``min_rate`` or be cancelled (``coordination.staging``). A gRPC pull reply gets the same kind of
   send budget, and a pull waits for a version at most ``max_wait`` seconds. The bulk channel's
   hello must arrive within ``hello_timeout``.
 * :class:`TimedSocket`: a socket whose reads share one deadline (bulk channel pushes, hellos).
