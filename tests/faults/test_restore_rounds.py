@@ -19,6 +19,7 @@ from _ps_helpers import running_server
 from adamax_client import RemoteAdamax
 from adamax_client.checkpoints import CheckpointClient
 from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.coordination.policy import Policy
 from adamax_server.storage.checkpoint import CheckpointStore
 from adamax_server.storage.checkpointing import CheckpointManager, CheckpointPolicy
 
@@ -73,8 +74,7 @@ def test_a_pull_compute_push_loop_keeps_working_across_a_live_restore_of_an_open
 def test_a_restore_into_a_fresh_server_keeps_the_open_round(tmp_path: Path) -> None:
     coordinator = Coordinator(device="cpu")
     manager = CheckpointManager(coordinator, CheckpointStore(tmp_path / "ckpts"))
-    _, host = coordinator.create("s", {"learning_rate": 0.01}, __import__(
-        "adamax_server.coordination.policy", fromlist=["Policy"]).Policy(mode="sync", num_workers=2))
+    _, host = coordinator.create("s", {"learning_rate": 0.01}, Policy(mode="sync", num_workers=2))
     host.build(list(VALUES.items()))
     host.push("w0", "r0", 0, lambda _s: list(zip(VALUES, _grads(0, 0))), timeout=5)
     manager.save_all()
