@@ -8,7 +8,11 @@ server's bulk port on the same host name, and then moves tensor bytes with ``sen
 copied into it once and pulls are copied out of the server's per-version segment once.
 
 A broken connection is retried on a fresh one with the same request id, so a push is still
-applied exactly once.
+applied exactly once. When no connection can be set up or kept (a handshake cut, a bulk port
+at its connection limit, a flood of idle connections), the call raises ``BulkUnavailable``
+with ``transient=True`` and ``RemoteAdamax`` sends it over gRPC instead, trying the bulk
+channel again later; the request id stays the same, so the exactly-once answer holds across
+both transports.
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ from adamax_wire import bulk_frames as _bulk
 from adamax_wire import shm as _shm
 from adamax_wire import tensors as _wire
 from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
-from adamax_client.errors import AdamaxError, DeadlineExceededError, ProtocolError, UnavailableError, UnimplementedError, from_status
+from adamax_client.errors import (
+    AdamaxError, DeadlineExceededError, ProtocolError, ResourceExhaustedError, UnavailableError, UnimplementedError,
+    from_status,
+)
 
 BulkMode = Literal["auto", "tcp", "shm", "off"]
 BULK_MODES = ("auto", "tcp", "shm", "off")
@@ -39,11 +46,18 @@ class BulkUnavailable(Exception):
     """This server (or network path) has no usable bulk channel: use gRPC.
 
     ``offered``: the server offers one but it cannot be reached (a firewalled port).
+    ``transient``: it failed now (connection cut, server at its connection limit) and may work
+    again later; use gRPC for this call only.
     """
 
-    def __init__(self, message: str, *, offered: bool = False) -> None:
+    def __init__(self, message: str, *, offered: bool = False, transient: bool = False) -> None:
         super().__init__(message)
         self.offered = offered
+        self.transient = transient
+
+
+class BulkFull(BulkUnavailable):
+    """The server's bulk port is at its connection limit (retrying at once would not help)."""
 
 
 def _host_of(target: str) -> str:
@@ -128,8 +142,14 @@ class BulkChannel:
             _bulk.tune(sock)
             _bulk.keepalive(sock)
             sock.settimeout(timeout)
-            _bulk.send_frame(sock, pb.BulkFrame(hello=pb.BulkHello(ticket=response.ticket)))
-            self._expect_ok(_bulk.recv_frame(sock))
+            try:
+                _bulk.send_frame(sock, pb.BulkFrame(hello=pb.BulkHello(ticket=response.ticket)))
+                self._expect_ok(_bulk.recv_frame(sock))
+            except ResourceExhaustedError as exc:  # the bulk port is at its connection limit
+                raise BulkFull(f"bulk channel full: {exc}", offered=True, transient=True) from exc
+            except (OSError, _wire.WireFormatError) as exc:  # cut or refused during the handshake
+                raise BulkUnavailable(f"bulk handshake with {host}:{response.port} failed: {exc!r}",
+                                      offered=True, transient=True) from exc
             self._server_shm = response.shared_memory
             self.shared_memory = False
             if self._server_shm and not self._shm_failed:
@@ -179,7 +199,12 @@ class BulkChannel:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                sock = self._sock or self._connect(remaining)
+                try:
+                    sock = self._sock or self._connect(remaining)
+                except BulkUnavailable as exc:
+                    if not exc.transient or isinstance(exc, BulkFull) or attempt == _ATTEMPTS - 1:
+                        raise
+                    continue  # a cut handshake: try a fresh ticket and connection
                 sock.settimeout(max(remaining, 1e-3))
                 try:
                     return body(sock, remaining)
@@ -190,7 +215,9 @@ class BulkChannel:
                     if attempt == _ATTEMPTS - 1 or time.monotonic() >= deadline:
                         if isinstance(exc, TimeoutError):
                             raise DeadlineExceededError(f"bulk call ran past its {timeout:.3g}s deadline") from exc
-                        raise UnavailableError(f"bulk connection failed: {exc}") from exc
+                        # The same call (same request id) may still go through gRPC.
+                        raise BulkUnavailable(f"bulk connection failed {_ATTEMPTS} times: {exc!r}",
+                                              offered=True, transient=True) from exc
                 except _wire.WireFormatError as exc:
                     self._drop()
                     raise ProtocolError(f"malformed bulk reply: {exc}") from exc

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 import warnings
 from collections import OrderedDict
@@ -41,6 +42,7 @@ from adamax_client.errors import InvalidArgumentError
 from adamax_client.transport import RetryPolicy, Transport
 
 _log = logging.getLogger(__name__)
+_BULK_BACKOFF, _BULK_BACKOFF_MAX = 5.0, 300.0  # seconds on gRPC after a transient bulk failure, doubling
 _NO_BULK: Any = object()  # RemoteAdamax._bulk once the server turned out to have no bulk channel
 
 _KERAS_DEFAULTS: dict[str, Any] = {
@@ -237,6 +239,8 @@ class RemoteAdamax:
             raise ValueError(f"`bulk` must be one of {list(BULK_MODES)}. Received: bulk={bulk!r}")
         self._bulk_mode = bulk
         self._bulk: Any = None  # BulkChannel once used; _NO_BULK when the server offers none
+        self._bulk_retry_at = 0.0  # after a transient bulk failure: gRPC until then
+        self._bulk_backoff = 0.0
         self._specs: list[VariableSpec] = []
         self._version = 0  # weights version this worker holds (last build/pull)
         self._expect_version = 0  # what pull() waits for by default
@@ -491,7 +495,7 @@ class RemoteAdamax:
             return "grpc"
         if self._bulk is None:
             return "unknown"
-        if self._bulk is _NO_BULK:
+        if self._bulk is _NO_BULK or time.monotonic() < self._bulk_retry_at:
             return "grpc"
         return "shm" if self._bulk.shared_memory else "tcp"
 
@@ -501,9 +505,19 @@ class RemoteAdamax:
             return None
         if self._bulk is None:
             self._bulk = BulkChannel(self._transport, self.key, self.worker_id, mode=self._bulk_mode)
+        if time.monotonic() < self._bulk_retry_at:
+            return None  # the bulk channel failed recently: gRPC until the backoff ends
         try:
-            return call(self._bulk)
+            result = call(self._bulk)
+            self._bulk_backoff = 0.0
+            return result
         except BulkUnavailable as exc:
+            if exc.transient:  # this call goes through gRPC; the bulk channel is tried again later
+                self._bulk_backoff = min(_BULK_BACKOFF_MAX, max(self._bulk_backoff * 2, _BULK_BACKOFF))
+                self._bulk_retry_at = time.monotonic() + self._bulk_backoff
+                _log.warning("worker '%s': bulk channel failed (%s); this call and those of the next %.3g s use gRPC",
+                             self.worker_id, exc, self._bulk_backoff)
+                return None
             # Asked for explicitly, or offered but unreachable (a firewalled port): say so louder.
             level = logging.INFO if self._bulk_mode == "auto" and not exc.offered else logging.WARNING
             _log.log(level, "worker '%s': bulk channel unavailable (%s); using gRPC streams", self.worker_id, exc)

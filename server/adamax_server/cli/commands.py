@@ -46,6 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if checkpoints is not None:
         checkpoints.on_saved = metrics.observe_checkpoint
+        checkpoints.on_failed = metrics.observe_checkpoint_failure
     server, port = create_server(
         f"{args.host}:{args.port}",
         coordinator=coordinator,
@@ -77,9 +78,12 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         _log.info("bulk channel off: tensors travel in gRPC streams")
     if args.metrics_port is not None:
-        metrics_port = metrics.serve_http(args.metrics_port, args.metrics_host)
-        _log.info("metrics on http://%s:%d/metrics", args.metrics_host, metrics_port)
-        print(f"metrics on {args.metrics_host}:{metrics_port}", flush=True)
+        # Unauthenticated (it names the optimizers): only as reachable as the server itself,
+        # unless --metrics-host says otherwise.
+        metrics_host = args.metrics_host or args.host
+        metrics_port = metrics.serve_http(args.metrics_port, metrics_host)
+        _log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
+        print(f"metrics on {metrics_host}:{metrics_port}", flush=True)
     return shutdown.run()
 
 

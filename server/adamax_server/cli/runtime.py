@@ -107,6 +107,16 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(limits, "--max-variables-per-optimizer", None, type=int, help="variables one optimizer may hold")
     _flag(limits, "--max-mib-per-optimizer", None, type=float, help="MiB of model variables one optimizer may hold")
     _switch(limits, "--no-reflection", "turn gRPC server reflection off (production)")
+    _flag(limits, "--reserved-threads", None, type=int,
+          help="RPC threads kept for unary (control) calls; streams share the rest (default: a quarter, 1 to 4)")
+    _flag(limits, "--call-floor-seconds", 30.0, type=float,
+          help="time every push (and pull reply) gets, plus its size at --min-transfer-mib")
+    _flag(limits, "--min-transfer-mib", 1.0, type=float,
+          help="MiB/s a push must keep up: its budget beyond the floor, and the pace a push holding "
+               "the staging buffer must keep while others wait")
+    _flag(limits, "--stall-seconds", 30.0, type=float, help="longest silence inside a push or pull")
+    _flag(limits, "--max-wait-seconds", 600.0, type=float,
+          help="longest a pull waits for a weights version (clients without a deadline)")
 
     transfer = parser.add_argument_group("bulk channel (push/pull bytes outside gRPC)")
     _switch(transfer, "--no-bulk", "serve tensors over gRPC only (the bulk channel is on by default without TLS)")
@@ -115,7 +125,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
     observe = parser.add_argument_group("observability")
     _flag(observe, "--metrics-port", None, type=int, help="serve Prometheus /metrics on this port (0 picks one)")
-    _flag(observe, "--metrics-host", "0.0.0.0", help="address of the metrics endpoint")
+    _flag(observe, "--metrics-host", None,
+          help="address of the metrics endpoint (default: the --host the server binds; /metrics has no auth)")
 
 
 # ---------------------------------------------------------------- objects from flags
@@ -147,6 +158,7 @@ def client_connection(args: argparse.Namespace) -> dict[str, Any]:
 def server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``create_server`` keyword arguments from the ``serve`` flags (raises on a bad setup)."""
     from adamax_server.transport.security import SecurityConfigError, TlsConfig, TokenTable, server_credentials
+    from adamax_server.transport.budget import CallLimits
     from adamax_server.transport.validation import ResourceLimits
 
     out: dict[str, Any] = {}
@@ -168,6 +180,11 @@ def server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     )
     out["max_message_bytes"] = args.max_message_mib * 1024 * 1024
     out["max_concurrent_rpcs"] = args.max_concurrent_rpcs
+    out["reserved_threads"] = args.reserved_threads
+    out["call_limits"] = CallLimits(  # ValueError on a bad value: refused at start-up
+        floor=float(args.call_floor_seconds), min_rate=float(args.min_transfer_mib) * 2**20,
+        stall=float(args.stall_seconds), max_wait=float(args.max_wait_seconds),
+    )
     out["reflection"] = not args.no_reflection
     out["bulk"] = False if args.no_bulk else None  # None: on unless TLS is on
     out["bulk_port"] = int(args.bulk_port)

@@ -44,12 +44,15 @@ def summarize(text: str) -> dict[str, Any]:
     sums: dict[str, dict[tuple[str, ...], float]] = defaultdict(lambda: defaultdict(float))
     buckets: dict[str, list[tuple[float, float]]] = defaultdict(list)
     per_bucket: dict[tuple[str, float], float] = defaultdict(float)
+    last_error = ""
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name, labels, value = sample.name, sample.labels, sample.value
             if name.endswith("_bucket"):
                 per_bucket[(name[: -len("_bucket")], float(labels["le"]))] += value
                 continue
+            if name == "adamax_ps_checkpoint_last_error_info" and value:
+                last_error = labels.get("error", "")
             key = tuple(labels.get(k, "") for k in ("optimizer", "outcome", "reason", "code", "method"))
             sums[name][key] += value
     for (name, bound), count in per_bucket.items():
@@ -93,6 +96,8 @@ def summarize(text: str) -> dict[str, Any]:
         "checkpoints": total("adamax_ps_checkpoints_total"),
         "checkpoint_seconds_mean": mean("adamax_ps_checkpoint_seconds"),
         "checkpoint_bytes": total("adamax_ps_checkpoint_bytes"),
+        "checkpoint_failures": total("adamax_ps_checkpoint_consecutive_failures"),
+        "checkpoint_last_error": last_error,
     }
 
 
@@ -128,4 +133,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  checkpoints: {int(summary['checkpoints'])} written, mean {_ms(summary['checkpoint_seconds_mean'])}, "
         f"last {summary['checkpoint_bytes'] / 2**20:.1f} MiB",
     ]
+    if summary.get("checkpoint_failures"):
+        lines.append(
+            f"  CHECKPOINTS FAILING: {int(summary['checkpoint_failures'])} in a row; last error: "
+            f"{summary.get('checkpoint_last_error') or '-'}"
+        )
     return "\n".join(lines)

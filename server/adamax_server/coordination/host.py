@@ -10,6 +10,7 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -26,6 +27,7 @@ from adamax_server.coordination.policy import (
     Policy,
     PullResult,
     PushResult,
+    ReceiveProgress,
     StagingLookup,
     T,
     TensorMeta,
@@ -33,6 +35,7 @@ from adamax_server.coordination.policy import (
     WorkerStatus,
 )
 from adamax_server.coordination.rounds import Contribution, RoundsMixin
+from adamax_server.coordination.staging import StagingMixin
 from adamax_server.coordination.stats import non_finite_counts, non_finite_message, push_stats
 from adamax_server.errors import (
     FailedPrecondition,
@@ -50,7 +53,7 @@ _log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- one optimizer
 
-class OptimizerHost(RoundsMixin, SnapshotMixin):
+class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin):
     """One hosted optimizer: the engine, its lock, versions, rounds and the dedup table."""
 
     _PULL_CACHE_KEYS = 8
@@ -89,6 +92,7 @@ class OptimizerHost(RoundsMixin, SnapshotMixin):
         self._copy_pool: dict[tuple[str, tuple[str, ...]], list[dict[str, np.ndarray]]] = {}
         self._pushes_in_flight = 0  # pushes between dedup.begin and their end
         self._staging_leased = False  # a push is receiving into the engine's staging buffer
+        self._lease_progress: ReceiveProgress | None = None  # how the lease holder's bytes arrive
 
     # -------------------------------------------------------------- inspection
 
@@ -170,6 +174,12 @@ class OptimizerHost(RoundsMixin, SnapshotMixin):
     def build(self, variables: Sequence[tuple[str, np.ndarray]], worker_id: str = "") -> bool:
         """Build with initial values; idempotent when already built with the same specs."""
         specs = [(name, tuple(value.shape), np.dtype(value.dtype)) for name, value in variables]
+        names = [name for name, _, _ in specs]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:  # a dict would silently keep the last value of each
+            raise InvalidArgument(
+                f"Build received more than one variable named {duplicates}; variable names must be unique"
+            )
         with self._cond:
             if self._closed:
                 raise Unavailable(f"optimizer '{self.key}' was deleted")
@@ -249,6 +259,7 @@ class OptimizerHost(RoundsMixin, SnapshotMixin):
         receive: Callable[[StagingLookup | None], Sequence[tuple[str, Gradient]]],
         *,
         timeout: float | None = None,
+        progress: ReceiveProgress | None = None,
     ) -> PushResult:
         """Handle one push exactly once; ``receive(staging)`` reads its gradients (outside the lock).
 
@@ -257,6 +268,10 @@ class OptimizerHost(RoundsMixin, SnapshotMixin):
         flight): a payload received there lands where the update reads it, with no copy and
         no fresh allocation. Raises StaleGradient, FailedPrecondition, InvalidArgument or
         NotFound; a failed push changes nothing and may be retried with the same request id.
+
+        ``progress`` (from the transport) says how the payload is arriving and how to cancel
+        it: a holder of the staging buffer that stops moving while others wait is cancelled
+        (``staging.StagingMixin``). ``timeout`` bounds every wait of this push (WaitTimeout).
         """
         if not worker_id:
             raise InvalidArgument("Every push must carry a non-empty `worker_id`.")
@@ -282,13 +297,15 @@ class OptimizerHost(RoundsMixin, SnapshotMixin):
             self._check_step(step)  # fail early, before the payload is read
             self._dedup.begin(worker_id, request_id)
             epoch = self._restore_epoch
-            lease = self._take_staging_lease()
+            lease = self._take_staging_lease(progress)
             self._pushes_in_flight += 1
         try:
             grads = receive(self._staging_lookup() if lease else None)
+            if progress is not None:  # all arrived: nothing to cancel any more
+                progress.cancel = None
             with self._cond:
-                while not lease and self._staging_leased:  # it is being filled: apply after it
-                    self._cond.wait()
+                if not lease:
+                    self._wait_for_lease(deadline)  # it is being filled: apply after it
                 self._require_built()
                 if self._restore_epoch != epoch:
                     raise StateRestored(
@@ -298,6 +315,8 @@ class OptimizerHost(RoundsMixin, SnapshotMixin):
                     )
                 validated = self._validate_payload(grads)
                 result = self._handle_push(worker_id, request_id, step, validated)
+                if lease:  # done with the buffer: nobody may cancel this push any more
+                    self._staging_leased, self._lease_progress = False, None
                 self._dedup.finish(worker_id, request_id, result)
                 worker = self._touch(worker_id)
                 worker.pushes += 1
@@ -315,36 +334,8 @@ class OptimizerHost(RoundsMixin, SnapshotMixin):
                 self._pushes_in_flight -= 1
                 if lease:
                     self._staging_leased = False
+                    self._lease_progress = None
                     self._cond.notify_all()
-
-    def _take_staging_lease(self) -> bool:
-        """Whether the push starting now may receive into the engine's staging buffer.
-
-        Only one push may fill it, and no other apply may run while it is being filled (an
-        apply writes its own gradients there); so it is lent only to an async push that
-        starts while no other push is in flight. Later pushes receive into their own buffers
-        and apply after the lease holder. (Sync rounds keep every worker's gradient until
-        the round closes; the GPU engine receives through its pinned ring instead.)
-        """
-        if self.policy.mode != "async" or self._staging_leased or self._pushes_in_flight:
-            return False
-        if not self._engine.built or not self._engine.host_staging:
-            return False
-        self._staging_leased = True
-        return True
-
-    def _staging_lookup(self) -> StagingLookup:
-        """``lookup(name, dtype)``: the staging buffer of variable ``name`` (writable, flat) if
-        its dtype is ``dtype``, else None; for the push holding the lease."""
-        engine = self._engine
-        dtypes = {n: np.dtype(d) for n, _, d in engine.variable_specs}
-
-        def lookup(name: str, dtype: np.dtype) -> np.ndarray | None:
-            if dtypes.get(name) != np.dtype(dtype):
-                return None
-            return engine.gradient_buffer(name).reshape(-1)
-
-        return lookup
 
     def device_receiver(self) -> Any:
         """Receive helper for pushes (GPU engine, async mode), or None.
@@ -560,7 +551,22 @@ class OptimizerHost(RoundsMixin, SnapshotMixin):
         return self._mutate(lambda e: e.set_weights(list(weights)))
 
     def load_own_variables(self, store: Mapping[str, np.ndarray]) -> tuple[int, int]:
-        return self._mutate(lambda e: e.load_own_variables(dict(store)))
+        """Keras's ``load_own_variables``, except that a store of the wrong size is refused.
+
+        Keras only warns ("Skipping variable loading ...") and loads nothing; answering OK and
+        bumping the version would tell a remote caller its state was loaded. The server raises
+        InvalidArgument with Keras's message and changes nothing.
+        """
+
+        def load(engine: Adamax) -> None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                engine.load_own_variables(dict(store))
+            skipped = [w for w in caught if "Skipping variable loading" in str(w.message)]
+            if skipped:
+                raise InvalidArgument(f"LoadOwnVariables refused: {str(skipped[0].message).strip()}")
+
+        return self._mutate(load)
 
     def save_own_variables(self) -> dict[str, np.ndarray]:
         with self._cond:

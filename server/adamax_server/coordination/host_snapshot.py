@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 
@@ -14,6 +15,8 @@ from adamax_server.errors import (
     Unavailable,
 )
 from adamax_server.optim.engine import Adamax, RowSparseGradient
+
+_log = logging.getLogger(__name__)
 
 
 class SnapshotMixin:
@@ -62,7 +65,9 @@ class SnapshotMixin:
         Fenced: pushes whose payload is still streaming are rejected (StateRestored) and
         nothing is half-applied, since every apply happens under this lock. With ``fence``
         the version moves past both the current and the saved one, so every worker sees a
-        new version on its next call; without it (a fresh host) the saved version is kept.
+        new version on its next call, and the checkpoint's open sync round (if any) is dropped:
+        its gradients belong to a version that no longer exists. Without ``fence`` (a fresh host:
+        crash-resume) the saved version and its open round are kept.
         """
         with self._cond:
             if self._closed:
@@ -74,7 +79,14 @@ class SnapshotMixin:
             self._dedup = DedupTable.from_finished(self._dedup_capacity, snap.dedup)
             now = time.monotonic()
             self._workers = {w: WorkerRecord(int(v["last_step"]), int(v["pushes"]), now) for w, v in snap.workers.items()}
-            for c in snap.round:
+            dropped = [c.worker_id for c in snap.round] if fence else []
+            for c in snap.round if fence else ():
+                # A live restore moves the version past the saved one: the saved round's gradients
+                # were computed on weights no worker holds now, and keeping the round would refuse
+                # each of its workers' next push ("already pushed a gradient for version ...").
+                # It is dropped, and so are its request ids (a retry must not be answered "accepted").
+                self._dedup.discard(c.worker_id, c.request_id)
+            for c in () if fence else snap.round:
                 grads = {
                     n: RowSparseGradient(np.asarray(g[0]), np.asarray(g[1])) if isinstance(g, tuple) else g
                     for n, g in c.grads.items()
@@ -87,4 +99,10 @@ class SnapshotMixin:
             self._pull_cache.clear()
             self._copy_pool.clear()
             self._set_version(max(self._version, snap.version) + 1 if fence else snap.version)
+            if dropped:
+                _log.warning(
+                    "optimizer '%s': restored to version %d; the checkpoint's open sync round for version %d "
+                    "(pushed by %s) was dropped, since workers now pull and push for version %d",
+                    self.key, self._version, snap.version, ", ".join(dropped), self._version,
+                )
             return self._version, engine.iterations

@@ -58,6 +58,15 @@ class ServerMetrics:
         self.checkpoint_seconds = Histogram("adamax_ps_checkpoint_seconds", "Checkpoint write duration", buckets=_WAIT_BUCKETS, registry=r)
         self.checkpoint_bytes = Gauge("adamax_ps_checkpoint_bytes", "Size of the last checkpoint written", registry=r)
         self.checkpoints = Counter("adamax_ps_checkpoints", "Checkpoints written", registry=r)
+        self.checkpoint_failures = Counter("adamax_ps_checkpoint_failures", "Checkpoint writes that failed", registry=r)
+        self.checkpoint_failing = Gauge(
+            "adamax_ps_checkpoint_consecutive_failures", "Failed checkpoint writes since the last one that succeeded",
+            registry=r,
+        )
+        self.checkpoint_error = Gauge(
+            "adamax_ps_checkpoint_last_error_info", "1, labelled with the error of the newest failed checkpoint write "
+            "(absent once a write succeeds)", ["error"], registry=r,
+        )
         self._http: Any = None
 
     # -------------------------------------------------------------- coordinator hooks
@@ -90,10 +99,19 @@ class ServerMetrics:
         self.checkpoints.inc()
         self.checkpoint_seconds.observe(seconds)
         self.checkpoint_bytes.set(nbytes)
+        self.checkpoint_failing.set(0)
+        self.checkpoint_error.clear()
+
+    def observe_checkpoint_failure(self, consecutive: int, error: str) -> None:
+        """Called by the checkpoint code after each failed checkpoint write."""
+        self.checkpoint_failures.inc()
+        self.checkpoint_failing.set(consecutive)
+        self.checkpoint_error.clear()
+        self.checkpoint_error.labels(error[:200]).set(1)
 
     # -------------------------------------------------------------- exposition
 
-    def serve_http(self, port: int, host: str = "0.0.0.0") -> int:
+    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` on ``host:port`` from a daemon thread; returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         self._http = server

@@ -31,6 +31,7 @@ import re
 import shutil
 import stat
 import struct
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from adamax_server.errors import DataLoss, InvalidArgument, NotFound
+from adamax_server.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from adamax_server.coordination.snapshot import OptimizerSnapshot, RoundContribution
 
 _log = logging.getLogger(__name__)
@@ -379,12 +380,54 @@ def _require_regular_file(path: Path, where: str) -> None:
 # ---------------------------------------------------------------- the store
 
 
+def _written_by_another_live_process(name: str) -> bool:
+    """Whether temporary ``name`` (".tmp-...-p<pid>") belongs to a live process other than this one."""
+    match = re.search(r"-p(\d+)$", name)
+    if match is None:
+        return False
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, another user's
+        return True
+    return True
+
+
+def check_directory(root: Path) -> None:
+    """Create ``root`` if needed and prove it writable (a probe directory is made and removed).
+
+    A server must refuse to start on a checkpoint directory it cannot write, with a message
+    naming it, rather than fail every automatic checkpoint later with a bare ``[Errno 17]``.
+    """
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FailedPrecondition(f"checkpoint directory {str(root)!r} exists but is not a directory") from None
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"cannot create the checkpoint directory {str(root)!r}: {exc.strerror or exc}"
+        ) from None
+    if not root.is_dir():
+        raise FailedPrecondition(f"checkpoint directory {str(root)!r} is not a directory")
+    try:
+        probe = tempfile.mkdtemp(prefix=_TMP_PREFIX + "probe-", suffix=f"-p{os.getpid()}", dir=root)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"the checkpoint directory {str(root)!r} is not writable: {exc.strerror or exc}"
+        ) from None
+
+
 class CheckpointStore:
     """The checkpoints of one directory. Thread safe for one writer at a time (the manager's lock)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
+        check_directory(root)
         self.root = Path(os.path.realpath(root))
         self.clean_temporaries()
 
@@ -422,10 +465,17 @@ class CheckpointStore:
         return f"ckpt-{(max(numbers) + 1 if numbers else 1):08d}"
 
     def clean_temporaries(self) -> list[str]:
-        """Remove what crashed writes and deletions left behind."""
+        """Remove what crashed writes and deletions left behind.
+
+        Not the temporaries of another live process on this host (a running server writing a
+        checkpoint while ``adamax-ps checkpoint list --dir`` opens the same directory): their
+        names carry the writer's pid. Our own pid's are leftovers (a container restarts as pid 1).
+        """
         removed = []
         for entry in os.scandir(self.root):
             if entry.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)) and not entry.is_symlink():
+                if _written_by_another_live_process(entry.name):
+                    continue
                 shutil.rmtree(entry.path, ignore_errors=True)
                 removed.append(entry.name)
         if removed:
@@ -443,7 +493,7 @@ class CheckpointStore:
         checkpoint_id = self._next_id()
         manifest = dict(manifest, checkpoint_id=checkpoint_id)
         check_manifest(manifest, "new checkpoint")
-        tmp = self.root / f"{_TMP_PREFIX}{checkpoint_id}-{uuid.uuid4().hex[:8]}"
+        tmp = self.root / f"{_TMP_PREFIX}{checkpoint_id}-{uuid.uuid4().hex[:8]}-p{os.getpid()}"
         _mkdir(tmp)
         try:
             for opt in manifest["optimizers"]:
@@ -513,7 +563,7 @@ class CheckpointStore:
 
     def delete(self, checkpoint_id: str) -> None:
         path = self.resolve(checkpoint_id)
-        trash = self.root / f"{_TRASH_PREFIX}{checkpoint_id}-{uuid.uuid4().hex[:8]}"
+        trash = self.root / f"{_TRASH_PREFIX}{checkpoint_id}-{uuid.uuid4().hex[:8]}-p{os.getpid()}"
         _rename(path, trash)  # never seen half-deleted under its id
         _fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)

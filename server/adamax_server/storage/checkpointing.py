@@ -37,8 +37,16 @@ class CheckpointPolicy:
     every_seconds: float | None = None
     keep: int = 5
     keep_every: int | None = None
+    # After a failed automatic checkpoint, wait retry_initial seconds, doubling per further
+    # failure up to retry_max, before trying again (a full or read-only disk is not hammered).
+    retry_initial: float = 1.0
+    retry_max: float = 300.0
 
     def __post_init__(self) -> None:
+        for name in ("retry_initial", "retry_max"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise InvalidArgument(f"`{name}` must be a positive number of seconds. Received: {name}={value!r}")
         if self.every_steps is not None and (not isinstance(self.every_steps, int) or self.every_steps < 1):
             raise InvalidArgument(f"`every_steps` must be an integer >= 1 or None. Received: every_steps={self.every_steps!r}")
         if self.every_seconds is not None and not (self.every_seconds > 0 and math.isfinite(self.every_seconds)):
@@ -72,9 +80,13 @@ class CheckpointManager:
         self._last_save = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.last_error: str = ""
-        # Called with (seconds, bytes) after each checkpoint written (the server's metrics).
+        self.last_error: str = ""  # of the newest failed save; "" once a save succeeds again
+        self.consecutive_failures = 0  # failed saves since the last one that succeeded
+        self.retry_at = 0.0  # monotonic time before which the policy thread does not retry
+        # Called with (seconds, bytes) after each checkpoint written (the server's metrics), and
+        # with (consecutive failures, error) after each failed one.
         self.on_saved: Callable[[float, int], None] | None = None
+        self.on_failed: Callable[[int, str], None] | None = None
 
     @property
     def store(self) -> CheckpointStore:
@@ -101,13 +113,32 @@ class CheckpointManager:
     def _run(self) -> None:
         # Version reads are cheap; polling keeps the coordinator free of checkpoint hooks.
         interval = 0.02 if self.policy.every_steps else min(1.0, self.policy.every_seconds or 1.0)
+        logged = ""  # the error last logged: a failure that repeats is logged once
         while not self._stop.wait(interval):
+            if self.consecutive_failures and time.monotonic() < self.retry_at:
+                continue  # backing off after a failure
             try:
-                if self._due():
-                    self.save_all(reason="policy")
-            except Exception as exc:  # keep trying; the next save may succeed (disk freed, ...)
-                self.last_error = str(exc)
-                _log.exception("automatic checkpoint failed")
+                if not self._due():
+                    continue
+                self.save_all(reason="policy")
+            except Exception as exc:  # keep trying with backoff; the disk may be freed
+                failures = self.consecutive_failures
+                delay = min(self.policy.retry_max, self.policy.retry_initial * 2 ** min(failures - 1, 30))
+                self.retry_at = time.monotonic() + delay
+                if self.last_error != logged:
+                    logged = self.last_error
+                    _log.error(
+                        "automatic checkpoint into %s failed (%s); retrying in %.3g s, backing off up to %.3g s; "
+                        "this error is logged again only when it changes",
+                        self._store.root if self._store is not None else "-", self.last_error, delay,
+                        self.policy.retry_max, exc_info=failures == 1,
+                    )
+                else:
+                    _log.debug("automatic checkpoint failed again (%d in a row): %s", failures, exc)
+                continue
+            if logged:
+                _log.info("automatic checkpoints work again")
+                logged = ""
 
     def _progress(self) -> int:
         """Most weights versions any optimizer moved since the last save (0: nothing changed)."""
@@ -140,8 +171,14 @@ class CheckpointManager:
         """
         with self._save_lock:
             start = time.perf_counter()
-            snapshots = self.snapshot_all()
-            info = self.store.write(snapshots, reason=reason)
+            try:
+                snapshots = self.snapshot_all()
+                info = self.store.write(snapshots, reason=reason)
+            except Exception as exc:
+                self._failed(exc)
+                raise
+            if self.consecutive_failures:
+                self.consecutive_failures, self.last_error = 0, ""
             self._saved_versions = {s.key: s.version for s in snapshots}
             self._last_save = time.monotonic()
             removed = self.store.prune(self.policy.keep, self.policy.keep_every)
@@ -153,6 +190,15 @@ class CheckpointManager:
                 f"; removed {', '.join(removed)}" if removed else "",
             )
             return info
+
+    def _failed(self, exc: BaseException) -> None:
+        self.consecutive_failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if self.on_failed is not None:
+            try:
+                self.on_failed(self.consecutive_failures, self.last_error)
+            except Exception:  # noqa: BLE001 - metrics must not hide the save's own error
+                _log.exception("checkpoint failure hook failed")
 
     def save_uploaded(self, manifest: dict[str, Any], files: dict[str, dict[str, np.ndarray]]) -> CheckpointInfo:
         """Verify an uploaded checkpoint (every checksum) and write it under a new id."""

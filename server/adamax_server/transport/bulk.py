@@ -40,14 +40,20 @@ from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
 from adamax_server.coordination.coordinator import Coordinator
 from adamax_server.coordination.host import OptimizerHost
 from adamax_server.ops.metrics import ServerMetrics
-from adamax_server.errors import ERROR_TYPE_KEY, InvalidArgument, PermissionDenied, ServiceError, Unauthenticated, status_for
+from adamax_server.errors import (
+    ERROR_TYPE_KEY, InvalidArgument, PermissionDenied, ResourceExhausted, ServiceError, Unauthenticated, status_for,
+)
+from adamax_server.transport.budget import CallLimits, TimedSocket
 from adamax_server.transport.common import OUTCOMES, engine_value, staging_allocator, tensor_meta
 
 _log = logging.getLogger(__name__)
 
-HELLO_TIMEOUT = 10.0
 DEFAULT_TICKET_TTL = 60.0
-DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_MAX_CONNECTIONS = 256  # connections that presented a ticket
+# Connections that have not presented a ticket yet (they need none to open): when they are
+# this many, the oldest is dropped for each new one, so a flood of idle connections cannot
+# keep a worker with a ticket out; each must say hello within CallLimits.hello_timeout.
+DEFAULT_MAX_PENDING = 64
 # Longest silence inside a call (between two reads of one push, or a shared-memory release).
 DEFAULT_STALL_TIMEOUT = 30.0
 
@@ -113,9 +119,12 @@ class BulkServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         metrics: ServerMetrics | None = None,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        limits: CallLimits | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
         self._coordinator = coordinator
-        self.stall_timeout = float(stall_timeout)
+        self.limits = limits or CallLimits(stall=stall_timeout)
+        self.stall_timeout = self.limits.stall
         self._metrics = metrics
         self.shared_memory = shared_memory
         self.ticket_ttl = float(ticket_ttl)
@@ -123,7 +132,10 @@ class BulkServer:
         self._max_connections = max_connections
         self._lock = threading.Lock()
         self._tickets: dict[bytes, _Ticket] = {}
-        self._connections: set[socket.socket] = set()
+        self._connections: set[socket.socket] = set()  # all of them (closed on close())
+        self._pending: dict[socket.socket, float] = {}  # not yet past their hello, oldest first
+        self._max_pending = max_pending
+        self._authenticated = 0
         self._arenas: dict[str, _PullArena] = {}
         self._closed = False
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -199,22 +211,26 @@ class BulkServer:
                 if self._closed:
                     sock.close()
                     return
-                if len(self._connections) >= self._max_connections:
-                    _log.warning("bulk channel: refusing %s, %d connections open", addr, len(self._connections))
-                    sock.close()
-                    continue
+                if len(self._pending) >= self._max_pending:  # drop the oldest silent one
+                    oldest = next(iter(self._pending))
+                    del self._pending[oldest]
+                    _shutdown(oldest)
+                    _log.debug("bulk channel: %d connections without a hello; dropped the oldest", self._max_pending)
                 self._connections.add(sock)
+                self._pending[sock] = time.monotonic()
             peer = f"{addr[0]}:{addr[1]}"
             threading.Thread(target=self._serve, args=(sock, peer), name=f"adamax-bulk-{peer}", daemon=True).start()
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
         conn: _Connection | None = None
+        counted = False
         try:
             _bulk.tune(sock)
-            sock.settimeout(HELLO_TIMEOUT)
-            conn = self._hello(sock, peer)
+            hello = self.limits.hello_timeout  # for the whole hello, not per read
+            conn = self._hello(TimedSocket(sock, time.monotonic() + hello, hello), sock, peer)
             if conn is None:
                 return
+            counted = True
             _bulk.keepalive(sock)  # an idle connection to a vanished host is found and closed
             while True:
                 sock.settimeout(None)  # idle between calls for as long as the worker likes
@@ -243,6 +259,8 @@ class BulkServer:
         finally:
             with self._lock:
                 self._connections.discard(sock)
+                self._pending.pop(sock, None)
+                self._authenticated -= counted
             if conn is not None and conn.segment is not None:
                 _shm.release(conn.segment, unlink=False)
             try:
@@ -257,15 +275,25 @@ class BulkServer:
         except OSError:
             pass
 
-    def _hello(self, sock: socket.socket, peer: str) -> _Connection | None:
-        frame = _bulk.recv_frame(sock)
+    def _hello(self, timed: TimedSocket, sock: socket.socket, peer: str) -> _Connection | None:
+        frame = _bulk.recv_frame(timed)
         if frame.WhichOneof("frame") != "hello":
             raise _wire.WireFormatError("a bulk connection must start with its hello frame")
+        with self._lock:
+            if self._pending.pop(sock, None) is None:
+                return None  # dropped for a newer connection meanwhile
+            full = self._authenticated >= self._max_connections
+            self._authenticated += not full
         try:
+            if full:
+                raise ResourceExhausted(f"the bulk channel has {self._max_connections} connections open; use gRPC")
             ticket = self._redeem(frame.hello.ticket)
         except ServiceError as exc:
+            with self._lock:
+                self._authenticated -= not full
             self._send_quietly(sock, _bulk.status_frame(exc.code, exc.message))
             return None
+        sock.settimeout(self.stall_timeout)
         _bulk.send_frame(sock, _bulk.status_frame("OK"))
         return _Connection(sock, peer, ticket.optimizer, ticket.worker_id)
 
@@ -359,7 +387,8 @@ class BulkServer:
             if header.num_tensors <= 0:
                 raise InvalidArgument("a bulk push must state `num_tensors` (at least 1)")
             reader.host = host
-            result = host.push(header.worker_id, header.request_id, header.step, reader.receive)
+            result = host.push(header.worker_id, header.request_id, header.step, reader.receive,
+                               timeout=self.limits.max_wait, progress=reader.progress)
             # A retry answered from the exactly-once table never read its tensors: skip them.
             if (reader.remaining or reader.payload_left) and not reader.drain():
                 raise _CloseConnection()
@@ -384,7 +413,7 @@ class BulkServer:
     # -------------------------------------------------------------- pull
 
     def _pull(self, conn: _Connection, request: Any) -> None:
-        wait = request.wait_seconds if request.wait_seconds > 0 else None
+        wait = min(request.wait_seconds, self.limits.max_wait) if request.wait_seconds > 0 else self.limits.max_wait
         known = request.known_version if request.HasField("known_version") else None
         try:
             host = self._host(conn, request.optimizer, request.worker_id)
@@ -484,6 +513,14 @@ class BulkServer:
                 arena.cond.notify_all()
 
 
+def _shutdown(sock: socket.socket) -> None:
+    """Wake whatever thread reads ``sock``: its read ends, and it closes the connection."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def _raw_items(version: int, iterations: int, items: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
     """Pull payload for the bulk channel: the version's private host copies themselves."""
     return items
@@ -495,6 +532,14 @@ class _PushReader:
     def __init__(self, server: BulkServer, conn: _Connection, count: int) -> None:
         self.server = server
         self.conn = conn
+        limits = server.limits
+        # The whole push (and the drain of a refused one) shares one budget, growing with the
+        # bytes its tensors announce; cancelling it (a stalled staging-buffer holder) shuts the
+        # connection, which wakes the read.
+        self.start = time.monotonic()
+        self.progress = limits.progress(cancel=lambda: _shutdown(conn.sock))
+        self.sock = TimedSocket(conn.sock, self.start + limits.budget(0), limits.stall, self.progress)
+        self.announced = 0
         self.host: OptimizerHost | None = None
         self.remaining = max(count, 0)  # tensor frames not read yet
         self.payload_left = 0  # payload bytes of the current tensor not read yet
@@ -502,7 +547,7 @@ class _PushReader:
         self.bytes_read = 0  # payload bytes received on the socket (metrics)
 
     def receive(self, staging: Any) -> list[tuple[str, Any]]:
-        host, sock = self.host, self.conn.sock
+        host, sock = self.host, self.sock
         assert host is not None
         receiver = host.device_receiver()
         allocate = receiver.allocate if receiver is not None else staging_allocator(staging)
@@ -516,6 +561,7 @@ class _PushReader:
                     continue
                 if header.in_shm:
                     value = self.server._shm_tensor(self.conn, header, allocate)
+                    self.progress.add(header.nbytes)
                 else:
                     pending = _wire.PendingTensor(header, self.server._max_tensor_bytes, allocate)
                     _bulk.recv_payload(sock, pending)
@@ -535,7 +581,7 @@ class _PushReader:
 
     def _next_header(self) -> Any:
         try:
-            frame = _bulk.recv_frame(self.conn.sock)
+            frame = _bulk.recv_frame(self.sock)
         except _wire.WireFormatError:
             self.broken = True
             raise
@@ -550,6 +596,8 @@ class _PushReader:
             raise _wire.WireFormatError(
                 f"tensor '{header.name}' announces {header.nbytes} bytes (limit {self.server._max_tensor_bytes})"
             )
+        self.announced += self.payload_left
+        self.sock.deadline = self.start + self.server.limits.budget(self.announced)
         return header
 
     def drain(self) -> bool:
@@ -557,11 +605,11 @@ class _PushReader:
         if self.broken:
             return False
         try:
-            _bulk.skip_bytes(self.conn.sock, self.payload_left)
+            _bulk.skip_bytes(self.sock, self.payload_left)
             self.payload_left = 0
             while self.remaining:
                 self._next_header()
-                _bulk.skip_bytes(self.conn.sock, self.payload_left)
+                _bulk.skip_bytes(self.sock, self.payload_left)
                 self.payload_left = 0
         except (OSError, _wire.WireFormatError):
             return False

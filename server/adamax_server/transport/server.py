@@ -19,6 +19,8 @@ from adamax_wire import tensors as _wire
 from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
 from adamax_wire.proto.adamax.v1 import adamax_pb2_grpc as pb_grpc
 
+from adamax_server.transport.admission import AdmissionInterceptor, default_reserved
+from adamax_server.transport.budget import CallLimits
 from adamax_server.transport.bulk import DEFAULT_STALL_TIMEOUT, BulkServer
 from adamax_server.transport.checkpoint_service import CheckpointServicer, add_checkpoint_service
 from adamax_server.storage.checkpointing import CheckpointManager
@@ -105,11 +107,14 @@ def create_server(
     bulk_port: int = 0,
     shared_memory: bool = True,
     bulk_stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+    call_limits: CallLimits | None = None,
+    reserved_threads: int | None = None,
 ) -> tuple[grpc.Server, int]:
     """Create (not start) a server bound to ``address``; returns it and the bound port.
 
-    Waiting pulls and open sync rounds each hold a worker thread, so ``max_workers`` should
-    exceed the number of workers of the largest job. ``tokens`` turns on bearer-token auth,
+    Waiting pulls and open sync rounds over gRPC each hold a worker thread, so ``max_workers``
+    minus ``reserved_threads`` should exceed the number of gRPC workers of the largest job
+    (pushes and pulls over the bulk channel hold none). ``tokens`` turns on bearer-token auth,
     ``metrics`` counts every call (pass the same object as the coordinator's ``observer``),
     ``max_concurrent_rpcs`` answers calls beyond it with RESOURCE_EXHAUSTED, and
     ``reflection=False`` hides the service descriptions (production).
@@ -119,6 +124,11 @@ def create_server(
     (default): on without TLS, off with TLS, since the bulk channel carries no encryption;
     ``bulk=True`` together with TLS credentials is refused. A bulk call whose peer sends
     nothing for ``bulk_stall_timeout`` seconds fails (nothing applied) and its connection closes.
+
+    ``call_limits`` (``transport.budget.CallLimits``) are the time budgets of pushes and pulls
+    on both transports (its ``stall`` defaults to ``bulk_stall_timeout``); ``reserved_threads``
+    of the ``max_workers`` threads are kept for unary (control) calls (default: a quarter, 1 to
+    4; ``transport.admission``), so streams cannot take every thread.
     """
     if bulk is None:
         bulk = credentials is None
@@ -127,6 +137,11 @@ def create_server(
             "the bulk channel is unencrypted; it cannot be combined with TLS (use --no-bulk)"
         )
     coordinator = coordinator or Coordinator(device=device, observer=metrics)
+    call_limits = call_limits or CallLimits(stall=bulk_stall_timeout)
+    reserved = default_reserved(max_workers) if reserved_threads is None else reserved_threads
+    if not 0 <= reserved < max_workers:
+        raise ValueError(f"`reserved_threads` must be in [0, max_workers={max_workers}). Received: {reserved}")
+    admission = AdmissionInterceptor(max_workers - reserved)
     chain: list[grpc.ServerInterceptor] = []
     if metrics is not None:
         chain.append(MetricsInterceptor(metrics))  # outermost: refused calls are counted too
@@ -134,7 +149,7 @@ def create_server(
         chain.append(TokenAuthInterceptor(tokens))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="adamax-rpc"),
-        interceptors=[*chain, *interceptors],
+        interceptors=[*chain, *interceptors, admission],  # admission innermost: after auth
         options=list(  # later entries override earlier ones
             {
                 "grpc.max_receive_message_length": max_message_bytes,
@@ -151,11 +166,11 @@ def create_server(
     if bulk:
         bulk_server = BulkServer(
             coordinator, host=_host_of(address), port=bulk_port, shared_memory=shared_memory,
-            max_tensor_bytes=max_tensor_bytes, metrics=metrics, stall_timeout=bulk_stall_timeout,
+            max_tensor_bytes=max_tensor_bytes, metrics=metrics, limits=call_limits,
         ).start()  # fmt: skip
     servicer = AdamaxServicer(
         coordinator, chunk_bytes=chunk_bytes, max_tensor_bytes=max_tensor_bytes, limits=limits or ResourceLimits(),
-        bulk=bulk_server,
+        bulk=bulk_server, call_limits=call_limits,
     )  # fmt: skip
     handlers = method_handlers(servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -185,6 +200,7 @@ def create_server(
             bulk_server.close()
         raise OSError(f"could not bind {address}")
     server.bulk = bulk_server  # type: ignore[attr-defined]
+    server.admission = admission  # type: ignore[attr-defined]
     server.coordinator = coordinator  # type: ignore[attr-defined]  # for the CLI and tests
     server.health = health_servicer  # type: ignore[attr-defined]
     server.metrics = metrics  # type: ignore[attr-defined]

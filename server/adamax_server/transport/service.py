@@ -38,7 +38,8 @@ from adamax_server.transport.common import (
     staging_allocator,
     tensor_meta,
 )
-from adamax_server.transport.validation import ResourceLimits, require_finite_float32
+from adamax_server.transport.budget import CallLimits, Watch, Watchdog
+from adamax_server.transport.validation import ResourceLimits, require_finite_config, require_finite_float32
 
 if TYPE_CHECKING:
     from adamax_server.transport.bulk import BulkServer
@@ -58,6 +59,17 @@ def translating(context: grpc.ServicerContext) -> Iterator[None]:
             context.set_trailing_metadata(info.metadata)
         context.abort(grpc.StatusCode[info.code], info.message)
 
+def _watched(frames: Iterable[Any], watch: Watch, progress: Any) -> Iterator[Any]:
+    """A push's request frames, reporting each to its watch (budget, stall) and progress."""
+    for frame in frames:
+        watch.touch()
+        if isinstance(frame, memoryview):
+            progress.add(len(frame))
+        elif frame.WhichOneof("frame") == "tensor":
+            watch.announce(frame.tensor.nbytes)
+        yield frame
+
+
 class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
     """Implements adamax.v1.AdamaxService on top of a :class:`Coordinator`."""
 
@@ -69,9 +81,14 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
         max_tensor_bytes: int = _wire.DEFAULT_MAX_TENSOR_BYTES,
         limits: ResourceLimits | None = None,
         bulk: BulkServer | None = None,
+        call_limits: CallLimits | None = None,
     ) -> None:
         self._coordinator = coordinator
         self._bulk = bulk
+        # The sync gRPC server has no read or write timeout: budgets are enforced by cancelling
+        # the call from the watchdog's thread (transport.budget).
+        self._call_limits = call_limits or CallLimits()
+        self._watchdog = Watchdog()
         self._limits = limits or ResourceLimits()
         self._chunk_bytes = chunk_bytes
         self._max_tensor_bytes = max_tensor_bytes
@@ -103,6 +120,7 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
                 raise InvalidArgument(f"`config_json` is not valid JSON: {exc}") from exc
             if not isinstance(config, dict):
                 raise InvalidArgument(f"`config_json` must be a JSON object. Received: {request.config_json[:80]}")
+            require_finite_config(config)  # NaN, Infinity, 1e400: refused like SetLearningRate does
             created, host = self._coordinator.create(request.optimizer, config, policy_from_proto(request.policy))
             return pb.CreateOptimizerResponse(created=created, info=info_to_proto(host.status()))
 
@@ -128,9 +146,21 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
             built_now = host.build(variables, worker_id=header.worker_id)
             return pb.BuildResponse(built_now=built_now, info=info_to_proto(host.status()))
 
+    def _wait_budget(self, context: grpc.ServicerContext) -> float:
+        """How long a call may wait (for a version, a staging buffer): its deadline, capped."""
+        return min(context.time_remaining(), self._call_limits.max_wait)
+
     def Push(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        watch = self._watchdog.watch(context.cancel, self._call_limits)
+        try:
+            return self._push(request_iterator, context, watch)
+        finally:
+            self._watchdog.done(watch)
+
+    def _push(self, request_iterator: Iterator[Any], context: grpc.ServicerContext, watch: Watch) -> Any:
+        progress = self._call_limits.progress(cancel=context.cancel)
         with self._translating(context):
-            frames = iter(request_iterator)
+            frames = _watched(request_iterator, watch, progress)
             first = self._first_header(frames)
             header = first.header
             host = self._coordinator.get(header.optimizer)
@@ -146,6 +176,7 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
                         allocate=receiver.allocate if receiver is not None else staging_allocator(staging),
                     )
                 finally:
+                    self._watchdog.done(watch)  # received: later waits have their own bounds
                     if receiver is not None:  # no copy may outlive the push's buffers
                         receiver.wait()
                 announced = header.num_tensors
@@ -163,7 +194,8 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
                 return values
 
             result = host.push(
-                header.worker_id, header.request_id, header.step, receive, timeout=context.time_remaining()
+                header.worker_id, header.request_id, header.step, receive, timeout=self._wait_budget(context),
+                progress=progress,
             )
             return pb.PushResponse(
                 outcome=OUTCOMES[result.outcome],
@@ -185,14 +217,22 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
                 self._encode_pull,
                 min_version=request.min_version,
                 known_version=request.known_version if request.HasField("known_version") else None,
-                timeout=context.time_remaining(),
+                timeout=self._wait_budget(context),
                 worker_id=request.worker_id,
             )
         if result.not_modified or result.payload is None:
             head = pb.PullHeader(version=result.version, iterations=result.iterations, not_modified=True)
             yield _wire.header_frame(head)
             return
-        yield from result.payload
+        # A reply the client does not read blocks this thread in gRPC's send: it gets a budget
+        # for its size and may not stall (each resume of this generator means a frame went out).
+        watch = self._watchdog.watch(context.cancel, self._call_limits, sum(len(f) for f in result.payload))
+        try:
+            for frame in result.payload:
+                yield frame
+                watch.touch()
+        finally:
+            self._watchdog.done(watch)
 
     def OpenBulkChannel(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._translating(context):

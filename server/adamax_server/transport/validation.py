@@ -91,6 +91,28 @@ def require_finite_float32(name: str, value: float) -> float:
     return value
 
 
+def require_finite_config(config: Any, path: str = "") -> None:
+    """Refuse a NaN, an infinity or a float beyond float32 anywhere in an optimizer config.
+
+    ``json.loads`` accepts ``NaN``, ``Infinity`` and ``1e400`` (-> inf), and Keras takes any
+    number for ``beta_1``, ``epsilon``, ``clipnorm``... as well as for a learning-rate
+    schedule's parameters; the engine stores them as float32, where they would poison every
+    step. Nested dicts and lists (schedules) are checked too; ``path`` names the argument.
+    """
+    if isinstance(config, bool):
+        return
+    if isinstance(config, float):
+        name = path or "value"
+        if not math.isfinite(config) or abs(config) > _FLOAT32_MAX:
+            raise InvalidArgument(f"`{name}` must be a finite float32 number. Received: {name}={config!r}")
+    elif isinstance(config, dict):
+        for key, value in config.items():
+            require_finite_config(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(config, (list, tuple)):
+        for i, value in enumerate(config):
+            require_finite_config(value, f"{path}[{i}]")
+
+
 # ---------------------------------------------------------------- resource limits
 
 
