@@ -1,0 +1,231 @@
+"""A sharded job (in process) against a single server: identical weights, stores, outcomes and errors.
+
+The same calls go to a single-server ``OptimizerHost`` and to ``ShardedJob``s of 1 and 3 shards
+whose placement splits the big variables over several shards (small minimum piece size), for
+every clipping kind, EMA, accumulation, loss scaling, None gradients, row-sparse gradients,
+mixed dtypes, async and sync rounds.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from adamax_server.coordinator import Coordinator, Policy
+from adamax_server.engine import RowSparseGradient
+from adamax_server.sharding.job import ShardedJob
+
+MIN_PIECE = 2048
+
+
+def _values(rng):
+    return {
+        "emb": rng.standard_normal((600, 32)).astype(np.float32),
+        "w": rng.standard_normal((64, 64)).astype(np.float32),
+        "b": rng.standard_normal(64).astype(np.float32),
+        "d": rng.standard_normal((50, 20)).astype(np.float64),
+        "s": np.asarray(0.5, dtype=np.float32),
+    }
+
+
+def _grads(rng, values, *, none=(), sparse=False, scale=1.0):
+    out = {}
+    for n, v in values.items():
+        if n in none:
+            out[n] = None
+        elif n == "emb" and sparse:
+            idx = rng.integers(0, 600, 40)
+            idx[:3] = [5, 5, 599]  # duplicates and the last row
+            out[n] = RowSparseGradient(idx, (rng.standard_normal((40, 32)) * scale).astype(np.float32))
+        else:
+            out[n] = (rng.standard_normal(np.shape(v)) * scale).astype(v.dtype)
+    return out
+
+
+class Single:
+    """The single-server reference: one OptimizerHost, pushes as the servicer makes them."""
+
+    def __init__(self, config, policy):
+        self.coord = Coordinator(device="numba")
+        _, self.host = self.coord.create("job", config, policy)
+
+    def build(self, values):
+        self.host.build(list(values.items()))
+
+    def push(self, worker, request, step, grads):
+        return self.host.push(worker, request, step, lambda staging: list(grads.items()))
+
+    def pull(self):
+        out = self.host.pull((), lambda v, it, arrays: dict(arrays))
+        return out.version, out.iterations, out.payload
+
+    def store(self):
+        return self.host.save_own_variables()
+
+    def close(self):
+        self.coord.close()
+
+
+class Sharded:
+    def __init__(self, config, policy, n):
+        self.job = ShardedJob("job", config, policy, n, device="numba", min_piece_bytes=MIN_PIECE)
+
+    def build(self, values):
+        self.job.build(values)
+
+    def push(self, worker, request, step, grads):
+        return self.job.push(worker, request, step, grads)
+
+    def pull(self):
+        return self.job.pull()
+
+    def store(self):
+        return self.job.save_own_variables()
+
+    def close(self):
+        self.job.close()
+
+
+def _run(target, script):
+    """Run ``script(target)``: a list of outcomes (results or error type+message) per call."""
+    log = []
+
+    def call(fn, *args):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                r = fn(*args)
+            log.append(("ok", r.outcome, r.version, r.iterations, r.duplicate) if hasattr(r, "outcome") else ("ok", r))
+        except Exception as exc:  # noqa: BLE001 - compared across targets
+            msg = getattr(exc, "message", str(exc))
+            log.append(("error", type(exc).__name__, msg.replace("shard 0: ", "").replace("shard 1: ", "").replace("shard 2: ", "")))
+
+    script(target, call)
+    version, iterations, weights = target.pull()
+    return log, version, iterations, weights, target.store()
+
+
+def _compare(config, policy, script, shard_counts=(1, 3)):
+    single = Single(config, policy)
+    try:
+        expected = _run(single, script)
+    finally:
+        single.close()
+    for n in shard_counts:
+        job = Sharded(config, policy, n)
+        try:
+            got = _run(job, script)
+        finally:
+            job.close()
+        assert got[0] == expected[0], (n, got[0], expected[0])
+        assert got[1:3] == expected[1:3]
+        for name, value in expected[3].items():
+            assert got[3][name].tobytes() == value.tobytes(), (n, name)
+        assert sorted(got[4]) == sorted(expected[4])
+        for k, value in expected[4].items():
+            assert np.asarray(got[4][k]).tobytes() == np.asarray(value).tobytes(), (n, k)
+
+
+CONFIGS = [
+    {"learning_rate": 0.01},
+    {"learning_rate": 0.01, "clipnorm": 0.3},
+    {"learning_rate": 0.01, "global_clipnorm": 0.5},
+    {"learning_rate": 0.01, "clipvalue": 0.05},
+    {"learning_rate": 0.01, "use_ema": True, "ema_overwrite_frequency": 3, "weight_decay": 0.01},
+    {"learning_rate": 0.01, "gradient_accumulation_steps": 2, "clipnorm": 0.4, "loss_scale_factor": 4.0},
+    {"learning_rate": 0.01, "gradient_accumulation_steps": 3, "global_clipnorm": 0.2, "use_ema": True},
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(k for k in c if k != "learning_rate") or "plain")
+def test_async_congruence(config):
+    def script(t, call):
+        rng = np.random.default_rng(1)
+        values = _values(rng)
+        t.build(values)
+        for k in range(7):
+            grads = _grads(rng, values, none=("b",) if k == 2 else (), sparse=k % 3 == 1, scale=10.0 if k == 4 else 1.0)
+            call(t.push, "w0", f"r{k}", k, grads)
+        call(t.push, "w0", "r3", 3, grads)  # a retry: answered from the exactly-once table
+        call(t.push, "w0", "ahead", 99, grads)  # ahead of the version
+        call(t.push, "w0", "none", 7, {n: None for n in values})  # no gradient at all
+
+    _compare(config, Policy(mode="async"), script)
+
+
+@pytest.mark.parametrize("config", CONFIGS[:3], ids=["plain", "clipnorm", "global"])
+def test_async_max_staleness_and_non_finite(config):
+    def script(t, call):
+        rng = np.random.default_rng(2)
+        values = _values(rng)
+        t.build(values)
+        call(t.push, "w0", "a", 0, _grads(rng, values))
+        call(t.push, "w0", "b", 1, _grads(rng, values))
+        call(t.push, "w1", "c", 0, _grads(rng, values))  # 2 versions old, limit 1
+        bad = _grads(rng, values)
+        bad["emb"][599, 3] = np.nan
+        call(t.push, "w1", "d", 2, bad)
+
+    _compare(config, Policy(mode="async", max_staleness=1), script)
+    _compare(config, Policy(mode="async", non_finite="skip"), script)
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "sum"])
+@pytest.mark.parametrize("config", CONFIGS[:3] + CONFIGS[5:6], ids=["plain", "clipnorm", "global", "acc"])
+def test_sync_congruence(config, aggregation):
+    def script(t, call):
+        rng = np.random.default_rng(3)
+        values = _values(rng)
+        t.build(values)
+        version = 0
+        for rnd in range(4):
+            order = ["w2", "w0", "w1"] if rnd % 2 else ["w1", "w2", "w0"]
+            for j, w in enumerate(order):
+                grads = _grads(rng, values, none=("d",) if w == "w1" else (), sparse=(w == "w2"))
+                call(t.push, w, f"{w}-{rnd}", version, grads)  # the third is late (K=2)
+            call(t.push, order[0], f"{order[0]}-{rnd}", version, grads)  # retry of an accepted push
+            version += 1
+
+    _compare(config, Policy(mode="sync", num_workers=3, min_workers=2, aggregation=aggregation), script)
+
+
+def test_sync_non_finite_reject_and_skip():
+    def script(t, call):
+        rng = np.random.default_rng(4)
+        values = _values(rng)
+        t.build(values)
+        bad = _grads(rng, values)
+        bad["w"][63, 63] = np.inf
+        call(t.push, "w0", "a", 0, bad)
+        call(t.push, "w0", "b", 0, _grads(rng, values))
+        call(t.push, "w1", "c", 0, _grads(rng, values))
+        call(t.push, "w1", "c2", 0, _grads(rng, values))  # second push in one round
+
+    _compare({"learning_rate": 0.01}, Policy(mode="sync", num_workers=2), script)
+    _compare({"learning_rate": 0.01}, Policy(mode="sync", num_workers=2, non_finite="skip"), script)
+
+
+def test_sync_overflowing_sum_is_skipped_but_counts_a_version():
+    def script(t, call):
+        rng = np.random.default_rng(5)
+        values = _values(rng)
+        t.build(values)
+        big = {n: np.full(np.shape(v), np.finfo(v.dtype).max, dtype=v.dtype) for n, v in values.items()}
+        call(t.push, "w0", "a", 0, big)
+        call(t.push, "w1", "b", 0, big)
+        call(t.push, "w0", "c", 1, _grads(rng, values))
+        call(t.push, "w1", "d", 1, {n: None for n in values})
+
+    _compare({"learning_rate": 0.01}, Policy(mode="sync", num_workers=2, aggregation="sum", non_finite="skip"), script)
+
+
+def test_placement_really_splits():
+    job = ShardedJob("job", {"learning_rate": 0.1}, Policy(), 3, device="numba", min_piece_bytes=MIN_PIECE)
+    try:
+        job.build(_values(np.random.default_rng(0)))
+        split = {v.name: [p.shard for p in v.pieces] for v in job.placement.variables if v.split}
+        assert "emb" in split and len(split["emb"]) >= 2
+    finally:
+        job.close()
