@@ -284,8 +284,8 @@ def split_checkpoint(snap: OptimizerSnapshot, num_shards: int, min_piece_bytes: 
         ShardSnapshot(
             key=snap.key, shard_index=i, num_shards=num_shards, config=dict(snap.config), policy=dict(snap.policy),
             exclusions=dict(snap.exclusions), placement=placement.to_json(), version=snap.version,
-            iterations=snap.iterations, variables={k: np.ascontiguousarray(v) for k, v in pieces[i].items()},
-            store={k: np.ascontiguousarray(v) for k, v in stores[i].items()}, staged=staged[i],
+            iterations=snap.iterations, variables={k: np.array(v, order="C") for k, v in pieces[i].items()},
+            store={k: np.array(v, order="C") for k, v in stores[i].items()}, staged=staged[i],
             store_names=names_per_shard[i],
         )  # fmt: skip
         for i in range(num_shards)

@@ -169,6 +169,19 @@ class Leader:
             del self._lagging[i]
             _log.info("shard %d of '%s' caught up to version %d", i, self.key, version)
 
+    def _note_restarted(self, errors: dict[int, BaseException]) -> None:
+        """A shard at another version than the leader restarted (from a checkpoint, or empty)."""
+        for i, err in sorted(errors.items()):
+            shard_version = getattr(err, "current_version", None)
+            if isinstance(err, FailedPrecondition) and shard_version is not None and shard_version != self.version:
+                self._broken = (
+                    f"shard {i} of optimizer '{self.key}' is at version {shard_version} while the job is at "
+                    f"{self.version} (it restarted); restore one checkpoint on every shard "
+                    "(adamax-ps checkpoint restore) to make the job consistent again"
+                )
+                _log.error("%s", self._broken)
+                return
+
     # -------------------------------------------------------------- push
 
     def push(self, worker_id: str, request_id: str, step: int, *, timeout: float | None = None) -> PushResult:
@@ -291,6 +304,9 @@ class Leader:
             prepared = self._fan("prepare", lambda i: (version, keys, combine, aggregation))
         except _PartialFailure as exc:
             self._abort_everywhere(version, exc.results)
+            self._note_restarted(exc.errors)
+            if self._broken:
+                raise FailedPrecondition(self._broken + "; nothing was applied", current_version=self.version) from exc
             raise exc.as_service_error(self.key, "nothing was applied; retry with the same request id", self.version) from exc
         placement = self._placement()
         assert placement is not None

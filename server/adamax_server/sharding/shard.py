@@ -451,8 +451,9 @@ class ShardHost:
         self._require_open()
         if not self._engine.built:
             raise FailedPrecondition(
-                f"optimizer '{self.key}' is not built yet; call build(variables) with the model "
-                "variables' names and initial values first"
+                f"optimizer '{self.key}' is not built yet on shard {self.shard_index}; call build(variables) "
+                "with the model variables' names and initial values first",
+                current_version=self.version,
             )
 
 
