@@ -359,6 +359,11 @@ class ShardHost:
             self._engine.save_own_variables(store)
             return self.version, store, list(self._engine.variables)
 
+    def store_names(self) -> list[str]:
+        """This shard's optimizer variable names, in its store's order."""
+        with self._cond:
+            return [ov.name for ov in self._engine._opt_vars]
+
     def status(self) -> dict[str, Any]:
         with self._cond:
             sizes = self.placement.shard_bytes() if self.placement else []
