@@ -68,10 +68,16 @@ RECORDS = codec.Records(ClipDecision, PrepareReply, ShardSnapshot, PushResult, p
 
 # Methods any caller may use; those only the leader (shard 0) answers; and those the leader
 # sends to shards (any authenticated peer may, like every other call of the server).
-_PUBLIC = {"create", "describe", "build", "stage", "pull", "save_own_variables", "status", "delete", "list_cuts"}
+_PUBLIC = {
+    "create", "describe", "build", "stage", "pull", "save_own_variables", "status", "delete", "list_cuts",
+    "exclude_from_weight_decay",
+}  # fmt: skip
 _LEADER = {"push", "mutate_job", "checkpoint", "restore"}
 _INTERNAL = {"prepare", "commit", "abort", "drop", "check", "mutate", "save_cut", "load_cut"}
-_HOST_METHODS = {"build", "stage", "pull", "save_own_variables", "prepare", "commit", "abort", "drop", "check", "mutate"}
+_HOST_METHODS = {
+    "build", "stage", "pull", "save_own_variables", "prepare", "commit", "abort", "drop", "check", "mutate",
+    "exclude_from_weight_decay",
+}  # fmt: skip
 
 _ERROR_TYPES: dict[str, type[BaseException]] = {
     c.__name__: c for c in vars(errs).values() if isinstance(c, type) and issubclass(c, errs.ServiceError)
@@ -192,7 +198,7 @@ class ShardRegistry:
         self.auto_heal = auto_heal
         self._link_credentials = link_credentials
         self._link_token = link_token
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._hosts: dict[str, ShardHost] = {}
         self._leaders: dict[str, Leader] = {}
         self._channels: dict[str, grpc.Channel] = {}
@@ -201,6 +207,16 @@ class ShardRegistry:
     @property
     def num_shards(self) -> int:
         return len(self.shards)
+
+    def set_shards(self, shards: Sequence[str]) -> None:
+        """Replace the shard list before any optimizer exists (servers bound to port 0 in tests)."""
+        shards = parse_shards(shards)
+        with self._lock:
+            if self._hosts:
+                raise FailedPrecondition("the shard list cannot change while optimizers exist")
+            if len(shards) != len(self.shards):
+                raise ValueError(f"expected {len(self.shards)} shard addresses, got {len(shards)}")
+            self.shards = shards
 
     @property
     def is_leader(self) -> bool:
@@ -302,6 +318,7 @@ class ShardRegistry:
             "version": status["version"],
             "iterations": status["iterations"],
             "bytes": status["bytes"],
+            "min_piece_bytes": self.min_piece_bytes,
             "placement": placement.to_json() if placement else None,
             "layout": job_layout(host.config, [(v.name, v.shape, v.dtype) for v in placement.variables]) if placement else [],
             "store_names": host.store_names() if host.built else [],
@@ -328,6 +345,8 @@ class ShardRegistry:
             return self.status()
         if method == "delete":
             return self.delete(key)
+        if method == "build":
+            return self.host(key).build(*args).to_json()
         if method in _HOST_METHODS:
             return getattr(self.host(key), method)(*args)
         if method == "push":

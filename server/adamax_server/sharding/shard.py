@@ -159,6 +159,11 @@ class ShardHost:
             self._cond.notify_all()
             return placement
 
+    def exclude_from_weight_decay(self, var_list: Sequence[str], var_names: Sequence[str]) -> None:
+        with self._cond:
+            self._require_open()
+            self._engine.exclude_from_weight_decay(var_list=list(var_list) or None, var_names=list(var_names) or None)
+
     # -------------------------------------------------------------- staging
 
     def stage(self, worker_id: str, request_id: str, grads: Sequence[tuple[str, Gradient]]) -> dict[str, int]:
