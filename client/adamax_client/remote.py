@@ -41,6 +41,9 @@ from adamax_client.errors import InvalidArgumentError
 from adamax_client.transport import RetryPolicy, Transport
 
 _log = logging.getLogger(__name__)
+# ``adamax_client.sharded.ShardedRemoteAdamax``, registered when that module is imported (the
+# package does): what ``RemoteAdamax(shard_list)`` returns.
+_SHARDED_CLASS: Any = None
 _NO_BULK: Any = object()  # RemoteAdamax._bulk once the server turned out to have no bulk channel
 
 _KERAS_DEFAULTS: dict[str, Any] = {
@@ -175,9 +178,9 @@ class RemoteAdamax:
         if cls is RemoteAdamax:
             targets = target.split(",") if isinstance(target, str) else list(target)
             if sharded or (sharded is None and len([t for t in targets if str(t).strip()]) > 1):
-                from .sharded import ShardedRemoteAdamax
-
-                return super().__new__(ShardedRemoteAdamax)
+                if _SHARDED_CLASS is None:  # adamax_client/__init__ imports adamax_client.sharded
+                    raise ImportError("import adamax_client (it registers the sharded client)")
+                return super().__new__(_SHARDED_CLASS)
         return super().__new__(cls)
 
     def __init__(

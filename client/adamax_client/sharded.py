@@ -2,7 +2,7 @@
 
 ``RemoteAdamax(["h0:50051", "h1:50051", ...])`` (or ``"h0:50051,h1:50051"``) returns a
 ``ShardedRemoteAdamax``. The job's variables are placed on the shards by
-``adamax_client._placement.place`` (small variables whole, big ones split into row ranges);
+``adamax_wire.placement.place`` (small variables whole, big ones split into row ranges);
 every call talks to all shards at once, each with its own share of the bytes:
 
 * ``build``: each shard receives its pieces of the initial values;
@@ -20,7 +20,6 @@ in their own dtype over gRPC streams, to all shards in parallel.
 
 from __future__ import annotations
 
-import json
 import uuid
 import warnings
 from collections import OrderedDict
@@ -31,13 +30,14 @@ from typing import Any
 import grpc
 import numpy as np
 
-from . import _shard_codec as codec
-from . import _wire
-from ._placement import Placement, assemble, assemble_store, place, split_gradients, split_store, split_values
-from ._proto.adamax.v1 import adamax_pb2 as pb
-from .errors import InvalidArgumentError, NotFoundError, UnavailableError, UnimplementedError
-from .remote import _KERAS_DEFAULTS, PushResult, RemoteAdamax, _default_worker_id, _policy_proto, _readonly, _serialize_learning_rate
-from .transport import RetryPolicy, Transport
+from adamax_wire import shard_codec as codec
+from adamax_wire import tensors as _wire
+from adamax_wire.placement import Placement, assemble, assemble_store, place, split_gradients, split_store, split_values
+from adamax_wire import pb
+from adamax_client.errors import InvalidArgumentError, NotFoundError, UnavailableError, UnimplementedError
+import adamax_client.remote as _remote
+from adamax_client.remote import _KERAS_DEFAULTS, PushResult, RemoteAdamax, _default_worker_id, _policy_proto, _readonly, _serialize_learning_rate
+from adamax_client.transport import RetryPolicy, Transport
 
 CALL_PATH = "/adamax.v1.ShardService/Call"
 _RECORDS = codec.Records(PushResult)
@@ -180,7 +180,7 @@ class ShardedRemoteAdamax(RemoteAdamax):
         if info["placement"] is not None:
             self._placement = Placement.from_json(info["placement"])
             self._specs = []
-            from .remote import VariableSpec
+            from adamax_client.remote import VariableSpec
 
             self._specs = [VariableSpec(v.name, v.shape, np.dtype(v.dtype)) for v in self._placement.variables]
         return info
@@ -426,5 +426,4 @@ class ShardedRemoteAdamax(RemoteAdamax):
         return f"<RemoteAdamax {self.key!r} over {self.num_shards} shards {self.targets} worker={self.worker_id!r} mode={self.mode}>"
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
+_remote._SHARDED_CLASS = ShardedRemoteAdamax

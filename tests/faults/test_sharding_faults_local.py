@@ -8,21 +8,19 @@ took effect.
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
-from adamax_server.coordinator import Coordinator, Policy  # noqa: E402
-from adamax_server.errors import FailedPrecondition, Unavailable  # noqa: E402
-from adamax_server.sharding.job import ShardedJob  # noqa: E402
-from adamax_server.sharding.leader import DecidedUnconfirmed, ShardUnavailable  # noqa: E402
+from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.coordination.policy import Policy
+from adamax_server.errors import FailedPrecondition, Unavailable
+from adamax_server.sharding.job import ShardedJob
+from adamax_server.sharding.leader import DecidedUnconfirmed, ShardUnavailable
 
-from test_sharding_job import MIN_PIECE, _grads, _values  # noqa: E402
+from _sharding_helpers import MIN_PIECE, grads_ as _grads, values_ as _values
 
 CONFIG = {"learning_rate": 0.01, "clipnorm": 0.3}
 

@@ -15,10 +15,11 @@ import pytest
 
 from adamax_client import RemoteAdamax
 from adamax_client import errors as client_errors
-from adamax_client._wire import RowSparseGradient
+from adamax_wire.tensors import RowSparseGradient
 from adamax_client.sharded import ShardedRemoteAdamax
-from adamax_server.coordinator import Coordinator, Policy
-from adamax_server.engine import RowSparseGradient as EngineSparse
+from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.coordination.policy import Policy
+from adamax_server.optim.engine import RowSparseGradient as EngineSparse
 from adamax_server.sharding.server import create_shard_server, stop_shard_server
 
 MIN_PIECE = 2048

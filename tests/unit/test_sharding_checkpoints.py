@@ -7,10 +7,11 @@ import warnings
 import numpy as np
 import pytest
 
-from adamax_server.coordinator import Coordinator, Policy
+from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.coordination.policy import Policy
 from adamax_server.sharding.job import ShardedJob, assemble_checkpoint, split_checkpoint
 
-from test_sharding_job import MIN_PIECE, _grads, _values
+from _sharding_helpers import MIN_PIECE, grads_ as _grads, values_ as _values
 
 CONFIG = {"learning_rate": 0.01, "global_clipnorm": 0.5, "use_ema": True, "gradient_accumulation_steps": 2}
 

@@ -4,8 +4,8 @@
 * ``pairwise``: exact sums of squares of a split variable (NumPy's pairwise tree across shards).
 """
 
-from .pairwise import Piece, Unit, combine, piece_sums, units
-from .placement import DEFAULT_MIN_PIECE_BYTES, PieceSpec, Placement, VariablePlacement, place
+from adamax_server.sharding.pairwise import Piece, Unit, combine, piece_sums, units
+from adamax_server.sharding.placement import DEFAULT_MIN_PIECE_BYTES, PieceSpec, Placement, VariablePlacement, place
 
 __all__ = [
     "DEFAULT_MIN_PIECE_BYTES",

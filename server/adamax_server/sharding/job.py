@@ -21,15 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from ..coordinator import Policy, PushResult, _normalize
-from ..engine import RowSparseGradient
-from ..errors import FailedPrecondition, InvalidArgument
-from ..snapshot import OptimizerSnapshot, RoundContribution
-from .leader import Leader, ShardUnavailable
-from .placement import DEFAULT_MIN_PIECE_BYTES, Placement, place
-from .shard import ShardHost, ShardSnapshot
-from .shard_engine import ShardEngine
-from .split import assemble, assemble_store, job_layout, split_gradients, split_store, split_values
+from adamax_server.coordination.policy import Policy, PushResult, normalize_config as _normalize
+from adamax_server.optim.engine import RowSparseGradient
+from adamax_server.errors import FailedPrecondition, InvalidArgument
+from adamax_server.coordination.snapshot import OptimizerSnapshot, RoundContribution
+from adamax_server.sharding.leader import Leader, ShardUnavailable
+from adamax_server.sharding.placement import DEFAULT_MIN_PIECE_BYTES, Placement, place
+from adamax_server.sharding.shard import ShardHost, ShardSnapshot
+from adamax_server.sharding.shard_engine import ShardEngine
+from adamax_server.sharding.split import assemble, assemble_store, job_layout, split_gradients, split_store, split_values
 
 
 class LocalLink:

@@ -42,11 +42,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..coordinator import Policy, PushResult, _DedupTable, _non_finite_message
-from ..errors import FailedPrecondition, InvalidArgument, ServiceError, StaleGradient, Unavailable, WaitTimeout
-from . import pairwise
-from .placement import Placement
-from .shard_engine import CLIP_GLOBAL, CLIP_NORM, ClipDecision, decide_clipping
+from adamax_server.coordination.dedup import DedupTable as _DedupTable
+from adamax_server.coordination.policy import Policy, PushResult
+from adamax_server.coordination.stats import non_finite_message as _non_finite_message
+from adamax_server.errors import FailedPrecondition, InvalidArgument, ServiceError, StaleGradient, Unavailable, WaitTimeout
+from adamax_server.sharding import pairwise
+from adamax_server.sharding.placement import Placement
+from adamax_server.sharding.shard_engine import CLIP_GLOBAL, CLIP_NORM, ClipDecision, decide_clipping
 
 _log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""Placement of a sharded job's variables; defined in ``adamax_client._placement`` (shared with clients)."""
+"""Placement of a sharded job's variables; defined in ``adamax_wire.placement`` (shared with clients)."""
 
-from adamax_client._placement import (
+from adamax_wire.placement import (
     DEFAULT_MIN_PIECE_BYTES,
     PieceSpec,
     Placement,

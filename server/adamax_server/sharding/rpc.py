@@ -36,14 +36,14 @@ from typing import Any
 import grpc
 import numpy as np
 
-from adamax_client import _shard_codec as codec
-from adamax_client import _wire
-from adamax_client._proto.adamax.v1 import adamax_pb2 as pb
+from adamax_wire import shard_codec as codec
+from adamax_wire import tensors as _wire
+from adamax_wire import pb
 
-from .. import errors as errs
-from ..coordinator import Policy, PushResult, _normalize
-from ..engine import RowSparseGradient
-from ..errors import (
+from adamax_server import errors as errs
+from adamax_server.coordination.policy import Policy, PushResult, normalize_config as _normalize
+from adamax_server.optim.engine import RowSparseGradient
+from adamax_server.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -52,12 +52,12 @@ from ..errors import (
     Unavailable,
     status_for,
 )
-from . import pairwise
-from .leader import Leader, ShardUnavailable
-from .placement import DEFAULT_MIN_PIECE_BYTES
-from .shard import PrepareReply, ShardHost, ShardSnapshot
-from .shard_engine import ClipDecision, ShardEngine
-from .split import job_layout
+from adamax_server.sharding import pairwise
+from adamax_server.sharding.leader import Leader, ShardUnavailable
+from adamax_server.sharding.placement import DEFAULT_MIN_PIECE_BYTES
+from adamax_server.sharding.shard import PrepareReply, ShardHost, ShardSnapshot
+from adamax_server.sharding.shard_engine import ClipDecision, ShardEngine
+from adamax_server.sharding.split import job_layout
 
 _log = logging.getLogger(__name__)
 
@@ -116,10 +116,12 @@ def _decode_call(frames: Iterator[Any]) -> tuple[Any, Any]:
 class GrpcLink:
     """The leader's link to shard ``index`` for one optimizer, over a shared channel."""
 
-    def __init__(self, index: int, target: str, key: str, channel: grpc.Channel) -> None:
+    def __init__(self, index: int, target: str, key: str, channel: grpc.Channel, token: str | None = None) -> None:
         self.index = index
         self.target = target
         self.key = key
+        # Shards authenticate to each other like any client (TokenAuthInterceptor).
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._call = channel.stream_stream(
             CALL_PATH,
             request_serializer=_wire.identity_serializer,
@@ -129,7 +131,7 @@ class GrpcLink:
     def call(self, method: str, *args: Any, timeout: float) -> Any:
         frames = _call_frames(self.key, method, list(args))
         try:
-            _, value = _decode_call(self._call(iter(frames), timeout=timeout))
+            _, value = _decode_call(self._call(iter(frames), timeout=timeout, metadata=self._metadata))
         except grpc.RpcError as exc:
             raise link_error(exc, self.index, self.target) from None
         return value
@@ -234,16 +236,12 @@ class ShardRegistry:
                     channel = grpc.insecure_channel(target, options=options)
                 else:
                     channel = grpc.secure_channel(target, self._link_credentials, options=options)
-                if self._link_token:
-                    from adamax_client.security import BearerTokenInterceptor
-
-                    channel = grpc.intercept_channel(channel, BearerTokenInterceptor(self._link_token))
                 self._channels[target] = channel
             return channel
 
     def _links(self, key: str) -> list[Any]:
         return [
-            _SelfLink(i, self, key) if i == self.shard_index else GrpcLink(i, t, key, self._channel(t))
+            _SelfLink(i, self, key) if i == self.shard_index else GrpcLink(i, t, key, self._channel(t), self._link_token)
             for i, t in enumerate(self.shards)
         ]
 

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .rpc import SERVICE, ShardRegistry, ShardServicer, add_shard_service
+from adamax_server.sharding.rpc import SERVICE, ShardRegistry, ShardServicer, add_shard_service
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 

@@ -34,11 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from ..coordinator import Gradient, _gradient_stats, _non_finite_counts
-from ..engine import RowSparseGradient
-from ..errors import FailedPrecondition, InvalidArgument, NotFound, RoundAborted, Unavailable, WaitTimeout
-from .placement import DEFAULT_MIN_PIECE_BYTES, Placement, place
-from .shard_engine import ClipDecision, PreparedStep, ShardEngine
+from adamax_server.coordination.stats import non_finite_counts as _non_finite_counts
+from adamax_server.coordination.stats import push_stats as _gradient_stats
+
+Gradient = Any  # np.ndarray | RowSparseGradient | None
+from adamax_server.optim.engine import RowSparseGradient
+from adamax_server.errors import FailedPrecondition, InvalidArgument, NotFound, RoundAborted, Unavailable, WaitTimeout
+from adamax_server.sharding.placement import DEFAULT_MIN_PIECE_BYTES, Placement, place
+from adamax_server.sharding.shard_engine import ClipDecision, PreparedStep, ShardEngine
 
 PushKey = tuple[str, str]  # (worker id, request id)
 

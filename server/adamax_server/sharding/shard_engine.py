@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from ..engine import Adamax, _keras_global_scale
-from ..kernels.base import (
+from adamax_server.optim.engine import Adamax
+from adamax_server.optim.variables import _keras_global_scale
+from adamax_server.optim.kernels.base import (
     ACC_NONE,
     ACC_ONLY,
     ACC_UPDATE,
@@ -40,10 +41,10 @@ from ..kernels.base import (
     GroupStep,
     PairwisePlan,
 )
-from . import pairwise
+from adamax_server.sharding import pairwise
 
 try:
-    from ..kernels import cpu as _cpu
+    from adamax_server.optim.kernels import cpu as _cpu
 except ImportError:  # pragma: no cover
     _cpu = None
 

@@ -1,4 +1,4 @@
-"""Cutting a job's arrays into per-shard pieces and putting them back (see ``adamax_client._placement``).
+"""Cutting a job's arrays into per-shard pieces and putting them back (see ``adamax_wire.placement``).
 
 The pure functions live with the placement in the package both sides import; this module adds
 ``job_layout``, which needs the engine: the whole job's optimizer variables in Keras's order.
@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from adamax_client._placement import assemble, assemble_store, split_gradients, split_store, split_values
+from adamax_wire.placement import assemble, assemble_store, split_gradients, split_store, split_values
 
-from ..engine import Adamax
+from adamax_server.optim.engine import Adamax
 
 __all__ = ["assemble", "assemble_store", "job_layout", "split_gradients", "split_store", "split_values"]
 

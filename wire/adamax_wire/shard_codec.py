@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _wire
+from adamax_wire import tensors as _wire
 
 _FRAMED = {"float32", "float16", "float64", "int64", "int32"}
 
