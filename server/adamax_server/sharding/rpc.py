@@ -70,7 +70,7 @@ RECORDS = codec.Records(ClipDecision, PrepareReply, ShardSnapshot, PushResult, p
 # sends to shards (any authenticated peer may, like every other call of the server).
 _PUBLIC = {
     "create", "describe", "build", "stage", "pull", "save_own_variables", "status", "delete", "list_cuts",
-    "exclude_from_weight_decay",
+    "exclude_from_weight_decay", "read_cut", "write_cut",
 }  # fmt: skip
 _LEADER = {"push", "mutate_job", "checkpoint", "restore"}
 _INTERNAL = {"prepare", "commit", "abort", "drop", "check", "mutate", "save_cut", "load_cut"}
@@ -364,6 +364,14 @@ class ShardRegistry:
             return self.save_cut(key, *args)
         if method == "load_cut":
             return self.load_cut(key, *args)
+        if method == "read_cut":  # download: this shard's part of a cut
+            return list(read_cut(self._cut_dir(key, args[0]), self.shard_index))
+        if method == "write_cut":  # upload: this shard's part of a re-split cut
+            cut_id, snap, state = args
+            if not isinstance(snap, ShardSnapshot) or snap.shard_index != self.shard_index or snap.num_shards != self.num_shards:
+                raise InvalidArgument(f"this is shard {self.shard_index} of {self.num_shards}; the part does not fit")
+            write_cut(self._cut_dir(key, cut_id), self.shard_index, snap, state)
+            return cut_id
         raise InvalidArgument(f"unknown shard method {method!r}")  # pragma: no cover
 
     def push(self, key: str, worker_id: str, request_id: str, step: int) -> PushResult:
