@@ -194,3 +194,39 @@ def test_checkpoint_and_restore_on_every_shard(tmp_path):
         opt.close()
         for s in servers:
             stop_shard_server(s, grace=0)
+
+
+def test_bytes_per_shard_in_status_and_metrics():
+    from adamax_server.ops.metrics import MetricsInterceptor, ServerMetrics
+
+    metrics = [ServerMetrics() for _ in range(3)]
+    servers, ports = [], []
+    for i in range(3):
+        server, port = create_shard_server(
+            "127.0.0.1:0", i, ["127.0.0.1:1"] * 3, device="numba", min_piece_bytes=MIN_PIECE,
+            interceptors=[MetricsInterceptor(metrics[i])], metrics=metrics[i],
+        )  # fmt: skip
+        servers.append(server)
+        ports.append(port)
+    targets = [f"127.0.0.1:{p}" for p in ports]
+    for s in servers:
+        s.shard_registry.set_shards(targets)
+        s.start()
+    rng = np.random.default_rng(3)
+    values = _values(rng)
+    opt = RemoteAdamax(targets, worker_id="w", optimizer="job", learning_rate=0.01, timeout=20)
+    try:
+        opt.build(values)
+        opt.push(_grads(rng, values, 0))
+        status = opt.status()
+        per_shard = [s["bytes"] for s in status["shards"]]
+        assert sum(per_shard) == sum(v.nbytes for v in values.values()) and min(per_shard) > 0
+        for i, m in enumerate(metrics):
+            assert m.registry.get_sample_value("adamax_ps_shard_bytes", {"optimizer": "job", "shard": str(i)}) == per_shard[i]
+            assert m.registry.get_sample_value("adamax_ps_shard_version", {"optimizer": "job", "shard": str(i)}) == 1
+        assert metrics[0].registry.get_sample_value("adamax_ps_shards_lagging", {"optimizer": "job"}) == 0
+        assert metrics[1].registry.get_sample_value("adamax_ps_rpcs_total", {"method": "ShardService.Call", "code": "OK"}) > 0
+    finally:
+        opt.close()
+        for s in servers:
+            stop_shard_server(s, grace=0)

@@ -65,7 +65,12 @@ def serve_sharded(args: argparse.Namespace) -> int:
     if args.restore and not args.checkpoint_dir:
         print("error: --restore needs --checkpoint-dir", file=sys.stderr)
         return 2
-    interceptors = [TokenAuthInterceptor(hardening["tokens"])] if "tokens" in hardening else []
+    from adamax_server.ops.metrics import MetricsInterceptor, ServerMetrics
+
+    metrics = ServerMetrics()
+    interceptors: list[Any] = [MetricsInterceptor(metrics)]
+    if "tokens" in hardening:
+        interceptors.append(TokenAuthInterceptor(hardening["tokens"]))
     token = args.shard_token or os.environ.get(ENV_PREFIX + "TOKEN")
     link_credentials = None
     if "credentials" in hardening and args.tls_ca:
@@ -76,7 +81,7 @@ def serve_sharded(args: argparse.Namespace) -> int:
             f"{args.host}:{args.port}", index, shards, max_workers=args.max_threads, interceptors=interceptors,
             credentials=hardening.get("credentials"), device=args.device, checkpoint_dir=args.checkpoint_dir,
             keep_cuts=int(args.keep), min_piece_bytes=int(args.min_piece_bytes), staging_ttl=float(args.staging_ttl), call_timeout=float(args.shard_call_timeout),
-            link_credentials=link_credentials, link_token=token,
+            link_credentials=link_credentials, link_token=token, metrics=metrics,
         )  # fmt: skip
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -92,11 +97,15 @@ def serve_sharded(args: argparse.Namespace) -> int:
     stop_cuts = threading.Event()
     if index == 0 and args.checkpoint_dir and (args.checkpoint_every_steps or args.checkpoint_every_seconds):
         threading.Thread(target=_cut_loop, args=(registry, args, stop_cuts), daemon=True, name="cuts").start()
-    shutdown = GracefulShutdown(server, grace=float(args.grace), on_stopped=[stop_cuts.set, registry.close])
+    shutdown = GracefulShutdown(server, grace=float(args.grace), on_stopped=[stop_cuts.set, registry.close, metrics.close])
     shutdown.install()
     server.start()
     _log.info("adamax-ps shard %d of %d listening on %s:%d (leader %s)", index, len(shards), args.host, port, shards[0])
     print(f"listening on {args.host}:{port}", flush=True)
+    if args.metrics_port is not None:
+        metrics_port = metrics.serve_http(args.metrics_port, args.metrics_host)
+        _log.info("metrics on http://%s:%d/metrics", args.metrics_host, metrics_port)
+        print(f"metrics on {args.metrics_host}:{metrics_port}", flush=True)
     return shutdown.run()
 
 

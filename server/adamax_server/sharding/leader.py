@@ -516,6 +516,11 @@ class Leader:
             self._broken = ""
             self._cond.notify_all()
 
+    @property
+    def lagging_count(self) -> int:
+        """Shards that have not confirmed the last decided version (read without the lock)."""
+        return len(self._lagging)
+
     def status(self) -> dict[str, Any]:
         with self._cond:
             return {

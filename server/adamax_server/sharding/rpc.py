@@ -186,6 +186,7 @@ class ShardRegistry:
         link_credentials: grpc.ChannelCredentials | None = None,
         link_token: str | None = None,
         auto_heal: bool = True,
+        metrics: Any = None,
     ) -> None:
         self.shards = parse_shards(shards)
         if not 0 <= shard_index < len(self.shards):
@@ -198,6 +199,7 @@ class ShardRegistry:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.keep_cuts = keep_cuts
         self.auto_heal = auto_heal
+        self.metrics = metrics  # ops.metrics.ServerMetrics (observe_shard), or None
         self._link_credentials = link_credentials
         self._link_token = link_token
         self._lock = threading.RLock()
@@ -333,6 +335,21 @@ class ShardRegistry:
     # -------------------------------------------------------------- the protocol
 
     def dispatch(self, key: str, method: str, args: list[Any]) -> Any:
+        result = self._dispatch(key, method, args)
+        if self.metrics is not None and method in ("build", "commit", "mutate", "load_cut", "stage", "push"):
+            self._observe(key)
+        return result
+
+    def _observe(self, key: str) -> None:
+        try:
+            st = self.host(key).status()
+            # Without the leader's lock: the leader commits on its own shard while holding it.
+            lagging = self._leaders[key].lagging_count if key in self._leaders else None
+            self.metrics.observe_shard(key, self.shard_index, st["bytes"], st["version"], st["staged"], lagging)
+        except Exception:  # noqa: BLE001 - metrics never fail a call
+            _log.debug("shard metrics of '%s' failed", key, exc_info=True)
+
+    def _dispatch(self, key: str, method: str, args: list[Any]) -> Any:
         if method not in _PUBLIC | _LEADER | _INTERNAL:
             raise InvalidArgument(f"unknown shard method {method!r}")
         if method == "create":
