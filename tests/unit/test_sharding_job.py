@@ -116,3 +116,35 @@ def test_placement_really_splits():
         assert "emb" in split and len(split["emb"]) >= 2
     finally:
         job.close()
+
+
+@pytest.mark.parametrize("timeout_policy", ["close", "abort"])
+def test_round_timeout_is_one_decision_for_the_job(timeout_policy):
+    """A round the leader's timer closes (or aborts) ends the same way as on a single server."""
+    import time
+
+    from _sharding_helpers import Sharded, Single
+
+    policy = Policy(mode="sync", num_workers=3, round_timeout=0.3, round_timeout_policy=timeout_policy)
+    rng = np.random.default_rng(9)
+    values = _values(rng)
+    grads = [_grads(rng, values, sparse=w == 1) for w in range(2)]
+    outcomes = []
+    for target in (Single({"learning_rate": 0.01, "clipnorm": 0.5}, policy), Sharded({"learning_rate": 0.01, "clipnorm": 0.5}, policy, 3)):
+        try:
+            target.build(values)
+            for w in range(2):
+                target.push(f"w{w}", "a", 0, grads[w])
+            deadline = time.monotonic() + 5
+            if timeout_policy == "close":
+                while target.pull()[0] < 1 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            else:
+                time.sleep(0.6)
+            version, iterations, weights = target.pull()
+            late = target.push("w2", "a", 0, grads[0])
+            outcomes.append((version, iterations, {n: a.tobytes() for n, a in weights.items()}, late.outcome))
+        finally:
+            target.close()
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] == (1 if timeout_policy == "close" else 0)
