@@ -35,6 +35,7 @@ from adamax_wire import tensors as _wire
 from adamax_wire.placement import Placement, assemble, assemble_store, place, split_gradients, split_store, split_values
 from adamax_wire import pb
 from adamax_client.errors import InvalidArgumentError, NotFoundError, UnavailableError, UnimplementedError
+import adamax_client.checkpoints as _checkpoints
 import adamax_client.remote as _remote
 from adamax_client.remote import _KERAS_DEFAULTS, PushResult, RemoteAdamax, _default_worker_id, _policy_proto, _readonly, _serialize_learning_rate
 from adamax_client.transport import RetryPolicy, Transport
@@ -427,3 +428,83 @@ class ShardedRemoteAdamax(RemoteAdamax):
 
 
 _remote._SHARDED_CLASS = ShardedRemoteAdamax
+
+
+class ShardedCheckpointClient:
+    """``CheckpointClient(shard_list)``: the checkpoint calls of a sharded job.
+
+    ``save`` takes one consistent cut of every optimizer (the leader holds the job still, every
+    shard writes its part under one id), ``list`` shows the cuts every shard holds, ``restore``
+    brings every shard back to one cut. ``download`` / ``upload`` of the assembled job (the
+    single-server format) are done by ``adamax-ps checkpoint download|upload --target A0,A1,...``,
+    which assembles and re-splits with the server package.
+    """
+
+    def __init__(self, target: str | Sequence[str], *, timeout: float = 600.0, retry: RetryPolicy | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
+                 channel_options: Sequence[tuple[str, Any]] = (), **_: Any) -> None:
+        self.targets = parse_targets(target)
+        self._transports = [
+            Transport(t, timeout=timeout, retry=retry, credentials=credentials, token=token, channel_options=channel_options)
+            for t in self.targets
+        ]
+        self._callers = [ShardCaller(t) for t in self._transports]
+
+    def _keys(self) -> list[str]:
+        return [row["optimizer"] for row in self._callers[0]("", "status")]
+
+    def _common(self, key: str) -> list[str]:
+        held = [set(c(key, "list_cuts")) for c in self._callers]
+        return sorted(set.intersection(*held))
+
+    def save(self, reason: str = "manual") -> Any:
+        from adamax_client.checkpoints import CheckpointSummary
+
+        cuts = [{"optimizer": k, **self._callers[0](k, "checkpoint")} for k in self._keys()]
+        return CheckpointSummary(
+            checkpoint_id=cuts[0]["id"] if cuts else "", created_unix=0.0, reason=reason, nbytes=0,
+            optimizers=[{"optimizer": c["optimizer"], "version": c["version"], "checkpoint_id": c["id"],
+                         "shards": c["shards"]} for c in cuts],
+            valid=True, error="", format_version=1,
+        )  # fmt: skip
+
+    def list(self) -> list[Any]:
+        from adamax_client.checkpoints import CheckpointSummary
+
+        out = []
+        for key in self._keys():
+            for cut in self._common(key):
+                out.append(CheckpointSummary(cut, 0.0, "cut", 0, [{"optimizer": key, "checkpoint_id": cut}], True, "", 1))
+        return out
+
+    def restore(self, checkpoint_id: str = "latest", optimizers: Sequence[str] = ()) -> tuple[str, list[Any]]:
+        from adamax_client.checkpoints import RestoredOptimizer
+
+        restored, used = [], checkpoint_id
+        for key in list(optimizers) or self._keys():
+            got = self._callers[0](key, "restore", checkpoint_id)
+            used = got["id"]
+            restored.append(RestoredOptimizer(key, int(got["version"]), int(self._callers[0](key, "describe")["iterations"])))
+        return used, restored
+
+    def inspect(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnimplementedError("inspect a sharded job's cuts with list(); each shard verifies its part on load")
+
+    def download(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnimplementedError("download a sharded job with `adamax-ps checkpoint download --target A0,A1,...` (assembled)")
+
+    def upload(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnimplementedError("upload onto a sharded job with `adamax-ps checkpoint upload --target A0,A1,...` (re-split)")
+
+    def close(self) -> None:
+        for t in self._transports:
+            t.close()
+
+    def __enter__(self) -> ShardedCheckpointClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_checkpoints._SHARDED_CLASS = ShardedCheckpointClient

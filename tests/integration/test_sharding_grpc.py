@@ -230,3 +230,31 @@ def test_bytes_per_shard_in_status_and_metrics():
         opt.close()
         for s in servers:
             stop_shard_server(s, grace=0)
+
+
+def test_checkpoint_client_takes_the_shard_list(tmp_path):
+    from adamax_client.checkpoints import CheckpointClient
+
+    servers, targets = start_shards(2, tmp_path)
+    rng = np.random.default_rng(4)
+    values = _values(rng)
+    opt = RemoteAdamax(targets, worker_id="w", optimizer="job", learning_rate=0.01, timeout=20)
+    try:
+        opt.build(values)
+        opt.push(_grads(rng, values, 0))
+        with CheckpointClient(",".join(targets), timeout=20) as client:
+            saved = client.save("test")
+            assert saved.optimizers[0]["version"] == 1
+            assert [c.checkpoint_id for c in client.list()] == [saved.checkpoint_id]
+            before = opt.pull()
+            opt.push(_grads(rng, values, 1), step=1)
+            used, restored = client.restore("latest")
+            assert used == saved.checkpoint_id and restored[0].version == 1
+            after = opt.pull(min_version=0)
+            assert all(after[n].tobytes() == before[n].tobytes() for n in values)
+            with pytest.raises(NotImplementedError, match="adamax-ps checkpoint download"):
+                client.download()
+    finally:
+        opt.close()
+        for s in servers:
+            stop_shard_server(s, grace=0)
