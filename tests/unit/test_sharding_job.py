@@ -148,3 +148,17 @@ def test_round_timeout_is_one_decision_for_the_job(timeout_policy):
             target.close()
     assert outcomes[0] == outcomes[1]
     assert outcomes[0][0] == (1 if timeout_policy == "close" else 0)
+
+
+def test_a_retry_of_a_decided_push_leaves_no_staged_copy():
+    job = ShardedJob("job", {"learning_rate": 0.1}, Policy(), 3, device="numba", min_piece_bytes=MIN_PIECE)
+    try:
+        rng = np.random.default_rng(0)
+        values = _values(rng)
+        job.build(values)
+        g = _grads(rng, values)
+        job.push("w", "r", 0, g)
+        assert job.push("w", "r", 0, g).duplicate
+        assert all(h.staged_keys() == [] for h in job.hosts)
+    finally:
+        job.close()

@@ -197,6 +197,8 @@ class Leader:
             if entry is not None and entry.result is not None:
                 if self._lagging:
                     self._require_healthy()  # its outcome is confirmed once every shard has it
+                if self._round.get(worker_id, ("",))[0] != request_id:
+                    self._forget_restaged((worker_id, request_id))
                 return replace(entry.result, duplicate=True)
             self._require_healthy()
             self._check_step(step)
@@ -214,6 +216,14 @@ class Leader:
                 raise
             self._cond.notify_all()
             return result
+
+    def _forget_restaged(self, key: tuple[str, str]) -> None:
+        """A retry re-staged a push that is already decided: free those slices (best effort)."""
+        for i in range(len(self._links)):
+            try:
+                self._call(i, "drop", [key])
+            except Exception:  # noqa: BLE001 - they expire after the staging TTL anyway
+                _log.debug("shard %d kept a re-staged copy of %s until it expires", i, key)
 
     def _check_step(self, step: int) -> None:
         version = self.version
