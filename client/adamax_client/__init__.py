@@ -26,6 +26,7 @@ from adamax_client.errors import (
 )
 from adamax_client.remote import PushResult, RemoteAdamax, VariableSpec
 from adamax_client.security import tls_channel_credentials
+from adamax_client.sharded import ShardedRemoteAdamax  # registers itself: RemoteAdamax(shard_list)
 from adamax_client.transport import RetryPolicy
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "RetryPolicy",
     "RoundAbortedError",
     "RowSparseGradient",
+    "ShardedRemoteAdamax",
     "StaleGradientError",
     "UnauthenticatedError",
     "UnavailableError",

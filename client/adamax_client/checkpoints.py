@@ -75,8 +75,25 @@ def _counting(frames: Iterator[Any], total: Callable[[], int], progress: Progres
         yield frame
 
 
+# ``adamax_client.sharded.ShardedCheckpointClient``, registered when that module is imported (the
+# package does): what ``CheckpointClient(shard_list)`` returns.
+_SHARDED_CLASS: Any = None
+
+
 class CheckpointClient:
-    """The checkpoint calls of one server (``adamax-ps checkpoint ...`` uses this)."""
+    """The checkpoint calls of one server (``adamax-ps checkpoint ...`` uses this).
+
+    Given a sharded job's shard list (``["h0:50051", "h1:50051"]`` or ``"h0:50051,h1:50051"``) it
+    is an ``adamax_client.sharded.ShardedCheckpointClient`` acting on the whole job.
+    """
+
+    def __new__(cls, target: Any = "", *args: Any, **kwargs: Any) -> Any:
+        targets = target.split(",") if isinstance(target, str) else list(target)
+        if cls is CheckpointClient and len([t for t in targets if str(t).strip()]) > 1:
+            if _SHARDED_CLASS is None:
+                raise ImportError("import adamax_client (it registers the sharded checkpoint client)")
+            return _SHARDED_CLASS(target, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,

@@ -13,8 +13,8 @@ each push says so (``step``), which is how the server detects stale and late gra
 Errors are :class:`adamax_client.errors.AdamaxError` subclasses (also ValueError / KeyError /
 TypeError where the in-process engine raises those); no grpc or protobuf types escape.
 
-The constructor takes one target. Variables are routed through ``_transport_for(name)`` so
-a later version can shard them over a list of targets.
+The constructor takes one target, or the shard list of a sharded job (then the instance is
+an ``adamax_client.sharded.ShardedRemoteAdamax``: the same API and results over every shard).
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ from adamax_client.transport import RetryPolicy, Transport
 
 _log = logging.getLogger(__name__)
 _BULK_BACKOFF, _BULK_BACKOFF_MAX = 5.0, 300.0  # seconds on gRPC after a transient bulk failure, doubling
+# ``adamax_client.sharded.ShardedRemoteAdamax``, registered when that module is imported (the
+# package does): what ``RemoteAdamax(shard_list)`` returns.
+_SHARDED_CLASS: Any = None
 _NO_BULK: Any = object()  # RemoteAdamax._bulk once the server turned out to have no bulk channel
 
 _KERAS_DEFAULTS: dict[str, Any] = {
@@ -171,6 +174,17 @@ class RemoteAdamax:
         **keras_kwargs: ``keras.optimizers.Adamax`` arguments (learning_rate, beta_1, ...).
     """
 
+    def __new__(cls, target: str | Sequence[str] = "", *args: Any, sharded: bool | None = None, **kwargs: Any) -> RemoteAdamax:
+        """A list of several targets (or ``"h0:p,h1:p"``, or ``sharded=True``) is a sharded job:
+        the instance is an ``adamax_client.sharded.ShardedRemoteAdamax``, with the same API."""
+        if cls is RemoteAdamax:
+            targets = target.split(",") if isinstance(target, str) else list(target)
+            if sharded or (sharded is None and len([t for t in targets if str(t).strip()]) > 1):
+                if _SHARDED_CLASS is None:  # adamax_client/__init__ imports adamax_client.sharded
+                    raise ImportError("import adamax_client (it registers the sharded client)")
+                return super().__new__(_SHARDED_CLASS)
+        return super().__new__(cls)
+
     def __init__(
         self,
         target: str | Sequence[str],
@@ -197,14 +211,15 @@ class RemoteAdamax:
         **keras_kwargs: Any,
     ) -> None:
         keras_kwargs.pop("device", None)  # a server-side choice; accepted for engine parity
+        keras_kwargs.pop("sharded", None)  # False here: one server
         unknown = sorted(set(keras_kwargs) - set(_KERAS_DEFAULTS) - {"name"})
         if unknown:
             raise ValueError(f"Argument(s) not recognized: { {k: keras_kwargs[k] for k in unknown} }")
         targets = [target] if isinstance(target, str) else list(target)
         if len(targets) != 1:
             raise ValueError(
-                f"`target` must be one 'host:port' for now; sharding over several targets is not "
-                f"implemented yet. Received: target={target!r}"
+                f"`target` must be one 'host:port' with sharded=False; pass the shard list without it "
+                f"for a sharded job. Received: target={target!r}"
             )
         if gradient_wire_dtype is not None and gradient_wire_dtype not in _wire.FLOAT_WIRE_DTYPES:
             raise ValueError(

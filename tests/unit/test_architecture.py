@@ -128,6 +128,9 @@ FORBIDDEN = {
     "server.ops": {"adamax_client", "server.transport", "server.storage", "server.cli"},
     "server.storage": {"grpc", "adamax_client", "server.transport", "server.cli"},
     "server.transport": {"adamax_client", "server.cli"},
+    # Sharded jobs: shard engine, pairwise norms, hosts and leader over coordination and optim;
+    # rpc/server are its transport (grpc and the wire package, never the client).
+    "server.sharding": {"adamax_client", "server.cli", "server.storage"},
 }
 
 def _layers_of(imported: str) -> set[str]:

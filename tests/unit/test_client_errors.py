@@ -121,7 +121,9 @@ def test_every_call_has_a_deadline():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"target": ["a:1", "b:2"]}, "sharding over several targets is not implemented"),
+    ({"target": ["a:1", "b:2"], "mode": "eventually"}, "`mode` must be one of"),  # a sharded job checks first too
+    ({"target": ["a:1", "b:2"], "sharded": False}, "one 'host:port' with sharded=False"),
+    ({"target": ["a:1", "b:2"], "bogus": 3}, "not recognized"),
     ({"gradient_wire_dtype": "int8"}, "`gradient_wire_dtype` must be one of"),
     ({"mode": "eventually"}, "`mode` must be one of"),
     ({"aggregation": "max"}, "`aggregation` must be one of"),

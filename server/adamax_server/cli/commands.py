@@ -22,6 +22,10 @@ _log = logging.getLogger("adamax_server")
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.shards:
+        from adamax_server.cli.shard_cli import serve_sharded
+
+        return serve_sharded(args)
     from adamax_server.coordination.coordinator import Coordinator
     from adamax_server.ops.metrics import ServerMetrics
     from adamax_server.cli.runtime import GracefulShutdown, server_kwargs
@@ -88,6 +92,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if "," in args.target:
+        from adamax_server.cli.shard_cli import run_sharded_status
+
+        return run_sharded_status(args)
     from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
     from adamax_client.errors import AdamaxError
     from adamax_client.transport import Transport
@@ -200,9 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_checkpoint_arguments(serve)
     add_checkpoint_commands(sub)
+    from adamax_server.cli.shard_cli import add_shard_arguments
+
+    add_shard_arguments(serve)
 
     status = sub.add_parser("status", help="list optimizers, versions and workers of a server")
-    status.add_argument("--target", default="127.0.0.1:50051")
+    status.add_argument("--target", default="127.0.0.1:50051", help="host:port, or a sharded job's shard list A0,A1,...")
     status.add_argument("--timeout", type=float, default=10.0)
     status.add_argument("--json", action="store_true")
     status.add_argument("--metrics", default=env_default("--metrics"),
@@ -243,6 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "health":
         return _health(args)
     if args.command == "checkpoint":
+        if "," in args.target:
+            from adamax_server.cli.shard_cli import run_sharded_checkpoint
+
+            return run_sharded_checkpoint(args)
         from adamax_server.cli.checkpoint_cli import run_checkpoint_command
 
         return run_checkpoint_command(args)

@@ -32,6 +32,7 @@ _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _NORM_BUCKETS = tuple(10.0**e for e in range(-6, 7))
 _ADAMAX_PREFIX = "/adamax.v1.AdamaxService/"
+_SHARD_PREFIX = "/adamax.v1.ShardService/"
 
 
 class ServerMetrics:
@@ -67,6 +68,11 @@ class ServerMetrics:
             "adamax_ps_checkpoint_last_error_info", "1, labelled with the error of the newest failed checkpoint write "
             "(absent once a write succeeds)", ["error"], registry=r,
         )
+        # Sharded jobs: what each shard holds and how far it is (one series per optimizer and shard).
+        self.shard_bytes = Gauge("adamax_ps_shard_bytes", "Model-variable bytes this shard holds (slots scale with them)", ["optimizer", "shard"], registry=r)
+        self.shard_version = Gauge("adamax_ps_shard_version", "Weights version this shard has applied", ["optimizer", "shard"], registry=r)
+        self.shard_staged = Gauge("adamax_ps_shard_staged_pushes", "Pushes staged on this shard, not yet decided", ["optimizer", "shard"], registry=r)
+        self.shards_lagging = Gauge("adamax_ps_shards_lagging", "Leader: shards that have not confirmed the last decided version", ["optimizer"], registry=r)
         self._http: Any = None
 
     # -------------------------------------------------------------- coordinator hooks
@@ -93,6 +99,14 @@ class ServerMetrics:
 
     def on_iterations(self, optimizer: str, iterations: int) -> None:
         self.iterations.labels(optimizer).set(iterations)
+
+    def observe_shard(self, optimizer: str, shard: int, nbytes: int, version: int, staged: int, lagging: int | None = None) -> None:
+        label = str(shard)
+        self.shard_bytes.labels(optimizer, label).set(nbytes)
+        self.shard_version.labels(optimizer, label).set(version)
+        self.shard_staged.labels(optimizer, label).set(staged)
+        if lagging is not None:
+            self.shards_lagging.labels(optimizer).set(lagging)
 
     def observe_checkpoint(self, seconds: float, nbytes: int) -> None:
         """Called by the checkpoint code after each checkpoint written."""
@@ -223,9 +237,14 @@ class MetricsInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not method.startswith(_ADAMAX_PREFIX):
+        if handler is None:
             return handler
-        name = method[len(_ADAMAX_PREFIX):]
+        if method.startswith(_ADAMAX_PREFIX):
+            name = method[len(_ADAMAX_PREFIX):]
+        elif method.startswith(_SHARD_PREFIX):  # sharded jobs: counted as "ShardService.Call"
+            name = "ShardService." + method[len(_SHARD_PREFIX):]
+        else:
+            return handler
         m = self._m
         handler = handler._replace(
             request_deserializer=_counting_deserializer(handler.request_deserializer, m.bytes_in.labels(name)),

@@ -626,3 +626,25 @@ class UploadCheckpointResponse(_message.Message):
     saved: CheckpointInfo
     restored: _containers.RepeatedCompositeFieldContainer[RestoredOptimizer]
     def __init__(self, saved: _Optional[_Union[CheckpointInfo, _Mapping]] = ..., restored: _Optional[_Iterable[_Union[RestoredOptimizer, _Mapping]]] = ...) -> None: ...
+
+class ShardCallHeader(_message.Message):
+    __slots__ = ("optimizer", "method", "args_json", "num_tensors")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    method: str
+    args_json: str
+    num_tensors: int
+    def __init__(self, optimizer: _Optional[str] = ..., method: _Optional[str] = ..., args_json: _Optional[str] = ..., num_tensors: _Optional[int] = ...) -> None: ...
+
+class ShardCallFrame(_message.Message):
+    __slots__ = ("header", "tensor", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ShardCallHeader
+    tensor: TensorHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[ShardCallHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...

@@ -1036,3 +1036,75 @@ class CheckpointService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ShardServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Call = channel.stream_stream(
+                '/adamax.v1.ShardService/Call',
+                request_serializer=adamax_dot_v1_dot_adamax__pb2.ShardCallFrame.SerializeToString,
+                response_deserializer=adamax_dot_v1_dot_adamax__pb2.ShardCallFrame.FromString,
+                _registered_method=True)
+
+
+class ShardServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Call(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ShardServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Call': grpc.stream_stream_rpc_method_handler(
+                    servicer.Call,
+                    request_deserializer=adamax_dot_v1_dot_adamax__pb2.ShardCallFrame.FromString,
+                    response_serializer=adamax_dot_v1_dot_adamax__pb2.ShardCallFrame.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'adamax.v1.ShardService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('adamax.v1.ShardService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ShardService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Call(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/adamax.v1.ShardService/Call',
+            adamax_dot_v1_dot_adamax__pb2.ShardCallFrame.SerializeToString,
+            adamax_dot_v1_dot_adamax__pb2.ShardCallFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,267 @@
+"""The sharded-job parts of the ``adamax-ps`` command line.
+
+``serve --shard-index I --shards A0,A1,...`` (env ``ADAMAX_PS_SHARD_INDEX``, ``ADAMAX_PS_SHARDS``)
+runs one shard of a sharded job: a shard needs nothing but its index and the shard list
+(``A0`` is the leader). ``--checkpoint-dir`` holds this shard's parts of the job's cuts; on
+shard 0, ``--checkpoint-every-steps/--checkpoint-every-seconds`` take cuts of every optimizer;
+``--restore latest`` loads this shard's newest cut before serving (the leader brings the other
+shards to a common cut if they moved on).
+
+``status``, ``checkpoint save|list|restore|download|upload`` accept the shard list as
+``--target A0,A1,...`` and act on the whole job: ``download`` assembles a cut into the
+single-server checkpoint format (the same Keras store as an unsharded job), ``upload`` re-splits
+a single-server checkpoint (or an assembled cut) onto this job's shard count and restores it
+on every shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import uuid
+from typing import Any
+
+import grpc
+
+from adamax_server.cli.runtime import ENV_PREFIX, _flag
+
+_log = logging.getLogger("adamax_server")
+
+
+def add_shard_arguments(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("sharded jobs")
+    _flag(group, "--shard-index", type=int, help="this server's index in --shards (0 is the job's leader)")
+    _flag(group, "--shards", help="every shard's host:port, in index order, comma-separated")
+    _flag(group, "--shard-token", help="bearer token this shard presents to the others (default: ADAMAX_PS_TOKEN)")
+    _flag(group, "--staging-ttl", 300.0, type=float, help="seconds a staged, uncommitted push is kept")
+    _flag(group, "--shard-call-timeout", 10.0, type=float, help="deadline of one leader-to-shard call")
+    _flag(group, "--min-piece-bytes", 256 << 10, type=int,
+          help="smallest row range a variable is split into (same on every shard)")
+
+
+def is_sharded_target(target: str) -> bool:
+    return "," in target
+
+
+def serve_sharded(args: argparse.Namespace) -> int:
+    from adamax_server.cli.runtime import GracefulShutdown, server_kwargs
+    from adamax_server.sharding.rpc import parse_shards
+    from adamax_server.sharding.server import create_shard_server
+    from adamax_server.transport.security import SecurityConfigError, TokenAuthInterceptor
+
+    try:
+        hardening = server_kwargs(args)
+        shards = parse_shards(args.shards)
+        if args.shard_index is None:
+            raise ValueError("--shards needs --shard-index (env ADAMAX_PS_SHARD_INDEX)")
+        index = int(args.shard_index)
+    except (SecurityConfigError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.restore and not args.checkpoint_dir:
+        print("error: --restore needs --checkpoint-dir", file=sys.stderr)
+        return 2
+    from adamax_server.ops.metrics import MetricsInterceptor, ServerMetrics
+
+    metrics = ServerMetrics()
+    interceptors: list[Any] = [MetricsInterceptor(metrics)]
+    if "tokens" in hardening:
+        interceptors.append(TokenAuthInterceptor(hardening["tokens"]))
+    token = args.shard_token or os.environ.get(ENV_PREFIX + "TOKEN")
+    link_credentials = None
+    if "credentials" in hardening and args.tls_ca:
+        with open(args.tls_ca, "rb") as f:
+            link_credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+    try:
+        server, port = create_shard_server(
+            f"{args.host}:{args.port}", index, shards, max_workers=args.max_threads, interceptors=interceptors,
+            credentials=hardening.get("credentials"), device=args.device, checkpoint_dir=args.checkpoint_dir,
+            keep_cuts=int(args.keep), min_piece_bytes=int(args.min_piece_bytes), staging_ttl=float(args.staging_ttl), call_timeout=float(args.shard_call_timeout),
+            link_credentials=link_credentials, link_token=token, metrics=metrics,
+        )  # fmt: skip
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    registry = server.shard_registry
+    if args.restore:
+        if args.restore != "latest":
+            print("error: a shard restores 'latest'; restore a given cut with `adamax-ps checkpoint restore ID "
+                  "--target A0,A1,...`", file=sys.stderr)
+            return 2
+        for key, cut in registry.restore_latest_on_start():
+            _log.info("restored optimizer '%s' from cut %s", key, cut)
+    stop_cuts = threading.Event()
+    if index == 0 and args.checkpoint_dir and (args.checkpoint_every_steps or args.checkpoint_every_seconds):
+        threading.Thread(target=_cut_loop, args=(registry, args, stop_cuts), daemon=True, name="cuts").start()
+    shutdown = GracefulShutdown(server, grace=float(args.grace), on_stopped=[stop_cuts.set, registry.close, metrics.close])
+    shutdown.install()
+    server.start()
+    _log.info("adamax-ps shard %d of %d listening on %s:%d (leader %s)", index, len(shards), args.host, port, shards[0])
+    print(f"listening on {args.host}:{port}", flush=True)
+    if args.metrics_port is not None:
+        metrics_port = metrics.serve_http(args.metrics_port, args.metrics_host)
+        _log.info("metrics on http://%s:%d/metrics", args.metrics_host, metrics_port)
+        print(f"metrics on {args.metrics_host}:{metrics_port}", flush=True)
+    return shutdown.run()
+
+
+def _cut_loop(registry: Any, args: argparse.Namespace, stop: threading.Event) -> None:
+    """On the leader: a cut of every optimizer every N versions and/or T seconds."""
+    import time
+
+    every_steps = int(args.checkpoint_every_steps) if args.checkpoint_every_steps else None
+    every_seconds = float(args.checkpoint_every_seconds) if args.checkpoint_every_seconds else None
+    last: dict[str, tuple[int, float]] = {}
+    while not stop.wait(0.5):
+        for row in registry.status():
+            key, version = row["optimizer"], row["version"]
+            if not row["built"]:
+                continue
+            at, when = last.get(key, (0, time.monotonic()))
+            due = (every_steps and version - at >= every_steps) or (
+                every_seconds and version != at and time.monotonic() - when >= every_seconds
+            )
+            if due:
+                try:
+                    cut = registry.checkpoint(key)
+                    last[key] = (cut["version"], time.monotonic())
+                    _log.info("cut %s of '%s' at version %d", cut["id"], key, cut["version"])
+                except Exception as exc:  # noqa: BLE001 - retried at the next tick
+                    _log.warning("cut of '%s' failed: %s", key, exc)
+                    last[key] = (at, time.monotonic())
+
+
+# ---------------------------------------------------------------- commands on a shard list
+
+
+class _Job:
+    """Calls to every shard of a job (the CLI's side of ``ShardService.Call``)."""
+
+    def __init__(self, target: str, timeout: float, connection: dict[str, Any]) -> None:
+        from adamax_server.sharding.rpc import parse_shards
+
+        self.targets = parse_shards(target)
+        self.timeout = timeout
+        creds = connection.get("credentials")
+        self._channels = [grpc.secure_channel(t, creds) if creds else grpc.insecure_channel(t) for t in self.targets]
+        self._token = connection.get("token")
+
+    def call(self, shard: int, key: str, method: str, *args: Any) -> Any:
+        from adamax_server.sharding.rpc import GrpcLink
+
+        link = GrpcLink(shard, self.targets[shard], key, self._channels[shard], self._token)
+        return link.call(method, *args, timeout=self.timeout)
+
+    def keys(self) -> list[str]:
+        return [row["optimizer"] for row in self.call(0, "", "status")]
+
+    def close(self) -> None:
+        for c in self._channels:
+            c.close()
+
+
+def run_sharded_status(args: argparse.Namespace) -> int:
+    from adamax_server.cli.runtime import client_connection
+
+    job = _Job(args.target, args.timeout, client_connection(args))
+    try:
+        per_shard = [job.call(i, "", "status") for i in range(len(job.targets))]
+        rows = []
+        for key in [r["optimizer"] for r in per_shard[0]]:
+            info = job.call(0, key, "describe")
+            rows.append({
+                "optimizer": key, "built": info["built"], "version": info.get("leader", {}).get("version", info["version"]),
+                "iterations": info["iterations"], "lagging": info.get("leader", {}).get("lagging", []),
+                "shards": [
+                    {"index": i, "target": job.targets[i], **next((r for r in per_shard[i] if r["optimizer"] == key), {})}
+                    for i in range(len(job.targets))
+                ],
+            })  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - a CLI reports and exits
+        print(f"error: {args.target}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        job.close()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for row in rows:
+        print(f"{row['optimizer']}: built={row['built']} version={row['version']} iterations={row['iterations']}"
+              + (f" lagging={row['lagging']}" if row["lagging"] else ""))
+        for s in row["shards"]:
+            print(f"  shard {s['index']} {s['target']}: version={s.get('version')} bytes={s.get('bytes')} "
+                  f"staged={s.get('staged')}")
+    return 0
+
+
+def run_sharded_checkpoint(args: argparse.Namespace) -> int:
+    from adamax_server.cli.runtime import client_connection
+
+    job = _Job(args.target, args.timeout, client_connection(args))
+    try:
+        return _checkpoint(args, job)
+    except Exception as exc:  # noqa: BLE001 - a CLI reports and exits
+        print(f"error: {args.target}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        job.close()
+
+
+def _common_cuts(job: _Job, key: str) -> list[str]:
+    held = [set(job.call(i, key, "list_cuts")) for i in range(len(job.targets))]
+    return sorted(set.intersection(*held))
+
+
+def _checkpoint(args: argparse.Namespace, job: _Job) -> int:
+    from adamax_server.sharding.job import JobCheckpoint, assemble_checkpoint, split_checkpoint
+    from adamax_server.storage.checkpoint import LATEST, CheckpointStore
+
+    out: Any
+    if args.action == "save":
+        out = [{"optimizer": k, **job.call(0, k, "checkpoint")} for k in job.keys()]
+        text = "\n".join(f"{o['optimizer']}: cut {o['id']} at version {o['version']} on {o['shards']} shards" for o in out)
+    elif args.action in ("list", "inspect"):
+        out = {k: _common_cuts(job, k) for k in job.keys()}
+        text = "\n".join(f"{k}: {', '.join(v) or 'no cuts held by every shard'}" for k, v in out.items())
+    elif args.action == "restore":
+        keys = args.optimizer or job.keys()
+        out = [{"optimizer": k, **job.call(0, k, "restore", args.checkpoint_id or LATEST)} for k in keys]
+        text = "\n".join(f"restored {o['optimizer']} to cut {o['id']} (version {o['version']})" for o in out)
+    elif args.action == "download":
+        snaps = []
+        for key in args.optimizer or job.keys():
+            cuts = _common_cuts(job, key)
+            wanted = cuts[-1] if args.checkpoint_id in ("", LATEST) and cuts else args.checkpoint_id
+            if wanted not in cuts:
+                raise ValueError(f"optimizer '{key}': no cut {wanted or 'at all'} is held by every shard")
+            parts = [job.call(i, key, "read_cut", wanted) for i in range(len(job.targets))]
+            leader_state = parts[0][1]
+            ckpt = JobCheckpoint(key, leader_state["version"], parts[0][0].config, parts[0][0].policy,
+                                 parts[0][0].placement, leader_state, [p[0] for p in parts])
+            snaps.append(assemble_checkpoint(ckpt))
+        info = CheckpointStore(args.output).write(snaps, reason=f"download of a sharded job from {args.target}")
+        out = {"checkpoint_id": info.checkpoint_id, "optimizers": [s.key for s in snaps]}
+        text = f"downloaded {', '.join(out['optimizers'])} assembled to {args.output}/{info.checkpoint_id}"
+    else:  # upload
+        store = CheckpointStore(args.input)
+        checkpoint_id = store.load_latest()[0] if args.id == LATEST else args.id
+        out = []
+        for snap in store.load(checkpoint_id):
+            info = None
+            try:
+                info = job.call(0, snap.key, "describe")
+            except Exception:  # noqa: BLE001 - a new optimizer on this job
+                pass
+            min_piece = int(info["min_piece_bytes"]) if info else 256 << 10
+            ckpt = split_checkpoint(snap, len(job.targets), min_piece)
+            cut_id = f"upload-{uuid.uuid4().hex[:8]}"
+            for i, part in enumerate(ckpt.shards):
+                job.call(i, snap.key, "write_cut", cut_id, part, ckpt.leader if i == 0 else None)
+            out.append({"optimizer": snap.key, **job.call(0, snap.key, "restore", cut_id)})
+        text = "\n".join(f"uploaded and restored {o['optimizer']}: cut {o['id']} (version {o['version']})" for o in out)
+    print(json.dumps(out, indent=2, default=str) if args.json else text)
+    return 0

@@ -1,0 +1,581 @@
+"""The job's sequencer: shard 0 decides, in one place, what every shard applies and in which order.
+
+A push to a sharded job is two-phase and exactly-once:
+
+1. the worker *stages* its slice on every shard (in parallel; ``ShardHost.stage``);
+2. the worker asks the leader to *commit* it (``Leader.push``). Under the job's lock the leader
+   answers a retry from its exactly-once table, checks the step (ahead, stale, late), and
+   either adds the push to the open sync round or, in async mode, makes it the next event
+   ``v``: ``prepare(v)`` on every shard (in parallel) returns non-finite counts, which
+   variables have a gradient and the unit sums of a clipped step; the leader computes the
+   clip denominators or the global scale exactly (``shard_engine.decide_clipping``) and sends
+   ``commit(v)`` to every shard.
+
+All or none: if a shard cannot prepare (unreachable, restarted, push not staged), the leader
+aborts event ``v`` everywhere and nothing was applied: the worker gets a clear error and may
+retry with the same request id. Once every shard prepared, the event is *decided*: its
+outcome is recorded in the exactly-once table and the commit is delivered to every shard; a
+shard that misses it is *lagging* and the leader redelivers the same commit (the shard still
+holds the prepared step) before it decides anything else. Until then every call fails with
+``Unavailable`` (no shard moves past another by more than the decided event). A lagging shard
+that restarted has lost its prepared step: the job then needs a restore of one consistent
+checkpoint on every shard (``restore_job``); pushes acknowledged after that cut are lost, as
+on a single server that restarts from its last checkpoint.
+
+Sync rounds have one decision for the job: the leader keeps the round (K of N, round timeout,
+late pushes) and closes it as one event whose contributions every shard sums in worker-id
+order, as a single server does. A round that aborts drops the staged pushes everywhere.
+
+Staged pushes that are never committed (the worker died between the phases) expire on the
+shards after ``staging_ttl``; they were never applied anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from adamax_server.coordination.dedup import DedupTable as _DedupTable
+from adamax_server.coordination.policy import Policy, PushResult
+from adamax_server.coordination.stats import non_finite_message as _non_finite_message
+from adamax_server.errors import FailedPrecondition, InvalidArgument, ServiceError, StaleGradient, Unavailable, WaitTimeout
+from adamax_server.sharding import pairwise
+from adamax_server.sharding.placement import Placement
+from adamax_server.sharding.shard_engine import CLIP_GLOBAL, CLIP_NORM, ClipDecision, decide_clipping
+
+_log = logging.getLogger(__name__)
+
+
+class ShardLink(Protocol):
+    """How the leader reaches one shard's host of this optimizer (in process, or over gRPC)."""
+
+    index: int
+
+    def call(self, method: str, *args: Any, timeout: float) -> Any:
+        """Run ``ShardHost.<method>(*args)`` on the shard; raise ``Unavailable`` when unreachable."""
+        ...
+
+
+class ShardUnavailable(Unavailable):
+    """A shard did not answer (down, cut off, or past the deadline)."""
+
+
+class DecidedUnconfirmed(ShardUnavailable):
+    """The event is decided (its outcome is final) but a shard has not confirmed it yet."""
+
+    def __init__(self, message: str, *, current_version: int | None = None, result: PushResult | None = None) -> None:
+        super().__init__(message, current_version=current_version)
+        self.result = result
+
+
+@dataclass
+class _Lag:
+    version: int
+    action: str  # "apply" | "bump" | a mutate op
+    payload: Any
+    incarnation: str
+
+
+class Leader:
+    """One optimizer's sequencer (runs on shard 0); see the module docstring."""
+
+    def __init__(
+        self,
+        key: str,
+        policy: Policy,
+        config: dict[str, Any],
+        links: Sequence[ShardLink],
+        placement: Callable[[], Placement | None],
+        *,
+        dedup_capacity: int = 1024,
+        call_timeout: float = 10.0,
+    ) -> None:
+        self.key = key
+        self.policy = policy
+        self.config = config
+        self._links = list(links)
+        self._placement = placement
+        self._timeout = call_timeout
+        self._cond = threading.Condition()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self._links)), thread_name_prefix=f"leader-{key}")
+        self.version = 0
+        self.iterations = 0
+        self._dedup = _DedupTable(dedup_capacity)
+        self._dedup_capacity = dedup_capacity
+        self._round: dict[str, tuple[str, int]] = {}  # worker -> (request id, step)
+        self._round_epoch = 0
+        self._round_timer: threading.Timer | None = None
+        self._round_started = 0.0
+        self._last_closed = ""
+        self._last_abort = ""
+        self._lagging: dict[int, _Lag] = {}
+        self._incarnations: dict[int, str] = {}
+        self._broken = ""  # why the job needs a restore, if it does
+        self._closed = False
+
+    # -------------------------------------------------------------- fan-out
+
+    def _fan(self, method: str, args_for: Callable[[int], tuple[Any, ...]], shards: Sequence[int] | None = None) -> dict[int, Any]:
+        """Call every shard (or ``shards``) in parallel; raise the first failure after all returned."""
+        targets = list(range(len(self._links))) if shards is None else list(shards)
+        futures = {i: self._pool.submit(self._call, i, method, *args_for(i)) for i in targets}
+        results: dict[int, Any] = {}
+        errors: dict[int, BaseException] = {}
+        for i, fut in futures.items():
+            try:
+                results[i] = fut.result()
+            except BaseException as exc:  # noqa: BLE001 - collected and re-raised below
+                errors[i] = exc
+        if errors:
+            first = min(errors)
+            raise _PartialFailure(results, errors) from errors[first]
+        return results
+
+    def _call(self, i: int, method: str, *args: Any) -> Any:
+        return self._links[i].call(method, *args, timeout=self._timeout)
+
+    # -------------------------------------------------------------- health
+
+    def _require_healthy(self) -> None:
+        """Redeliver decided events to lagging shards; refuse work while one still lags."""
+        if self._closed:
+            raise Unavailable(f"optimizer '{self.key}' was deleted or the server is shutting down")
+        if self._broken:
+            raise FailedPrecondition(self._broken, current_version=self.version)
+        for i, lag in sorted(self._lagging.items()):
+            try:
+                if lag.action in ("apply", "bump"):
+                    version, iterations = self._call(i, "commit", lag.version, lag.action, lag.payload)
+                else:
+                    version, iterations = self._call(i, "mutate", lag.version, lag.action, lag.payload)
+            except ShardUnavailable as exc:
+                raise ShardUnavailable(
+                    f"shard {i} of optimizer '{self.key}' has not confirmed version {lag.version} and is still "
+                    f"unreachable ({exc.message}); retry later with the same request id",
+                    current_version=self.version,
+                ) from exc
+            except ServiceError as exc:
+                self._broken = (
+                    f"shard {i} of optimizer '{self.key}' lost decided version {lag.version} ({exc.message}); "
+                    "the job must be restored from a checkpoint on every shard (adamax-ps checkpoint restore)"
+                )
+                _log.error("%s", self._broken)
+                raise FailedPrecondition(self._broken, current_version=self.version) from exc
+            del self._lagging[i]
+            _log.info("shard %d of '%s' caught up to version %d", i, self.key, version)
+
+    def _note_restarted(self, errors: dict[int, BaseException]) -> None:
+        """A shard at another version than the leader restarted (from a checkpoint, or empty)."""
+        for i, err in sorted(errors.items()):
+            shard_version = getattr(err, "current_version", None)
+            if isinstance(err, FailedPrecondition) and shard_version is not None and shard_version != self.version:
+                self._broken = (
+                    f"shard {i} of optimizer '{self.key}' is at version {shard_version} while the job is at "
+                    f"{self.version} (it restarted); restore one checkpoint on every shard "
+                    "(adamax-ps checkpoint restore) to make the job consistent again"
+                )
+                _log.error("%s", self._broken)
+                return
+
+    # -------------------------------------------------------------- push
+
+    def push(self, worker_id: str, request_id: str, step: int, *, timeout: float | None = None) -> PushResult:
+        """Commit a push the worker staged on every shard (see the module docstring)."""
+        if not worker_id:
+            raise InvalidArgument("Every push must carry a non-empty `worker_id`.")
+        if not request_id:
+            raise InvalidArgument("Every push must carry a non-empty `request_id` (reuse it when retrying).")
+        with self._cond:
+            entry = self._dedup.get(worker_id, request_id)
+            if entry is not None and entry.result is not None:
+                if self._lagging:
+                    self._require_healthy()  # its outcome is confirmed once every shard has it
+                if self._round.get(worker_id, ("",))[0] != request_id:
+                    self._forget_restaged((worker_id, request_id))
+                return replace(entry.result, duplicate=True)
+            self._require_healthy()
+            self._check_step(step)
+            self._dedup.begin(worker_id, request_id)
+            try:
+                result = self._handle(worker_id, request_id, step)
+            except DecidedUnconfirmed as exc:
+                if exc.result is not None:  # final: a retry is answered with it once confirmed
+                    self._dedup.finish(worker_id, request_id, exc.result)
+                self._cond.notify_all()
+                raise
+            except BaseException:
+                if self._dedup.get(worker_id, request_id) is not None and self._dedup.get(worker_id, request_id).result is None:
+                    self._dedup.discard(worker_id, request_id)
+                raise
+            self._cond.notify_all()
+            return result
+
+    def _forget_restaged(self, key: tuple[str, str]) -> None:
+        """A retry re-staged a push that is already decided: free those slices (best effort)."""
+        for i in range(len(self._links)):
+            try:
+                self._call(i, "drop", [key])
+            except Exception:  # noqa: BLE001 - they expire after the staging TTL anyway
+                _log.debug("shard %d kept a re-staged copy of %s until it expires", i, key)
+
+    def _check_step(self, step: int) -> None:
+        version = self.version
+        if step > version:
+            raise FailedPrecondition(
+                f"gradient step {step} is ahead of the current version {version} of optimizer "
+                f"'{self.key}'; push gradients computed on pulled weights",
+                current_version=version,
+            )
+        if step < 0:
+            raise InvalidArgument(f"`step` must be >= 0. Received: step={step}")
+        limit = self.policy.max_staleness
+        if self.policy.mode == "async" and limit is not None and version - step > limit:
+            raise StaleGradient(
+                f"gradient computed on version {step} is {version - step} versions old; "
+                f"max_staleness is {limit}. Pull the current weights (version {version}) and recompute.",
+                current_version=version,
+            )
+
+    def _handle(self, worker_id: str, request_id: str, step: int) -> PushResult:
+        key = (worker_id, request_id)
+        if self.policy.mode == "async":
+            result = self._event([key], combine=False)
+            self._dedup.finish(worker_id, request_id, result)
+            return result
+        if step < self.version:
+            self._fan_checked("drop", lambda i: ([key],))
+            result = PushResult(
+                "dropped_late", self.version, self.iterations,
+                detail=(
+                    f"the round for version {step} already closed ({self._last_closed or 'earlier'}); "
+                    f"this gradient was not applied. Current version is {self.version}."
+                ),
+            )  # fmt: skip
+            self._dedup.finish(worker_id, request_id, result)
+            return result
+        if worker_id in self._round:
+            raise FailedPrecondition(
+                f"worker '{worker_id}' already pushed a gradient for version {step} "
+                f"(request {self._round[worker_id][0]!r}); one push per worker per round",
+                current_version=self.version,
+            )
+        counts = self._merge_counts(self._fan_checked("check", lambda i: ([key],)))
+        if counts and self.policy.non_finite == "reject":
+            self._fan_checked("drop", lambda i: ([key],))
+            raise InvalidArgument(_non_finite_message(counts))
+        self._round[worker_id] = (request_id, step)
+        if len(self._round) == 1:
+            self._round_started = time.monotonic()
+        if len(self._round) >= self.policy.quorum:
+            version = self.version
+            try:
+                result = self._close_round(f"closed by {len(self._round)} of {self.policy.num_workers} workers")
+            except BaseException:
+                if self.version == version:  # not decided: this push leaves the round, the others stay
+                    self._round.pop(worker_id, None)
+                    if not self._round:
+                        self._reset_round()
+                raise
+            self._dedup.finish(worker_id, request_id, result)
+            return result
+        if len(self._round) == 1 and self.policy.round_timeout is not None:
+            self._start_round_timer()
+        result = PushResult(
+            "accepted", self.version, self.iterations,
+            detail=f"{len(self._round)} of {self.policy.quorum} workers have pushed for version {step}",
+        )  # fmt: skip
+        self._dedup.finish(worker_id, request_id, result)
+        return result
+
+    def _fan_checked(self, method: str, args_for: Callable[[int], tuple[Any, ...]]) -> dict[int, Any]:
+        try:
+            return self._fan(method, args_for)
+        except _PartialFailure as exc:
+            raise exc.as_service_error(self.key, "nothing was applied; retry with the same request id", self.version) from exc
+
+    @staticmethod
+    def _merge_counts(per_shard: dict[int, dict[str, int]]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for i in sorted(per_shard):
+            for name, c in per_shard[i].items():
+                out[name] = out.get(name, 0) + c
+        return out
+
+    def _event(self, keys: list[tuple[str, str]], *, combine: bool, why: str = "") -> PushResult:
+        """Prepare and commit one step event for ``keys`` on every shard (under the lock)."""
+        version = self.version + 1
+        aggregation = self.policy.aggregation
+        try:
+            prepared = self._fan("prepare", lambda i: (version, keys, combine, aggregation))
+        except _PartialFailure as exc:
+            self._abort_everywhere(version, exc.results)
+            self._note_restarted(exc.errors)
+            if self._broken:
+                raise FailedPrecondition(self._broken + "; nothing was applied", current_version=self.version) from exc
+            raise exc.as_service_error(self.key, "nothing was applied; retry with the same request id", self.version) from exc
+        placement = self._placement()
+        assert placement is not None
+        order = {v.name: k for k, v in enumerate(placement.variables)}
+        present = sorted({n for r in prepared.values() for n in r.present}, key=order.__getitem__)
+        non_finite = self._merge_counts({i: r.non_finite for i, r in prepared.items()})
+        detail = why
+        if non_finite:
+            if not combine:
+                self._abort_everywhere(version, prepared)
+                if self.policy.non_finite == "reject":
+                    raise InvalidArgument(_non_finite_message(non_finite))
+                self._fan_checked("drop", lambda i: (keys,))
+                return PushResult("skipped_non_finite", self.version, self.iterations, detail=_non_finite_message(non_finite, skipped=True))
+            action, payload = "bump", None
+            detail += "; " + _non_finite_message(non_finite, skipped=True)
+        elif not present:
+            if not combine:
+                self._abort_everywhere(version, prepared)
+                raise ValueError("No gradients provided for any variable.")
+            action, payload = "bump", None
+            detail += "; no worker sent any gradient, step skipped"
+        else:
+            modes = {r.clip_mode for r in prepared.values()}
+            if len(modes) != 1:
+                self._abort_everywhere(version, prepared)
+                self._broken = f"shards of optimizer '{self.key}' disagree on the step kind ({sorted(modes)}): not in lockstep"
+                raise FailedPrecondition(self._broken)
+            clip_mode = modes.pop()
+            payload = self._decide(clip_mode, placement, present, prepared)
+            action = "apply"
+        outcome = "round_closed" if combine else "applied"
+        try:
+            self._deliver(version, action, payload, "commit")
+        except DecidedUnconfirmed as exc:
+            exc.result = PushResult(outcome, self.version, self.iterations, detail=detail if combine else "")
+            raise
+        return PushResult(outcome, self.version, self.iterations, detail=detail if combine else "")
+
+    def _decide(self, clip_mode: int, placement: Placement, present: list[str], prepared: dict[int, Any]) -> ClipDecision:
+        if clip_mode not in (CLIP_NORM, CLIP_GLOBAL):
+            return ClipDecision(clip_mode)
+        by_name = placement.by_name()
+        pieces: dict[str, list[pairwise.Piece]] = {}
+        for name in present:
+            v = by_name[name]
+            for p in v.pieces:
+                a, b = v.element_range(p)
+                pieces.setdefault(name, []).append(pairwise.Piece(a, b, prepared[p.shard].unit_sums[name]))
+        variables = [(n, by_name[n].size, by_name[n].dtype) for n in present]
+        return decide_clipping(self.config, clip_mode, variables, pieces)
+
+    def _deliver(self, version: int, action: str, payload: Any, method: str) -> None:
+        """Commit a decided event on every shard; shards that miss it lag (see module doc)."""
+        self.version = version
+        try:
+            replies = self._fan(method, lambda i: (version, action, payload))
+        except _PartialFailure as exc:
+            replies = exc.results
+            for i in exc.errors:
+                self._lagging[i] = _Lag(version, action, payload, self._incarnations.get(i, ""))
+            if replies:
+                self.iterations = next(iter(replies.values()))[1]
+            self._cond.notify_all()
+            failed = sorted(exc.errors)
+            raise DecidedUnconfirmed(
+                f"version {version} of optimizer '{self.key}' is decided but shard(s) {failed} did not confirm it "
+                f"({exc.errors[failed[0]]}); it is delivered to them before anything else happens. Retry with "
+                "the same request id to learn the outcome.",
+                current_version=version,
+            ) from exc.errors[failed[0]]
+        self.iterations = replies[0][1] if 0 in replies else next(iter(replies.values()))[1]
+
+    def _abort_everywhere(self, version: int, reached: dict[int, Any]) -> None:
+        for i in reached:
+            try:
+                self._call(i, "abort", version)
+            except Exception:  # noqa: BLE001 - it is re-prepared or restarted before the next event
+                _log.warning("abort of event %d on shard %d of '%s' failed", version, i, self.key)
+
+    # -------------------------------------------------------------- sync rounds
+
+    def _start_round_timer(self) -> None:
+        assert self.policy.round_timeout is not None
+        timer = threading.Timer(self.policy.round_timeout, self._on_round_timeout, args=(self._round_epoch,))
+        timer.daemon = True
+        self._round_timer = timer
+        timer.start()
+
+    def _on_round_timeout(self, epoch: int) -> None:
+        with self._cond:
+            if epoch != self._round_epoch or not self._round or self._closed:
+                return
+            arrived = sorted(self._round)
+            why = f"timed out after {self.policy.round_timeout}s with {len(arrived)} of {self.policy.quorum} workers ({', '.join(arrived)})"
+            if self.policy.round_timeout_policy == "close":
+                try:
+                    self._require_healthy()
+                    self._close_round(why)
+                except Exception:  # the timer thread has nobody to report to
+                    _log.exception("closing round %d of '%s' failed", self.version, self.key)
+            else:
+                self._abort_round(f"round for version {self.version} of optimizer '{self.key}' was aborted: {why}")
+
+    def _reset_round(self) -> None:
+        self._round = {}
+        self._round_epoch += 1
+        if self._round_timer is not None:
+            self._round_timer.cancel()
+            self._round_timer = None
+
+    def _abort_round(self, message: str) -> None:
+        keys = [(w, r) for w, (r, _) in sorted(self._round.items())]
+        for worker_id, request_id in keys:
+            self._dedup.discard(worker_id, request_id)
+        self._reset_round()
+        self._last_abort = message
+        _log.warning("%s", message)
+        for i in range(len(self._links)):
+            try:
+                self._call(i, "drop", keys, message)
+            except Exception:  # noqa: BLE001 - staged pushes expire on their own
+                _log.warning("shard %d did not hear that round %d of '%s' was aborted", i, self.version, self.key)
+        self._cond.notify_all()
+
+    def _close_round(self, why: str) -> PushResult:
+        keys = [(w, r) for w, (r, _) in sorted(self._round.items())]
+        version = self.version
+        try:
+            result = self._event(keys, combine=True, why=f"round for version {version} {why}")
+        except DecidedUnconfirmed as exc:
+            self._reset_round()
+            self._last_closed = exc.result.detail if exc.result else why
+            raise
+        self._reset_round()
+        self._last_closed = result.detail
+        return result
+
+    # -------------------------------------------------------------- mutations
+
+    def mutate(self, op: str, args_for: Callable[[int], dict[str, Any]]) -> tuple[int, int]:
+        """An ordered change outside a step on every shard (``args_for(shard)``: its part)."""
+        with self._cond:
+            self._require_healthy()
+            if self._round:
+                raise FailedPrecondition(
+                    f"a sync round for version {self.version} is open ({sorted(self._round)} pushed); "
+                    "change variables between rounds"
+                )
+            version = self.version + 1
+            # Validate on every shard first would need a prepare phase; mutations are checked by
+            # the client against the job's placement before they are sent.
+            self._deliver_mutation(version, op, args_for)
+            self._cond.notify_all()
+            return self.version, self.iterations
+
+    def _deliver_mutation(self, version: int, op: str, args_for: Callable[[int], dict[str, Any]]) -> None:
+        self.version = version
+        try:
+            replies = self._fan("mutate", lambda i: (version, op, args_for(i)))
+        except _PartialFailure as exc:
+            if not exc.results and all(not isinstance(e, ShardUnavailable) for e in exc.errors.values()):
+                self.version = version - 1  # refused everywhere (a bad value): nothing changed
+                raise next(iter(exc.errors.values())) from None
+            for i in exc.errors:
+                self._lagging[i] = _Lag(version, op, args_for(i), "")
+            raise exc.as_service_error(self.key, f"version {version} is decided; it is delivered before anything else", version) from exc
+        self.iterations = next(iter(replies.values()))[1]
+
+    # -------------------------------------------------------------- checkpoints and status
+
+    def quiesce(self) -> tuple[int, list[tuple[str, str]]]:
+        """(version, the open round's push keys): the cut a checkpoint takes, under ``locked``."""
+        self._require_healthy()
+        return self.version, [(w, r) for w, (r, _) in sorted(self._round.items())]
+
+    @property
+    def lock(self) -> threading.Condition:
+        return self._cond
+
+    def leader_state(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "version": self.version,
+                "iterations": self.iterations,
+                "dedup": self._dedup.finished(),
+                "round": {w: [r, s] for w, (r, s) in self._round.items()},
+                "last_closed": self._last_closed,
+                "last_abort": self._last_abort,
+            }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Adopt a checkpoint's leader state (every shard restored the same cut)."""
+        with self._cond:
+            self._reset_round()
+            self.version = int(state["version"])
+            self.iterations = int(state["iterations"])
+            self._dedup = _DedupTable.from_finished(self._dedup_capacity, state.get("dedup", {}))
+            self._round = {w: (r, int(s)) for w, (r, s) in state.get("round", {}).items()}
+            if self._round and self.policy.round_timeout is not None:
+                self._start_round_timer()
+            self._last_closed = state.get("last_closed", "")
+            self._last_abort = state.get("last_abort", "")
+            self._lagging.clear()
+            self._broken = ""
+            self._cond.notify_all()
+
+    @property
+    def lagging_count(self) -> int:
+        """Shards that have not confirmed the last decided version (read without the lock)."""
+        return len(self._lagging)
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "version": self.version,
+                "iterations": self.iterations,
+                "lagging": sorted(self._lagging),
+                "broken": self._broken,
+                "round_arrivals": sorted(self._round),
+            }
+
+    def wait_for_version(self, min_version: int, timeout: float | None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self.version < min_version:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise WaitTimeout(f"optimizer '{self.key}' did not reach version {min_version} in time", current_version=self.version)
+                self._cond.wait(remaining)
+            return self.version
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._reset_round()
+            self._cond.notify_all()
+        self._pool.shutdown(wait=False)
+
+
+class _PartialFailure(Exception):
+    """Some shards failed a fanned-out call; ``results`` holds the others' replies."""
+
+    def __init__(self, results: dict[int, Any], errors: dict[int, BaseException]) -> None:
+        super().__init__(f"shard(s) {sorted(errors)} failed")
+        self.results = results
+        self.errors = errors
+
+    def as_service_error(self, key: str, consequence: str, version: int) -> BaseException:
+        i = min(self.errors)
+        err = self.errors[i]
+        if isinstance(err, ShardUnavailable):
+            return ShardUnavailable(f"shard {i} of optimizer '{key}' is unavailable ({err.message}); {consequence}", current_version=version)
+        if isinstance(err, ServiceError):
+            return type(err)(f"shard {i}: {err.message}", current_version=err.current_version)
+        return err
+
+
+def numpy_scalar(value: Any, dtype: str) -> Any:
+    return np.asarray(value, dtype=dtype)[()]

@@ -1,0 +1,66 @@
+"""A shard server: ``ShardService`` (with health and reflection) on one address.
+
+``create_shard_server(address, shard_index, shards)`` is what ``adamax-ps serve --shard-index I
+--shards A0,A1,...`` runs; tests bind port 0 on every shard first and then hand each registry
+the real list (``server.shard_registry.set_shards``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from adamax_server.sharding.rpc import SERVICE, ShardRegistry, ShardServicer, add_shard_service
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def create_shard_server(
+    address: str,
+    shard_index: int,
+    shards: Sequence[str],
+    *,
+    max_workers: int = 32,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+    **registry_kwargs: Any,
+) -> tuple[grpc.Server, int]:
+    """Create (not start) a shard server; returns it and the bound port.
+
+    ``registry_kwargs`` go to ``ShardRegistry`` (device, checkpoint_dir, staging_ttl,
+    call_timeout, min_piece_bytes, link_credentials, link_token, auto_heal).
+    """
+    registry = ShardRegistry(shard_index, shards, **registry_kwargs)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"adamax-shard{shard_index}"),
+        interceptors=list(interceptors),
+        options=list(
+            {
+                "grpc.max_receive_message_length": DEFAULT_MAX_MESSAGE_BYTES,
+                "grpc.max_send_message_length": DEFAULT_MAX_MESSAGE_BYTES,
+                **dict(options),
+            }.items()
+        ),
+    )
+    add_shard_service(server, ShardServicer(registry))
+    health_servicer = health.HealthServicer()
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    server.shard_registry = registry  # type: ignore[attr-defined]
+    server.health = health_servicer  # type: ignore[attr-defined]
+    return server, port
+
+
+def stop_shard_server(server: grpc.Server, grace: float | None = 1.0) -> None:
+    server.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
+    server.shard_registry.close()  # type: ignore[attr-defined]
+    server.stop(grace).wait()

@@ -1,0 +1,504 @@
+"""One optimizer's state on one shard: its pieces, staged pushes, and the ordered event log.
+
+A shard never decides anything. Workers *stage* their slices of a push here (kept under the
+push's (worker id, request id) until the leader decides, or until ``staging_ttl`` passes);
+the leader then drives numbered *events*, strictly one after the other (``version``):
+
+* ``prepare(v, keys, combine)``: load the staged slices of push(es) ``keys`` (a sync round's
+  pushes are summed in worker-id order, as a single server does), and report this shard's
+  non-finite counts, which variables have a gradient and, for a clipped step, the unit sums
+  of ``pairwise``. Nothing changes but the gradient staging buffer.
+* ``commit(v, action, decision)``: ``apply`` the prepared step with the leader's clipping
+  decision, or ``bump`` the version without a step (a sync round that skipped). A repeated
+  commit of the last event is answered again (the leader retries a commit whose reply was
+  lost); an event out of order is refused.
+* ``mutate(v, op, ...)``: assignments, learning rate, store loads, EMA finalize: ordered events
+  too.
+
+Each shard's version therefore moves exactly as the leader's, and every shard takes the same
+step sequence: iterations, schedules, accumulation and EMA overwrites stay in lockstep.
+
+``incarnation`` is a random id per process (and per restore): the leader notices a shard that
+restarted, since a restarted shard lost its staged pushes and its prepared step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from adamax_server.coordination.stats import non_finite_counts as _non_finite_counts
+from adamax_server.coordination.stats import push_stats as _gradient_stats
+
+Gradient = Any  # np.ndarray | RowSparseGradient | None
+from adamax_server.optim.engine import RowSparseGradient
+from adamax_server.errors import FailedPrecondition, InvalidArgument, NotFound, RoundAborted, Unavailable, WaitTimeout
+from adamax_server.sharding.placement import DEFAULT_MIN_PIECE_BYTES, Placement, place
+from adamax_server.sharding.shard_engine import ClipDecision, PreparedStep, ShardEngine
+
+PushKey = tuple[str, str]  # (worker id, request id)
+
+
+@dataclass
+class StagedPush:
+    grads: dict[str, Gradient]  # local name -> local slice (None: no gradient)
+    non_finite: dict[str, int]
+    expires: float
+
+
+@dataclass
+class PrepareReply:
+    clip_mode: int
+    present: list[str]  # local variables with a gradient, build order
+    non_finite: dict[str, int]
+    unit_sums: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class ShardSnapshot:
+    """A shard's part of a consistent cut (see ``sharding.checkpoints``)."""
+
+    key: str
+    shard_index: int
+    num_shards: int
+    config: dict[str, Any]
+    policy: dict[str, Any]
+    exclusions: dict[str, list[str]]
+    placement: dict[str, Any] | None
+    version: int
+    iterations: int
+    variables: dict[str, np.ndarray]  # this shard's pieces
+    store: dict[str, np.ndarray]  # this shard's save_own_variables
+    staged: dict[str, dict[str, Gradient]]  # "worker\x00request" -> grads, the open round's pushes
+    store_names: list[str] = field(default_factory=list)  # this shard's optimizer variables, store order
+
+
+class ShardHost:
+    """See the module docstring. Thread safe; every engine call is under ``_cond``."""
+
+    def __init__(
+        self,
+        key: str,
+        shard_index: int,
+        num_shards: int,
+        engine_factory: Callable[[Mapping[str, Any]], ShardEngine],
+        config: Mapping[str, Any],
+        policy: Mapping[str, Any],
+        *,
+        min_piece_bytes: int = DEFAULT_MIN_PIECE_BYTES,
+        staging_ttl: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.key = key
+        self.shard_index = shard_index
+        self.num_shards = num_shards
+        self.config = dict(config)
+        self.policy = dict(policy)
+        self.min_piece_bytes = min_piece_bytes
+        self.staging_ttl = staging_ttl
+        self._engine_factory = engine_factory
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._engine = engine_factory(self.config)
+        self.placement: Placement | None = None
+        self._specs: list[tuple[str, tuple[int, ...], str]] = []
+        self.version = 0
+        self.incarnation = uuid.uuid4().hex
+        self._staged: dict[PushKey, StagedPush] = {}
+        self._prepared: tuple[int, PreparedStep | None, list[PushKey]] | None = None
+        self._last_commit: tuple[int, str, tuple[int, int]] | None = None
+        self._aborts = 0
+        self._last_abort = ""
+        self._closed = False
+
+    # -------------------------------------------------------------- build
+
+    @property
+    def built(self) -> bool:
+        return self._engine.built
+
+    def build(self, specs: Sequence[tuple[str, Sequence[int], Any]], pieces: Mapping[str, np.ndarray]) -> Placement:
+        """Build this shard's engine with its pieces; ``specs`` is the whole job's variable list."""
+        norm = [(str(n), tuple(int(d) for d in s), np.dtype(dt).name) for n, s, dt in specs]
+        with self._cond:
+            self._require_open()
+            if self._engine.built:
+                if norm != self._specs:
+                    raise FailedPrecondition(
+                        f"optimizer '{self.key}' is already built with different variables; attach without "
+                        "variables to use the existing ones, or create a new optimizer."
+                    )
+                assert self.placement is not None
+                return self.placement
+            placement = place(norm, self.num_shards, self.min_piece_bytes)
+            mine = placement.on_shard(self.shard_index)
+            values = {}
+            for v, p in mine:
+                value = pieces.get(v.name)
+                if value is None:
+                    raise InvalidArgument(f"shard {self.shard_index} needs rows {p.row_start}:{p.row_stop} of '{v.name}'")
+                value = np.asarray(value)
+                if tuple(value.shape) != v.piece_shape(p) or value.dtype != np.dtype(v.dtype):
+                    raise InvalidArgument(
+                        f"piece of '{v.name}' for shard {self.shard_index} has shape {value.shape} and dtype "
+                        f"{value.dtype}; expected {v.piece_shape(p)} {v.dtype}"
+                    )
+                values[v.name] = value
+            extra = set(pieces) - set(values)
+            if extra:
+                raise InvalidArgument(f"shard {self.shard_index} does not hold {sorted(extra)}")
+            self._engine.build(values)
+            self._engine.set_piece_ranges({v.name: (v.size, *v.element_range(p)) for v, p in mine if v.split})
+            self.placement = placement
+            self._specs = norm
+            self.version = 0
+            self._cond.notify_all()
+            return placement
+
+    def exclude_from_weight_decay(self, var_list: Sequence[str], var_names: Sequence[str]) -> None:
+        with self._cond:
+            self._require_open()
+            self._engine.exclude_from_weight_decay(var_list=list(var_list) or None, var_names=list(var_names) or None)
+
+    # -------------------------------------------------------------- staging
+
+    def stage(self, worker_id: str, request_id: str, grads: Sequence[tuple[str, Gradient]]) -> dict[str, int]:
+        """Keep a push's slices until the leader decides; returns its non-finite counts."""
+        with self._cond:
+            self._require_built()
+            self._expire()
+            shapes = {n: (tuple(s), np.dtype(d)) for n, s, d in self._engine.variable_specs}
+            out: dict[str, Gradient] = {}
+            for name, g in grads:
+                if name not in shapes:
+                    raise NotFound(f"shard {self.shard_index} of optimizer '{self.key}' holds no piece of '{name}'")
+                if name in out:
+                    raise InvalidArgument(f"The push carries two gradients for variable '{name}'.")
+                shape = shapes[name][0]
+                if isinstance(g, RowSparseGradient):
+                    idx = np.asarray(g.indices)
+                    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= shape[0]):
+                        raise InvalidArgument(f"row-sparse slice of '{name}' has rows outside this shard's piece")
+                    if tuple(np.shape(g.values))[1:] != shape[1:]:
+                        raise InvalidArgument(f"row-sparse slice of '{name}' has values of shape {np.shape(g.values)}")
+                elif g is not None and tuple(np.shape(g)) != shape:
+                    raise InvalidArgument(f"slice of '{name}' has shape {np.shape(g)}; this shard's piece is {shape}")
+                out[name] = g
+            counts = _non_finite_counts(_gradient_stats({n: g for n, g in out.items() if g is not None}))
+            self._staged[(worker_id, request_id)] = StagedPush(out, counts, self._clock() + self.staging_ttl)
+            return counts
+
+    def check(self, keys: Sequence[PushKey]) -> dict[str, int]:
+        """Non-finite counts of staged pushes (summed), or NotFound if one is not staged."""
+        with self._cond:
+            total: dict[str, int] = {}
+            for key in keys:
+                staged = self._staged_push(key)
+                for n, c in staged.non_finite.items():
+                    total[n] = total.get(n, 0) + c
+            return total
+
+    def drop(self, keys: Sequence[PushKey], abort_message: str = "") -> None:
+        """Forget staged pushes; with ``abort_message`` a sync round was aborted (waiters learn it)."""
+        with self._cond:
+            for key in keys:
+                self._staged.pop(tuple(key), None)  # type: ignore[arg-type]
+            if abort_message:
+                self._aborts += 1
+                self._last_abort = abort_message
+                self._cond.notify_all()
+
+    def staged_keys(self) -> list[PushKey]:
+        with self._cond:
+            return sorted(self._staged)
+
+    def _staged_push(self, key: Sequence[str]) -> StagedPush:
+        staged = self._staged.get((key[0], key[1]))
+        if staged is None:
+            raise FailedPrecondition(
+                f"push {key[1]!r} of worker '{key[0]}' is not staged on shard {self.shard_index} "
+                "(never sent, expired, or the shard restarted); send it again"
+            )
+        return staged
+
+    def _expire(self) -> None:
+        now = self._clock()
+        held = set(self._prepared[2]) if self._prepared else set()
+        for key in [k for k, s in self._staged.items() if s.expires < now and k not in held]:
+            del self._staged[key]
+
+    # -------------------------------------------------------------- events
+
+    def _require_next(self, version: int) -> None:
+        if version != self.version + 1:
+            raise FailedPrecondition(
+                f"shard {self.shard_index} is at version {self.version}; it cannot take event {version}",
+                current_version=self.version,
+            )
+
+    def prepare(self, version: int, keys: Sequence[PushKey], combine: bool, aggregation: str) -> PrepareReply:
+        with self._cond:
+            self._require_built()
+            self._require_next(version)
+            keys = [(k[0], k[1]) for k in keys]
+            pushes = [self._staged_push(k) for k in keys]
+            if combine:
+                grads = _combine(self._engine.variable_specs, [p.grads for p in pushes], aggregation)
+                non_finite = _non_finite_counts(_gradient_stats({n: g for n, g in grads.items() if g is not None}))
+            else:
+                grads = dict(pushes[0].grads)
+                non_finite = dict(pushes[0].non_finite)
+            present = [n for n, _, _ in self._engine.variable_specs if grads.get(n) is not None]
+            if non_finite:
+                self._prepared = (version, None, keys)
+                return PrepareReply(-1, present, non_finite)
+            prepared = self._engine.prepare_step({n: grads[n] for n in present})
+            self._prepared = (version, prepared, keys)
+            return PrepareReply(prepared.clip_mode, present, {}, prepared.unit_sums)
+
+    def abort(self, version: int) -> None:
+        with self._cond:
+            if self._prepared is not None and self._prepared[0] == version:
+                self._prepared = None
+
+    def commit(self, version: int, action: str, decision: ClipDecision | None = None) -> tuple[int, int]:
+        """Apply (``action="apply"``) or skip (``"bump"``) event ``version``; returns (version, iterations)."""
+        with self._cond:
+            self._require_built()
+            if self._last_commit is not None and self._last_commit[0] == version and version == self.version:
+                return self._last_commit[2]  # a retried commit whose reply was lost
+            self._require_next(version)
+            if self._prepared is None or self._prepared[0] != version:
+                raise FailedPrecondition(
+                    f"shard {self.shard_index} has no prepared step for event {version} (it restarted or "
+                    "the step was aborted)",
+                    current_version=self.version,
+                )
+            _, prepared, keys = self._prepared
+            if action == "apply":
+                if prepared is None or decision is None:
+                    raise FailedPrecondition(f"event {version} cannot be applied: its gradients are not finite")
+                self._engine.finish_step(prepared, decision)
+            elif action != "bump":
+                raise InvalidArgument(f"unknown commit action {action!r}")
+            for key in keys:
+                self._staged.pop(key, None)
+            self._prepared = None
+            self.version = version
+            reply = (self.version, self._engine.iterations)
+            self._last_commit = (version, action, reply)
+            self._cond.notify_all()
+            return reply
+
+    def mutate(self, version: int, op: str, args: Mapping[str, Any]) -> tuple[int, int]:
+        """An ordered change of state outside a step (see the module docstring)."""
+        with self._cond:
+            self._require_built()
+            if self._last_commit is not None and self._last_commit[0] == version and version == self.version:
+                return self._last_commit[2]
+            self._require_next(version)
+            engine = self._engine
+            if op == "assign":
+                name = args["name"]
+                if name in args.get("pieces", {}):
+                    getattr(engine, args["kind"])(name, args["pieces"][name])
+                elif args.get("scalar") is not None:
+                    getattr(engine, args["kind"])(name, args["scalar"])
+            elif op == "finalize":
+                engine.finalize_variable_values()
+            elif op == "learning_rate":
+                engine.learning_rate = args["value"]
+            elif op == "load_store":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    engine.load_own_variables(args["store"])
+            else:
+                raise InvalidArgument(f"unknown shard operation {op!r}")
+            self._prepared = None
+            self.version = version
+            reply = (self.version, engine.iterations)
+            self._last_commit = (version, op, reply)
+            self._cond.notify_all()
+            return reply
+
+    # -------------------------------------------------------------- reads
+
+    def wait_for_version(self, min_version: int, timeout: float | None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            aborts = self._aborts
+            while self.version < min_version:
+                self._require_open()
+                if self._aborts != aborts:
+                    raise RoundAborted(self._last_abort + "; push again for the current version", current_version=self.version)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise WaitTimeout(
+                        f"shard {self.shard_index} of optimizer '{self.key}' did not reach version {min_version} "
+                        f"in time; current version is {self.version}",
+                        current_version=self.version,
+                    )
+                self._cond.wait(remaining)
+            return self.version
+
+    def pull(self, names: Sequence[str] = (), min_version: int = 0, timeout: float | None = None) -> tuple[int, int, dict[str, np.ndarray]]:
+        """(version, iterations, this shard's pieces: all, or those of ``names`` it holds)."""
+        if min_version:
+            self.wait_for_version(min_version, timeout)
+        with self._cond:
+            self._require_built()
+            weights = self._engine.trainable_variables
+            if names:
+                weights = {n: weights[n] for n in names if n in weights}
+            return self.version, self._engine.iterations, weights
+
+    def save_own_variables(self) -> tuple[int, dict[str, np.ndarray], list[str]]:
+        """(version, this shard's store, its optimizer variable names in store order)."""
+        with self._cond:
+            self._require_built()
+            store: dict[str, np.ndarray] = {}
+            self._engine.save_own_variables(store)
+            return self.version, store, list(self._engine.variables)
+
+    def store_names(self) -> list[str]:
+        """This shard's optimizer variable names, in its store's order."""
+        with self._cond:
+            return [ov.name for ov in self._engine._opt_vars]
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            sizes = self.placement.shard_bytes() if self.placement else []
+            return {
+                "shard_index": self.shard_index,
+                "num_shards": self.num_shards,
+                "version": self.version,
+                "iterations": self._engine.iterations,
+                "incarnation": self.incarnation,
+                "built": self._engine.built,
+                "bytes": sizes[self.shard_index] if sizes else 0,
+                "staged": len(self._staged),
+            }
+
+    # -------------------------------------------------------------- checkpoints
+
+    def snapshot(self, keep: Sequence[PushKey] = ()) -> ShardSnapshot:
+        """Copy this shard's state; ``keep``: staged pushes of the open sync round to save too."""
+        with self._cond:
+            self._require_open()
+            engine = self._engine
+            store: dict[str, np.ndarray] = {}
+            if engine.built:
+                engine.save_own_variables(store)
+            return ShardSnapshot(
+                key=self.key,
+                shard_index=self.shard_index,
+                num_shards=self.num_shards,
+                config=engine.get_config(),
+                policy=dict(self.policy),
+                exclusions=engine.weight_decay_exclusions,
+                placement=self.placement.to_json() if self.placement else None,
+                version=self.version,
+                iterations=engine.iterations,
+                variables=engine.trainable_variables if engine.built else {},
+                store=store,
+                staged={f"{k[0]}\x00{k[1]}": dict(self._staged[(k[0], k[1])].grads) for k in keep if (k[0], k[1]) in self._staged},
+                store_names=[ov.name for ov in engine._opt_vars],
+            )
+
+    def restore(self, snap: ShardSnapshot) -> tuple[int, int]:
+        """Replace all state with ``snap`` (this shard's part of one cut)."""
+        if snap.shard_index != self.shard_index or snap.num_shards != self.num_shards:
+            raise InvalidArgument(
+                f"snapshot is shard {snap.shard_index} of {snap.num_shards}; this is shard "
+                f"{self.shard_index} of {self.num_shards} (re-split the assembled job instead)"
+            )
+        engine = self._engine_factory(snap.config)
+        ex = snap.exclusions
+        if ex.get("var_list") or ex.get("var_names"):
+            engine.exclude_from_weight_decay(var_list=ex.get("var_list") or None, var_names=ex.get("var_names") or None)
+        placement = Placement.from_json(snap.placement) if snap.placement else None
+        if placement is not None:
+            engine.build(dict(snap.variables))
+            mine = placement.on_shard(self.shard_index)
+            engine.set_piece_ranges({v.name: (v.size, *v.element_range(p)) for v, p in mine if v.split})
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                engine.load_own_variables(snap.store)
+        with self._cond:
+            self._engine = engine
+            self.placement = placement
+            self._specs = [(v.name, v.shape, v.dtype) for v in placement.variables] if placement else []
+            self.config = dict(snap.config)
+            self.policy = dict(snap.policy)
+            self.version = snap.version
+            self.incarnation = uuid.uuid4().hex
+            now = self._clock()
+            self._staged = {
+                tuple(k.split("\x00", 1)): StagedPush(g, _non_finite_counts(_gradient_stats({n: x for n, x in g.items() if x is not None})), now + self.staging_ttl)  # type: ignore[misc]
+                for k, g in snap.staged.items()
+            }
+            self._prepared = None
+            self._last_commit = None
+            self._aborts += 1
+            self._last_abort = f"optimizer '{self.key}' was restored from a checkpoint"
+            self._cond.notify_all()
+            return self.version, engine.iterations
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise Unavailable(f"optimizer '{self.key}' was deleted or the server is shutting down")
+
+    def _require_built(self) -> None:
+        self._require_open()
+        if not self._engine.built:
+            raise FailedPrecondition(
+                f"optimizer '{self.key}' is not built yet on shard {self.shard_index}; call build(variables) "
+                "with the model variables' names and initial values first",
+                current_version=self.version,
+            )
+
+
+def _combine(specs: Sequence[tuple[str, Any, Any]], parts_list: Sequence[Mapping[str, Gradient]], aggregation: str) -> dict[str, Gradient]:
+    """A sync round's sum or mean per variable, in the given (worker-id) order.
+
+    The same operations as ``OptimizerHost._combine`` on each slice: a dense sum starts from
+    zeros and adds each worker's slice; row-sparse parts are concatenated (or ``np.add.at``
+    into a dense sum), then divided by the count for a mean.
+    """
+    count = len(parts_list)
+    out: dict[str, Gradient] = {}
+    for name, shape, dtype in specs:
+        dtype = np.dtype(dtype)
+        parts = [p[name] for p in parts_list if p.get(name) is not None]
+        if not parts:
+            out[name] = None
+            continue
+        if all(isinstance(p, RowSparseGradient) for p in parts):
+            indices = np.concatenate([np.asarray(p.indices, dtype=np.int64) for p in parts])
+            values = np.concatenate([np.asarray(p.values).astype(dtype) for p in parts])
+            if aggregation == "mean":
+                values = np.divide(values, np.asarray(count, dtype=dtype))
+            out[name] = RowSparseGradient(indices, values)
+            continue
+        total = np.zeros(shape, dtype=dtype)
+        for p in parts:
+            if isinstance(p, RowSparseGradient):
+                np.add.at(total, np.asarray(p.indices), np.asarray(p.values).astype(dtype))
+            else:
+                np.add(total, np.asarray(p).astype(dtype, copy=False), out=total)
+        if aggregation == "mean":
+            np.divide(total, np.asarray(count, dtype=dtype), out=total)
+        out[name] = total
+    return out

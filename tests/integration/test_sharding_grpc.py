@@ -1,0 +1,260 @@
+"""A sharded job over real gRPC servers on 127.0.0.1:0 against a single server, call for call.
+
+Three (and one) shard servers, ``RemoteAdamax([...])`` from the client package, pushes with
+every clipping kind, None and row-sparse gradients, async and sync: identical weights, Keras
+store, outcomes and errors as one server. Plus the job-wide views (status bytes per shard)
+and checkpoints restored onto every shard.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from adamax_client import RemoteAdamax
+from adamax_client import errors as client_errors
+from adamax_wire.tensors import RowSparseGradient
+from adamax_client.sharded import ShardedRemoteAdamax
+from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.coordination.policy import Policy
+from adamax_server.optim.engine import RowSparseGradient as EngineSparse
+from adamax_server.sharding.server import create_shard_server, stop_shard_server
+
+MIN_PIECE = 2048
+
+
+def start_shards(n, tmp_path=None, **kwargs):
+    servers, ports = [], []
+    for i in range(n):
+        server, port = create_shard_server(
+            "127.0.0.1:0", i, ["127.0.0.1:1"] * n, device="numba", min_piece_bytes=MIN_PIECE,
+            checkpoint_dir=None if tmp_path is None else tmp_path / f"shard{i}", call_timeout=5.0, **kwargs,
+        )  # fmt: skip
+        servers.append(server)
+        ports.append(port)
+    targets = [f"127.0.0.1:{p}" for p in ports]
+    for s in servers:
+        s.shard_registry.set_shards(targets)
+        s.start()
+    return servers, targets
+
+
+@pytest.fixture
+def shards3():
+    servers, targets = start_shards(3)
+    yield targets
+    for s in servers:
+        stop_shard_server(s, grace=0)
+
+
+@pytest.fixture
+def shards1():
+    servers, targets = start_shards(1)
+    yield targets
+    for s in servers:
+        stop_shard_server(s, grace=0)
+
+
+def _values(rng):
+    return {
+        "emb": rng.standard_normal((600, 32)).astype(np.float32),
+        "w": rng.standard_normal((64, 64)).astype(np.float32),
+        "b": rng.standard_normal(64).astype(np.float32),
+        "d": rng.standard_normal((50, 20)).astype(np.float64),
+    }
+
+
+def _grads(rng, values, k):
+    out = {n: rng.standard_normal(np.shape(v)).astype(v.dtype) for n, v in values.items()}
+    if k % 3 == 1:
+        idx = rng.integers(0, 600, 30)
+        out["emb"] = RowSparseGradient(idx, rng.standard_normal((30, 32)).astype(np.float32))
+    if k % 4 == 2:
+        out["b"] = None
+    return out
+
+
+def _engine_grads(g):
+    return {n: EngineSparse(*v) if isinstance(v, RowSparseGradient) else v for n, v in g.items()}
+
+
+CONFIGS = [
+    {"learning_rate": 0.01, "clipnorm": 0.3},
+    {"learning_rate": 0.01, "global_clipnorm": 0.5, "use_ema": True, "ema_overwrite_frequency": 2},
+    {"learning_rate": 0.01, "gradient_accumulation_steps": 2, "clipnorm": 0.4},
+]
+
+
+@pytest.mark.parametrize("which", ["shards1", "shards3"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["clipnorm", "global+ema", "acc"])
+def test_remote_sharded_equals_single_server(which, config, request):
+    targets = request.getfixturevalue(which)
+    rng = np.random.default_rng(0)
+    values = _values(rng)
+    coord = Coordinator(device="numba")
+    _, single = coord.create("job", config, Policy())
+    single.build(list(values.items()))
+    opt = RemoteAdamax(targets, worker_id="w", optimizer="job", timeout=20, sharded=True, **config)
+    try:
+        assert isinstance(opt, ShardedRemoteAdamax)
+        opt.build(values)
+        for k in range(6):
+            g = _grads(rng, values, k)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                expected = single.push("w", f"r{k}", k, lambda staging: list(_engine_grads(g).items()))
+            got = opt.push(g, request_id=f"r{k}")
+            assert (got.outcome, got.version, got.iterations) == (expected.outcome, expected.version, expected.iterations)
+            opt.pull()
+        again = opt.push(g, request_id="r5", step=5)
+        assert again.duplicate
+        weights = opt.pull()
+        ref = single.pull((), lambda v, it, arrays: dict(arrays)).payload
+        for n in values:
+            assert weights[n].tobytes() == ref[n].tobytes(), n
+        store = {}
+        opt.save_own_variables(store)
+        ref_store = single.save_own_variables()
+        assert sorted(store) == sorted(ref_store)
+        for key in ref_store:
+            assert np.asarray(store[key]).tobytes() == np.asarray(ref_store[key]).tobytes(), key
+        assert opt.iterations == single.iterations
+        with pytest.raises(client_errors.FailedPreconditionError, match="ahead"):
+            opt.push(g, step=99)
+        with pytest.raises(client_errors.InvalidArgumentError, match="No gradients"):
+            opt.push({n: None for n in values})
+        with pytest.raises(KeyError):
+            opt.push({"nope": np.zeros(3, np.float32)})
+        status = opt.status()
+        assert len(status["shards"]) == len(targets) and sum(s["bytes"] for s in status["shards"]) == sum(v.nbytes for v in values.values())
+    finally:
+        opt.close()
+        coord.close()
+
+
+def test_sync_round_over_grpc_matches_single_server(shards3):
+    rng = np.random.default_rng(1)
+    values = _values(rng)
+    policy = dict(mode="sync", num_workers=2)
+    coord = Coordinator(device="numba")
+    _, single = coord.create("job", {"learning_rate": 0.01, "global_clipnorm": 1.0}, Policy(**policy))
+    single.build(list(values.items()))
+    workers = [RemoteAdamax(shards3, worker_id=f"w{i}", optimizer="job", learning_rate=0.01, global_clipnorm=1.0, timeout=20, **policy) for i in range(2)]
+    try:
+        workers[0].build(values)
+        workers[1].pull()
+        for rnd in range(3):
+            for i, w in enumerate(workers):
+                g = _grads(rng, values, rnd + i)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    single.push(f"w{i}", f"r{rnd}", rnd, lambda staging: list(_engine_grads(g).items()))
+                w.push(g, request_id=f"r{rnd}")
+            for w in workers:
+                w.pull()
+        ref = single.pull((), lambda v, it, arrays: dict(arrays)).payload
+        got = workers[1].pull()
+        for n in values:
+            assert got[n].tobytes() == ref[n].tobytes()
+    finally:
+        for w in workers:
+            w.close()
+        coord.close()
+
+
+def test_checkpoint_and_restore_on_every_shard(tmp_path):
+    servers, targets = start_shards(3, tmp_path)
+    rng = np.random.default_rng(2)
+    values = _values(rng)
+    opt = RemoteAdamax(targets, worker_id="w", optimizer="job", learning_rate=0.01, clipnorm=0.5, timeout=20)
+    try:
+        opt.build(values)
+        for k in range(3):
+            opt.push(_grads(rng, values, k))
+        cut = opt.checkpoint()
+        assert cut["version"] == 3
+        saved = opt.pull()
+        store = {}
+        opt.save_own_variables(store)
+        for k in range(3, 5):
+            opt.push(_grads(rng, values, k), step=k)
+        assert opt.list_checkpoints() == [cut["id"]]
+        restored = opt.restore(cut["id"])
+        assert restored["version"] == 3
+        now = opt.pull(min_version=0)
+        for n in values:
+            assert now[n].tobytes() == saved[n].tobytes()
+        after = {}
+        opt.save_own_variables(after)
+        for key in store:
+            assert np.asarray(after[key]).tobytes() == np.asarray(store[key]).tobytes()
+    finally:
+        opt.close()
+        for s in servers:
+            stop_shard_server(s, grace=0)
+
+
+def test_bytes_per_shard_in_status_and_metrics():
+    from adamax_server.ops.metrics import MetricsInterceptor, ServerMetrics
+
+    metrics = [ServerMetrics() for _ in range(3)]
+    servers, ports = [], []
+    for i in range(3):
+        server, port = create_shard_server(
+            "127.0.0.1:0", i, ["127.0.0.1:1"] * 3, device="numba", min_piece_bytes=MIN_PIECE,
+            interceptors=[MetricsInterceptor(metrics[i])], metrics=metrics[i],
+        )  # fmt: skip
+        servers.append(server)
+        ports.append(port)
+    targets = [f"127.0.0.1:{p}" for p in ports]
+    for s in servers:
+        s.shard_registry.set_shards(targets)
+        s.start()
+    rng = np.random.default_rng(3)
+    values = _values(rng)
+    opt = RemoteAdamax(targets, worker_id="w", optimizer="job", learning_rate=0.01, timeout=20)
+    try:
+        opt.build(values)
+        opt.push(_grads(rng, values, 0))
+        status = opt.status()
+        per_shard = [s["bytes"] for s in status["shards"]]
+        assert sum(per_shard) == sum(v.nbytes for v in values.values()) and min(per_shard) > 0
+        for i, m in enumerate(metrics):
+            assert m.registry.get_sample_value("adamax_ps_shard_bytes", {"optimizer": "job", "shard": str(i)}) == per_shard[i]
+            assert m.registry.get_sample_value("adamax_ps_shard_version", {"optimizer": "job", "shard": str(i)}) == 1
+        assert metrics[0].registry.get_sample_value("adamax_ps_shards_lagging", {"optimizer": "job"}) == 0
+        assert metrics[1].registry.get_sample_value("adamax_ps_rpcs_total", {"method": "ShardService.Call", "code": "OK"}) > 0
+    finally:
+        opt.close()
+        for s in servers:
+            stop_shard_server(s, grace=0)
+
+
+def test_checkpoint_client_takes_the_shard_list(tmp_path):
+    from adamax_client.checkpoints import CheckpointClient
+
+    servers, targets = start_shards(2, tmp_path)
+    rng = np.random.default_rng(4)
+    values = _values(rng)
+    opt = RemoteAdamax(targets, worker_id="w", optimizer="job", learning_rate=0.01, timeout=20)
+    try:
+        opt.build(values)
+        opt.push(_grads(rng, values, 0))
+        with CheckpointClient(",".join(targets), timeout=20) as client:
+            saved = client.save("test")
+            assert saved.optimizers[0]["version"] == 1
+            assert [c.checkpoint_id for c in client.list()] == [saved.checkpoint_id]
+            before = opt.pull()
+            opt.push(_grads(rng, values, 1), step=1)
+            used, restored = client.restore("latest")
+            assert used == saved.checkpoint_id and restored[0].version == 1
+            after = opt.pull(min_version=0)
+            assert all(after[n].tobytes() == before[n].tobytes() for n in values)
+            with pytest.raises(NotImplementedError, match="adamax-ps checkpoint download"):
+                client.download()
+    finally:
+        opt.close()
+        for s in servers:
+            stop_shard_server(s, grace=0)

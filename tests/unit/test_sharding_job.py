@@ -1,0 +1,164 @@
+"""A sharded job (in process) against a single server: identical weights, stores, outcomes and errors.
+
+The same calls go to a single-server ``OptimizerHost`` and to ``ShardedJob``s of 1 and 3 shards
+whose placement splits the big variables over several shards (small minimum piece size), for
+every clipping kind, EMA, accumulation, loss scaling, None gradients, row-sparse gradients,
+mixed dtypes, async and sync rounds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from _sharding_helpers import MIN_PIECE, compare as _compare, grads_ as _grads, values_ as _values
+from adamax_server.coordination.policy import Policy
+from adamax_server.sharding.job import ShardedJob
+
+CONFIGS = [
+    {"learning_rate": 0.01},
+    {"learning_rate": 0.01, "clipnorm": 0.3},
+    {"learning_rate": 0.01, "global_clipnorm": 0.5},
+    {"learning_rate": 0.01, "clipvalue": 0.05},
+    {"learning_rate": 0.01, "use_ema": True, "ema_overwrite_frequency": 3, "weight_decay": 0.01},
+    {"learning_rate": 0.01, "gradient_accumulation_steps": 2, "clipnorm": 0.4, "loss_scale_factor": 4.0},
+    {"learning_rate": 0.01, "gradient_accumulation_steps": 3, "global_clipnorm": 0.2, "use_ema": True},
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(k for k in c if k != "learning_rate") or "plain")
+def test_async_congruence(config):
+    def script(t, call):
+        rng = np.random.default_rng(1)
+        values = _values(rng)
+        t.build(values)
+        for k in range(7):
+            grads = _grads(rng, values, none=("b",) if k == 2 else (), sparse=k % 3 == 1, scale=10.0 if k == 4 else 1.0)
+            call(t.push, "w0", f"r{k}", k, grads)
+        call(t.push, "w0", "r3", 3, grads)  # a retry: answered from the exactly-once table
+        call(t.push, "w0", "ahead", 99, grads)  # ahead of the version
+        call(t.push, "w0", "none", 7, {n: None for n in values})  # no gradient at all
+
+    _compare(config, Policy(mode="async"), script)
+
+
+@pytest.mark.parametrize("config", CONFIGS[:3], ids=["plain", "clipnorm", "global"])
+def test_async_max_staleness_and_non_finite(config):
+    def script(t, call):
+        rng = np.random.default_rng(2)
+        values = _values(rng)
+        t.build(values)
+        call(t.push, "w0", "a", 0, _grads(rng, values))
+        call(t.push, "w0", "b", 1, _grads(rng, values))
+        call(t.push, "w1", "c", 0, _grads(rng, values))  # 2 versions old, limit 1
+        bad = _grads(rng, values)
+        bad["emb"][599, 3] = np.nan
+        call(t.push, "w1", "d", 2, bad)
+
+    _compare(config, Policy(mode="async", max_staleness=1), script)
+    _compare(config, Policy(mode="async", non_finite="skip"), script)
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "sum"])
+@pytest.mark.parametrize("config", CONFIGS[:3] + CONFIGS[5:6], ids=["plain", "clipnorm", "global", "acc"])
+def test_sync_congruence(config, aggregation):
+    def script(t, call):
+        rng = np.random.default_rng(3)
+        values = _values(rng)
+        t.build(values)
+        version = 0
+        for rnd in range(4):
+            order = ["w2", "w0", "w1"] if rnd % 2 else ["w1", "w2", "w0"]
+            for j, w in enumerate(order):
+                grads = _grads(rng, values, none=("d",) if w == "w1" else (), sparse=(w == "w2"))
+                call(t.push, w, f"{w}-{rnd}", version, grads)  # the third is late (K=2)
+            call(t.push, order[0], f"{order[0]}-{rnd}", version, grads)  # retry of an accepted push
+            version += 1
+
+    _compare(config, Policy(mode="sync", num_workers=3, min_workers=2, aggregation=aggregation), script)
+
+
+def test_sync_non_finite_reject_and_skip():
+    def script(t, call):
+        rng = np.random.default_rng(4)
+        values = _values(rng)
+        t.build(values)
+        bad = _grads(rng, values)
+        bad["w"][63, 63] = np.inf
+        call(t.push, "w0", "a", 0, bad)
+        call(t.push, "w0", "b", 0, _grads(rng, values))
+        call(t.push, "w1", "c", 0, _grads(rng, values))
+        call(t.push, "w1", "c2", 0, _grads(rng, values))  # second push in one round
+
+    _compare({"learning_rate": 0.01}, Policy(mode="sync", num_workers=2), script)
+    _compare({"learning_rate": 0.01}, Policy(mode="sync", num_workers=2, non_finite="skip"), script)
+
+
+def test_sync_overflowing_sum_is_skipped_but_counts_a_version():
+    def script(t, call):
+        rng = np.random.default_rng(5)
+        values = _values(rng)
+        t.build(values)
+        big = {n: np.full(np.shape(v), np.finfo(v.dtype).max, dtype=v.dtype) for n, v in values.items()}
+        call(t.push, "w0", "a", 0, big)
+        call(t.push, "w1", "b", 0, big)
+        call(t.push, "w0", "c", 1, _grads(rng, values))
+        call(t.push, "w1", "d", 1, {n: None for n in values})
+
+    _compare({"learning_rate": 0.01}, Policy(mode="sync", num_workers=2, aggregation="sum", non_finite="skip"), script)
+
+
+def test_placement_really_splits():
+    job = ShardedJob("job", {"learning_rate": 0.1}, Policy(), 3, device="numba", min_piece_bytes=MIN_PIECE)
+    try:
+        job.build(_values(np.random.default_rng(0)))
+        split = {v.name: [p.shard for p in v.pieces] for v in job.placement.variables if v.split}
+        assert "emb" in split and len(split["emb"]) >= 2
+    finally:
+        job.close()
+
+
+@pytest.mark.parametrize("timeout_policy", ["close", "abort"])
+def test_round_timeout_is_one_decision_for_the_job(timeout_policy):
+    """A round the leader's timer closes (or aborts) ends the same way as on a single server."""
+    import time
+
+    from _sharding_helpers import Sharded, Single
+
+    policy = Policy(mode="sync", num_workers=3, round_timeout=0.3, round_timeout_policy=timeout_policy)
+    rng = np.random.default_rng(9)
+    values = _values(rng)
+    grads = [_grads(rng, values, sparse=w == 1) for w in range(2)]
+    outcomes = []
+    for target in (Single({"learning_rate": 0.01, "clipnorm": 0.5}, policy), Sharded({"learning_rate": 0.01, "clipnorm": 0.5}, policy, 3)):
+        try:
+            target.build(values)
+            for w in range(2):
+                target.push(f"w{w}", "a", 0, grads[w])
+            deadline = time.monotonic() + 5
+            if timeout_policy == "close":
+                while target.pull()[0] < 1 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            else:
+                time.sleep(0.6)
+            version, iterations, weights = target.pull()
+            late = target.push("w2", "a", 0, grads[0])
+            outcomes.append((version, iterations, {n: a.tobytes() for n, a in weights.items()}, late.outcome))
+        finally:
+            target.close()
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] == (1 if timeout_policy == "close" else 0)
+
+
+def test_a_retry_of_a_decided_push_leaves_no_staged_copy():
+    job = ShardedJob("job", {"learning_rate": 0.1}, Policy(), 3, device="numba", min_piece_bytes=MIN_PIECE)
+    try:
+        rng = np.random.default_rng(0)
+        values = _values(rng)
+        job.build(values)
+        g = _grads(rng, values)
+        job.push("w", "r", 0, g)
+        assert job.push("w", "r", 0, g).duplicate
+        assert all(h.staged_keys() == [] for h in job.hosts)
+    finally:
+        job.close()
