@@ -136,6 +136,11 @@ class BulkChannel:
         host = _host_of(self._transport.target)
         try:
             sock = socket.create_connection((host, response.port), timeout=timeout)
+        except (ConnectionResetError, ConnectionAbortedError) as exc:
+            # The port answered and then cut the connection (a handshake cut that raced the connect):
+            # transient, like a cut during the hello, not an unreachable port.
+            raise BulkUnavailable(f"bulk connection to {host}:{response.port} was cut: {exc!r}",
+                                  offered=True, transient=True) from exc
         except OSError as exc:
             raise BulkUnavailable(f"cannot reach the bulk port {host}:{response.port}: {exc}", offered=True) from exc
         try:
