@@ -131,8 +131,17 @@ def test_kill_9_then_restore_latest_brings_the_job_to_one_cut(job, capsys):
         assert [opt._one(i, "describe")["version"] for i in (0, 1)] == before == [4, 4]
 
         procs[2] = _start(2, shards, tmp_path / "s2", restore=True)
-        with pytest.raises(client_errors.AbortedError, match="restored on every shard"):
-            opt.push(grads[4], request_id="r4")
+        # The workers' channels to the restarted shard reconnect with gRPC's backoff: until then a
+        # push fails UNAVAILABLE (a worker backs off and retries), then it learns of the restore.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with pytest.raises(client_errors.AbortedError, match="restored on every shard"):
+                    opt.push(grads[4], request_id="r4")
+                break
+            except client_errors.UnavailableError:
+                assert time.monotonic() < deadline, "the restarted shard never became reachable"
+                time.sleep(0.5)
         assert opt.status()["version"] == 3 and {s["version"] for s in opt.status()["shards"]} == {3}
         opt.pull()
         for k in range(3, 6):  # the lost push is pushed again
