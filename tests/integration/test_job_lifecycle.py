@@ -26,7 +26,7 @@ def _trained(target: str, key: str = "job", **kwargs) -> RemoteAdamax:
 
 def test_an_existing_name_resumes_by_default_and_error_or_replace_on_request():
     with running_server() as (target, coordinator):
-        with _trained(target) as first:
+        with _trained(target):
             with RemoteAdamax(target, optimizer="job", bulk="off") as again:  # resume (default)
                 assert again.created is False
                 assert again.build(VARIABLES) is False  # attached; the trained weights stay
