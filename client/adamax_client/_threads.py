@@ -1,8 +1,8 @@
 """Thread counts for workers that share a host with the parameter server (and each other).
 
-A framework's intra-op pool defaults to one thread per core. Two torch workers and a server on
-one 2-core host then run 5+ busy threads on 2 cores, and every step waits for the slowest of
-them: co-located workers ran 10x slower until ``torch.set_num_threads(1)``. The adapters call
+A framework's intra-op pool defaults to one thread per core. Two torch workers on one 2-core host
+then run 4 busy threads on 2 cores, and every step waits for the slowest of them: co-located
+workers ran 10x slower until ``torch.set_num_threads(1)``. The adapters call
 :func:`plan_threads` when they start; it only ever lowers a framework's thread count.
 """
 
@@ -75,15 +75,15 @@ class ThreadPlan:
 
 
 def plan_threads(target: str, local_workers: int) -> ThreadPlan:
-    """Threads per worker: the host's cores split over its workers, one core left to a local server.
+    """Threads per worker: the host's cores split over the workers training on it.
 
-    ``local_workers``: worker processes training on this host (for a one-host job: all of them).
+    ``local_workers``: worker processes on this host (for a one-host job: all of them). A local
+    server gets no core of its own: it works while the workers wait for it (pushes, rounds,
+    pulls), so a reserved core would sit idle during every forward and backward pass.
     """
     cores = available_cores()
-    local = is_local_target(target)
     workers = max(1, int(local_workers))
-    spare = cores - 1 if local and cores > workers else cores
-    return ThreadPlan(max(1, spare // workers), cores, workers, local)
+    return ThreadPlan(max(1, cores // workers), cores, workers, is_local_target(target))
 
 
 def apply_torch_threads(target: str, local_workers: int, setting: int | str | None) -> int | None:

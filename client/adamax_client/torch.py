@@ -153,8 +153,8 @@ class RemoteAdamax(torch.optim.Optimizer):
         overlap: push gradients while backward runs (hooks and buckets); False: all at ``step()``.
         bucket_cap_mb: bucket size of the overlapped push.
         prefetch: pull the new weights as soon as the push is answered.
-        threads: torch intra-op threads: ``"auto"`` (split the cores over ``local_workers``, one
-            left to a server on this host; only ever lowers the count), a number, or None.
+        threads: torch intra-op threads: ``"auto"`` (split the cores over ``local_workers``;
+            only ever lowers the count), a number, or None.
         local_workers: worker processes on this host (default: ``num_workers``).
         lr: alias of ``learning_rate`` (torch spelling).
         **kwargs: ``keras.optimizers.Adamax`` arguments (learning_rate, beta_1, beta_2, epsilon,
