@@ -107,3 +107,12 @@ class Replay:
                 self._done = True
                 return
             self._seen.append(item)
+
+
+def variable_name(variable: Any) -> str:
+    """A variable's name on the server: a Keras 3 variable's ``path`` (its ``name`` repeats across
+    layers: ``kernel``, ``bias``, ``kernel``...), else its ``name``, else ``str(variable)``."""
+    path = getattr(variable, "path", None)
+    if isinstance(path, str) and path:
+        return path
+    return str(getattr(variable, "name", variable))

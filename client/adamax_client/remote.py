@@ -42,6 +42,7 @@ from adamax_client._settings import Replay as _Replay
 from adamax_client._settings import default_worker_id as _default_worker_id
 from adamax_client._settings import policy_proto as _policy_proto
 from adamax_client._settings import serialize_learning_rate as _serialize_learning_rate
+from adamax_client._settings import variable_name
 from adamax_client.errors import InvalidArgumentError
 from adamax_client.transport import RetryPolicy, Transport
 
@@ -318,10 +319,13 @@ class RemoteAdamax:
         an error that names the difference.
         """
         if not isinstance(variables, Mapping):
-            raise TypeError(
-                "`variables` must be a mapping name -> initial value (ordered like the model). "
-                f"Received: {type(variables).__name__}"
-            )
+            if isinstance(variables, Sequence) and variables and all(hasattr(v, "path") for v in variables):
+                variables = {variable_name(v): v for v in variables}  # Keras 3 variables, by path
+            else:
+                raise TypeError(
+                    "`variables` must be a mapping name -> initial value (ordered like the model), or "
+                    f"a list of Keras variables. Received: {type(variables).__name__}"
+                )
         items = [(str(name), np.asarray(value)) for name, value in variables.items()]
         header = pb.BuildHeader(optimizer=self.key, worker_id=self.worker_id)
         response = self._transport.stream_unary("Build", lambda: self._frames(header, items))
@@ -341,7 +345,7 @@ class RemoteAdamax:
 
     def exclude_from_weight_decay(self, var_list: Iterable[Any] | None = None, var_names: Iterable[str] | None = None) -> None:
         """Exclude variables (exact names in ``var_list``, patterns in ``var_names``); before build."""
-        names = [str(getattr(v, "name", v)) for v in (var_list or [])]
+        names = [variable_name(v) for v in (var_list or [])]
         self._transport.unary(
             "ExcludeFromWeightDecay",
             pb.ExcludeFromWeightDecayRequest(optimizer=self.key, var_list=names, var_names=list(var_names or [])),
@@ -361,7 +365,7 @@ class RemoteAdamax:
                     self.build(trainable_variables)
                 names = list(trainable_variables)
             else:
-                names = [str(getattr(v, "name", v)) for v in trainable_variables]
+                names = [variable_name(v) for v in trainable_variables]
             if len(names) != len(grads):
                 raise ValueError(f"Received {len(grads)} gradients for {len(names)} variables.")
             return list(zip(names, grads))
@@ -445,7 +449,7 @@ class RemoteAdamax:
     def apply_gradients(self, grads_and_vars: Iterable[tuple[Any, Any]]) -> PushResult:
         """Push ``(gradient, variable name)`` pairs."""
         pairs = list(grads_and_vars)
-        return self.push([g for g, _ in pairs], [getattr(v, "name", v) for _, v in pairs])
+        return self.push([g for g, _ in pairs], [variable_name(v) for _, v in pairs])
 
     # -------------------------------------------------------------- pull
 
@@ -557,7 +561,7 @@ class RemoteAdamax:
         self._transport.unary("FinalizeVariableValues", self._ref())
 
     def _assign(self, op: int, variable: Any, value: Any) -> None:
-        name = str(getattr(variable, "name", variable))
+        name = variable_name(variable)
         header = pb.AssignHeader(optimizer=self.key, op=op)
         self._transport.stream_unary("Assign", lambda: self._frames(header, [(name, np.asarray(value))]))
 

@@ -25,12 +25,12 @@ Overlap
     communication thread, which streams it into the step's push while backward goes on (DDP's
     scheme). ``step()`` sends the rest (a parameter whose ``.grad`` is None has no gradient),
     waits for the push and pulls the new weights into the parameters. With ``prefetch=True``
-    (default) the pull starts as soon as the push is answered, before ``step()`` is called.
+    (default) the communication thread pulls as soon as the push is answered (never before
+    ``step()`` is called: autograd may still read the parameters until backward returns).
     Consequences: gradients are read while backward runs, so do not change them in place between
     ``backward()`` and ``step()`` (clip on the server with ``clipnorm`` / ``global_clipnorm``, which
     is Keras-exact, or pass ``overlap=False``); and accumulate over several backward passes inside
-    ``with opt.no_sync():`` (the last backward outside it pushes the sum), as with DDP. With
-    prefetch the parameters may already hold the new weights when backward returns.
+    ``with opt.no_sync():`` (the last backward outside it pushes the sum), as with DDP.
 
 Learning rate
     Keras Adamax has one learning rate, so every param group must carry the same ``lr``. A float
@@ -122,6 +122,9 @@ class _Step:
         self.future: concurrent.futures.Future[PushResult] | None = None
         self.lr_sent: float | None = None
         self.streamed = 0  # tensors handed to the transport so far
+        # Set by step(): parameters are written only from then on (autograd may still read them
+        # for gradients of inputs after the last parameter's hook fired).
+        self.step_called = threading.Event()
 
     def items(self) -> Iterator[tuple[str, Any]]:
         while True:
@@ -340,6 +343,7 @@ class RemoteAdamax(torch.optim.Optimizer):
         total = sum(_aligned(p.numel() * p.element_size()) for p in self._params)
         result = self.remote.push_stream(state.items(), num_tensors=len(self._params), nbytes=total)
         if self.prefetch and result.applied:
+            state.step_called.wait()
             self._pull_into_params()
         return result
 
@@ -394,6 +398,7 @@ class RemoteAdamax(torch.optim.Optimizer):
         """Cut the step's push (the server applies nothing) and wait until the comm thread is free."""
         self._step_state = None
         state.queue.put(_ABORT)
+        state.step_called.set()
         if state.future is not None:
             try:
                 state.future.result(timeout=self.remote.timeout)
@@ -417,6 +422,7 @@ class RemoteAdamax(torch.optim.Optimizer):
                     self._add(state, name, p, flush=False)
             state.queue.put(state.bucket)
             state.queue.put(_END)
+            state.step_called.set()
         assert state.future is not None
         result = state.future.result()
         self._last_result = result
@@ -512,6 +518,7 @@ class RemoteAdamax(torch.optim.Optimizer):
             if state is not None:
                 self._step_state = None
                 state.queue.put(_ABORT)
+                state.step_called.set()
             comm.shutdown(wait=True, cancel_futures=True)
         remote = getattr(self, "remote", None)
         if remote is not None:

@@ -65,3 +65,29 @@ def test_jitted_model_fit_matches_local_adamax_and_resumes_from_a_checkpoint(bac
     assert out["restored_iterations"] == 12
     assert out["resume_iterations"] == 18
     assert out["resume_max_diff"] == 0.0, out
+
+
+def test_the_plain_client_names_keras_variables_by_path_so_apply_gradients_works():
+    """Keras 3 ``v.name`` repeats (kernel, bias, kernel, bias): the client uses ``v.path``."""
+    import keras
+    import numpy as np
+
+    from adamax_client import RemoteAdamax
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+    variables = model.trainable_variables
+    assert len({v.name for v in variables}) == 2  # the trap
+    twin_vars = [keras.Variable(np.array(v.numpy())) for v in variables]
+    twin = keras.optimizers.Adamax(learning_rate=0.1)
+    twin.build(twin_vars)
+    rng = np.random.default_rng(0)
+    with running_server() as (target, _):
+        with RemoteAdamax(target, optimizer="paths", learning_rate=0.1) as opt:
+            opt.build(variables)
+            assert [name for name, _, _ in opt.variable_specs] == [v.path for v in variables]
+            grads = [rng.standard_normal(v.shape).astype("float32") for v in variables]
+            opt.apply_gradients(zip(grads, variables))
+            twin.apply(grads)
+            for path, value in opt.pull().items():
+                expected = twin_vars[[v.path for v in variables].index(path)].numpy()
+                np.testing.assert_array_equal(value, expected)
