@@ -78,7 +78,11 @@ def keras_model():
     import keras
 
     keras.utils.set_random_seed(3)
-    return keras.Sequential([keras.Input((10,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(4)])
+    # Named layers: a pool process builds several models, and Keras's automatic names
+    # (dense, dense_1, ...) count per process.
+    return keras.Sequential([
+        keras.Input((10,)), keras.layers.Dense(16, activation="relu", name="hidden"), keras.layers.Dense(4, name="out"),
+    ])  # fmt: skip
 
 
 def keras_worker(target: str, job: str, rank: int, backend: str, kwargs: dict) -> list[np.ndarray]:

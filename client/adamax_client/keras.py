@@ -53,6 +53,7 @@ import keras
 import numpy as np
 
 from adamax_client import _threads
+from adamax_client.errors import FailedPreconditionError
 from adamax_client.remote import RemoteAdamax as _Client
 
 __all__ = ["RemoteAdamax", "variable_names"]
@@ -190,7 +191,13 @@ class RemoteAdamax(keras.optimizers.Optimizer):
             raise ValueError(f"Variable paths must be unique to name them on the server. Repeated: {dup}")
         self._set_trainable(variables)
         self._paths = paths
-        built_now = self._remote.build(OrderedDict((p, _host_value(v)) for p, v in zip(paths, variables)))
+        try:
+            built_now = self._remote.build(OrderedDict((p, _host_value(v)) for p, v in zip(paths, variables)))
+        except FailedPreconditionError as exc:
+            raise FailedPreconditionError(
+                f"{exc} Keras names layers per process (dense, dense_1, ...): a worker that built "
+                "other models first names its variables differently; name the layers."
+            ) from exc
         if not built_now:  # the job existed: its weights (and step count) win
             for v, value in zip(variables, self._remote.pull().values()):
                 v.assign(value)

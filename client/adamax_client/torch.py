@@ -455,6 +455,13 @@ class RemoteAdamax(torch.optim.Optimizer):
         return self.remote.last_iterations
 
     @property
+    def streamed_tensors(self) -> int:
+        """Gradients of the current step already handed to the transport: read right after
+        ``backward()`` it shows how much of the push overlapped with backward (0 after ``step()``)."""
+        state = self._step_state
+        return 0 if state is None else state.streamed
+
+    @property
     def last_result(self) -> PushResult | None:
         """What the server did with the last push."""
         return self._last_result

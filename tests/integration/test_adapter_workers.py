@@ -75,3 +75,8 @@ def test_two_keras_workers_model_fit_equal_a_local_fit_on_both_shards(pool):
     for weights in results:
         for ours, expected in zip(weights, reference):
             np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+
+    # async: every worker's batch is one update of its own
+    with running_server() as (target, coordinator):
+        pool.starmap(workers.keras_worker, [(target, "kasync", r, "jax", {"mode": "async"}) for r in range(2)])
+        assert coordinator.get("kasync").iterations == 2 * 12  # 2 workers x 6 batches x 2 epochs
