@@ -20,7 +20,8 @@ Variable names
     the group): stable as long as the groups are built the same way, so a job can be resumed.
 
 Overlap
-    With ``overlap=True`` (default) a post-accumulate-grad hook on every parameter collects the
+    With overlap on (``overlap="auto"``, the default, turns it on for CUDA parameters and when the
+    host has cores left beyond its workers' compute threads) a post-accumulate-grad hook on every parameter collects the
     gradients as backward produces them; every ``bucket_cap_mb`` megabytes a bucket goes to a
     communication thread, which streams it into the step's push while backward goes on (DDP's
     scheme). ``step()`` sends the rest (a parameter whose ``.grad`` is None has no gradient),
@@ -153,7 +154,11 @@ class RemoteAdamax(torch.optim.Optimizer):
         if_exists: what to do when the job already exists on the server: ``"resume"`` (default:
             attach and continue from its state; how the other workers of a job join it),
             ``"error"``, or ``"replace"`` (delete it and start over; for the job's first worker).
-        overlap: push gradients while backward runs (hooks and buckets); False: all at ``step()``.
+        overlap: push gradients while backward runs (hooks and buckets), True; or all at ``step()``,
+            False. ``"auto"`` (default): on for CUDA parameters (the CPU is free during backward)
+            and when this host has more cores than its workers' compute threads; off when the
+            workers' threads fill every core, where copying gradients during backward only takes
+            cycles and cache from it (measured: benchmarks/bench_adapters.py).
         bucket_cap_mb: bucket size of the overlapped push.
         prefetch: pull the new weights as soon as the push is answered.
         threads: torch intra-op threads: ``"auto"`` (split the cores over ``local_workers``;
@@ -177,7 +182,7 @@ class RemoteAdamax(torch.optim.Optimizer):
         num_workers: int = 1,
         *,
         if_exists: str = "resume",
-        overlap: bool = True,
+        overlap: bool | str = "auto",
         bucket_cap_mb: float = 4.0,
         prefetch: bool = True,
         threads: int | str | None = "auto",
@@ -213,7 +218,8 @@ class RemoteAdamax(torch.optim.Optimizer):
                 )
         self._index = {name: i for i, name in enumerate(self._names)}
         self._name_of = {id(p): name for name, p in zip(self._names, self._params)}
-        self.overlap = bool(overlap)
+        if overlap not in (True, False, "auto"):
+            raise ValueError(f"`overlap` must be True, False or 'auto'. Received: overlap={overlap!r}")
         self.prefetch = bool(prefetch)
         self._bucket_cap = max(1, int(bucket_cap_mb * (1 << 20)))
         self._cuda = any(p.is_cuda for p in self._params)
@@ -224,6 +230,10 @@ class RemoteAdamax(torch.optim.Optimizer):
         self._closed = False
         self._group_lr()  # one learning rate for every group
         _threads.apply_torch_threads(target, local_workers or num_workers, threads)
+        self.overlap = (
+            bool(overlap) if overlap != "auto"
+            else self._cuda or _threads.available_cores() > (local_workers or num_workers) * torch.get_num_threads()
+        )
         self.remote = _Client(
             target, worker_id, mode=mode, num_workers=num_workers, optimizer=optimizer,
             if_exists=if_exists, **kwargs,
@@ -489,8 +499,9 @@ class RemoteAdamax(torch.optim.Optimizer):
                 f"The saved optimizer has variables {remote['names'][:5]}... but this one has "
                 f"{self._names[:5]}...; build the optimizer over the same parameters."
             )
+        if self._step_state is not None:
+            raise RuntimeError("Cannot load a state dict between backward() and step().")
         super().load_state_dict(state_dict)
-        self._sync_pending()
         for name, p in zip(self._names, self._params):
             self.remote.assign(name, p.detach().to("cpu").numpy())
         store = {k: v.numpy() for k, v in remote["store"].items()}
@@ -499,11 +510,8 @@ class RemoteAdamax(torch.optim.Optimizer):
         if not self._lr_is_schedule:
             for group in self.param_groups:
                 group["lr"] = self._lr_sent
-        self.remote.pull()  # the version this worker holds
-
-    def _sync_pending(self) -> None:
-        if self._step_state is not None:
-            raise RuntimeError("Cannot load a state dict between backward() and step().")
+        self._pull_into_params()  # the version this worker holds (the values it just wrote)
+        self._copy_staging_to_device()
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -201,7 +201,8 @@ def test_gradients_leave_while_backward_still_runs():
     model = make_net()
     seen = {}
     with running_server() as (target, _):
-        with RemoteAdamax(model.named_parameters(), target, mode="sync", bucket_cap_mb=1e-4, threads=None) as opt:
+        with RemoteAdamax(model.named_parameters(), target, mode="sync", bucket_cap_mb=1e-4, overlap=True,
+                          threads=None) as opt:  # fmt: skip
 
             def before_first_layer_grad(module, grad_output):
                 state = opt._step_state
@@ -225,7 +226,8 @@ def test_no_sync_accumulates_and_a_second_backward_without_it_is_refused():
     twin = KerasTwin(model, learning_rate=0.01)
     (x1, y1), (x2, y2) = batches(2)
     with running_server() as (target, _):
-        with RemoteAdamax(model.named_parameters(), target, learning_rate=0.01, mode="sync", threads=None) as opt:
+        with RemoteAdamax(model.named_parameters(), target, learning_rate=0.01, mode="sync", overlap=True,
+                          threads=None) as opt:  # fmt: skip
             opt.zero_grad()
             with opt.no_sync():
                 loss_of(model, x1, y1).backward()
