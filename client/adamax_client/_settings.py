@@ -1,5 +1,6 @@
-"""What ``RemoteAdamax`` sends when it creates an optimizer: Keras defaults, the coordination
-policy message, learning-rate serialization; and the re-iterable item stream of a push."""
+"""What ``RemoteAdamax`` sends when it creates an optimizer (Keras defaults, the coordination
+policy message, learning-rate serialization), what a push returns, and the re-iterable item
+stream of a push."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import os
 import socket
 import uuid
 from collections.abc import Iterable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
@@ -116,3 +118,35 @@ def variable_name(variable: Any) -> str:
     if isinstance(path, str) and path:
         return path
     return str(getattr(variable, "name", variable))
+
+
+OUTCOME_NAMES = {
+    pb.APPLIED: "applied",
+    pb.ACCEPTED: "accepted",
+    pb.ROUND_CLOSED: "round_closed",
+    pb.DROPPED_LATE: "dropped_late",
+    pb.SKIPPED_NON_FINITE: "skipped_non_finite",
+}
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What the server did with one push."""
+
+    outcome: Literal["applied", "accepted", "round_closed", "dropped_late", "skipped_non_finite"]
+    version: int  # weights version after the push was handled
+    iterations: int
+    duplicate: bool  # answered from the exactly-once table (a retry)
+    detail: str
+
+    @property
+    def applied(self) -> bool:
+        """True when the gradient is (or, in an open sync round, will be) part of an update."""
+        return self.outcome in ("applied", "accepted", "round_closed")
+
+
+@dataclass(frozen=True)
+class VariableSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype

@@ -164,7 +164,7 @@ class RemoteAdamax(keras.optimizers.Optimizer):
         }  # fmt: skip
         self._remote = _Client(
             target, worker_id, mode=mode, num_workers=num_workers, optimizer=optimizer,
-            if_exists=if_exists, **service_kwargs, **keras_args,
+            **({"if_exists": if_exists} if if_exists != "resume" else {}), **service_kwargs, **keras_args,
         )  # fmt: skip
         weakref.finalize(self, self._remote.close)  # sockets and shared memory, also at exit
         self._lr_is_variable = isinstance(self._learning_rate, keras.Variable)

@@ -25,7 +25,6 @@ import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import json
@@ -43,6 +42,8 @@ from adamax_client._settings import default_worker_id as _default_worker_id
 from adamax_client._settings import policy_proto as _policy_proto
 from adamax_client._settings import serialize_learning_rate as _serialize_learning_rate
 from adamax_client._settings import variable_name
+from adamax_client._settings import OUTCOME_NAMES as _OUTCOME_NAMES
+from adamax_client._settings import PushResult, VariableSpec
 from adamax_client.errors import InvalidArgumentError
 from adamax_client.transport import RetryPolicy, Transport
 
@@ -52,38 +53,6 @@ _BULK_BACKOFF, _BULK_BACKOFF_MAX = 5.0, 300.0  # seconds on gRPC after a transie
 # package does): what ``RemoteAdamax(shard_list)`` returns.
 _SHARDED_CLASS: Any = None
 _NO_BULK: Any = object()  # RemoteAdamax._bulk once the server turned out to have no bulk channel
-
-_OUTCOME_NAMES = {
-    pb.APPLIED: "applied",
-    pb.ACCEPTED: "accepted",
-    pb.ROUND_CLOSED: "round_closed",
-    pb.DROPPED_LATE: "dropped_late",
-    pb.SKIPPED_NON_FINITE: "skipped_non_finite",
-}
-
-
-@dataclass(frozen=True)
-class PushResult:
-    """What the server did with one push."""
-
-    outcome: Literal["applied", "accepted", "round_closed", "dropped_late", "skipped_non_finite"]
-    version: int  # weights version after the push was handled
-    iterations: int
-    duplicate: bool  # answered from the exactly-once table (a retry)
-    detail: str
-
-    @property
-    def applied(self) -> bool:
-        """True when the gradient is (or, in an open sync round, will be) part of an update."""
-        return self.outcome in ("applied", "accepted", "round_closed")
-
-
-@dataclass(frozen=True)
-class VariableSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
 
 class RemoteAdamax:
     """Adamax on a parameter server.

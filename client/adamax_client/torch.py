@@ -236,7 +236,7 @@ class RemoteAdamax(torch.optim.Optimizer):
         )
         self.remote = _Client(
             target, worker_id, mode=mode, num_workers=num_workers, optimizer=optimizer,
-            if_exists=if_exists, **kwargs,
+            **({"if_exists": if_exists} if if_exists != "resume" else {}), **kwargs,
         )  # fmt: skip
         weakref.finalize(self, self.remote.close)  # sockets and shared memory, also at exit
         self._comm = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adamax-ps-comm")
