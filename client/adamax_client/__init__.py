@@ -2,6 +2,10 @@
 
 Workers need this package and ``adamax_wire`` (the wire contract, shared with the server), plus
 grpcio, protobuf and numpy; the server package is never imported here.
+
+Framework adapters (imported only when used): ``adamax_client.torch.RemoteAdamax``, a
+``torch.optim.Optimizer``, and ``adamax_client.keras.RemoteAdamax``, a Keras 3 optimizer for
+``model.fit``.
 """
 
 from adamax_wire._moved import install as _install_moved

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -261,32 +261,34 @@ class BulkChannel:
 
     # -------------------------------------------------------------- push
 
-    def push(self, header: Any, items: Sequence[tuple[str, Any]], *, wire: str | None, timeout: float) -> Any:
-        """Send one push; returns the PushResponse (raises the call's AdamaxError)."""
-        payloads = [_wire.tensor_payload(name, value, wire=wire) for name, value in items]
+    def push(
+        self, header: Any, items: Iterable[tuple[str, Any]], *, wire: str | None, timeout: float,
+        nbytes: int | None = None,
+    ) -> Any:
+        """Send one push; returns the PushResponse (raises the call's AdamaxError).
+
+        ``items`` may be a lazy iterable (re-iterable: a retry iterates it again) whose tensors
+        become ready while the push is under way (gradients arriving from backward); then
+        ``nbytes`` bounds their payload (64-byte aligned each) so the shared-memory segment can be
+        sized up front. A tensor that does not fit goes over the socket instead.
+        """
+        if isinstance(items, Sequence):
+            payloads: Iterable[tuple[Any, list[memoryview]]] = [
+                _wire.tensor_payload(name, value, wire=wire) for name, value in items
+            ]
+            total = sum(_aligned(sum(len(v) for v in views)) for _, views in payloads)  # type: ignore[union-attr]
+        else:
+            payloads = _LazyPayloads(items, wire)
+            total = int(nbytes or 0)
 
         def body(sock: socket.socket, remaining: float) -> Any:
-            total = sum(_aligned(sum(len(v) for v in views)) for _, views in payloads)
-            use_shm = total > 0 and self._ensure_segment(total)
-            _bulk.send_frame(sock, pb.BulkFrame(push=header))
-            if use_shm:
-                buf = self._push_segment.buf
-                offset = _shm.data_offset()
-                for tensor, views in payloads:
-                    if tensor.absent:
-                        _bulk.send_frame(sock, pb.BulkFrame(tensor=tensor))
-                        continue
-                    placed = pb.TensorHeader()
-                    placed.CopyFrom(tensor)
-                    placed.in_shm, placed.shm_offset = True, offset
-                    for view in views:
-                        buf[offset : offset + len(view)] = view
-                        offset += len(view)
-                    offset = _aligned(offset)
-                    _bulk.send_frame(sock, pb.BulkFrame(tensor=placed))
-            else:
-                for tensor, views in payloads:
-                    _bulk.send_tensor(sock, tensor, views)
+            try:
+                send(sock)
+            except (AdamaxError, OSError):
+                raise
+            except BaseException:  # the items failed mid-push: cut it (the server applies nothing)
+                self._drop()
+                raise
             frame = _bulk.recv_frame(sock)
             kind = frame.WhichOneof("frame")
             if kind == "push_response":
@@ -295,12 +297,45 @@ class BulkChannel:
                 raise from_status(frame.status.code, frame.status.message, frame.status.metadata)
             raise ProtocolError(f"unexpected reply '{kind}' to a push")
 
+        def send(sock: socket.socket) -> None:
+            use_shm = total > 0 and self._ensure_segment(total)
+            _bulk.send_frame(sock, pb.BulkFrame(push=header))
+            if use_shm:
+                buf = self._push_segment.buf
+                limit = self._push_segment.size
+                offset = _shm.data_offset()
+                for tensor, views in payloads:
+                    size = sum(len(v) for v in views)
+                    if tensor.absent or offset + size > limit:
+                        _bulk.send_tensor(sock, tensor, views)
+                        continue
+                    placed = pb.TensorHeader()
+                    placed.CopyFrom(tensor)
+                    placed.in_shm, placed.shm_offset = True, offset
+                    for view in views:
+                        # numpy's copy drops the GIL: backward keeps running while gradients land
+                        np.copyto(np.frombuffer(buf, np.uint8, len(view), offset), np.frombuffer(view, np.uint8))
+                        offset += len(view)
+                    offset = _aligned(offset)
+                    _bulk.send_frame(sock, pb.BulkFrame(tensor=placed))
+            else:
+                for tensor, views in payloads:
+                    _bulk.send_tensor(sock, tensor, views)
+
         return self._call(body, timeout)
 
     # -------------------------------------------------------------- pull
 
-    def pull(self, request: Any, *, timeout: float) -> tuple[Any, list[tuple[str, np.ndarray]]]:
-        """One pull; returns (PullHeader, [(name, private array), ...])."""
+    def pull(
+        self, request: Any, *, timeout: float, out: Mapping[str, np.ndarray] | None = None
+    ) -> tuple[Any, list[tuple[str, np.ndarray]]]:
+        """One pull; returns (PullHeader, [(name, private array), ...]).
+
+        ``out`` (name -> writable C-contiguous array of the variable's dtype and shape): tensors
+        are received (socket) or copied (shared memory) straight into these arrays, which are
+        then the returned values.
+        """
+        allocate = self._pool.allocate if out is None else _OutAllocator(out, self._pool).allocate
 
         def body(sock: socket.socket, remaining: float) -> tuple[Any, list[tuple[str, np.ndarray]]]:
             sent = pb.PullRequest()
@@ -318,7 +353,7 @@ class BulkChannel:
             if head.not_modified:
                 return head, []
             headers = []
-            out: list[tuple[str, np.ndarray]] = []
+            received: list[tuple[str, np.ndarray]] = []
             for _ in range(head.num_tensors):
                 frame = _bulk.recv_frame(sock)
                 if frame.WhichOneof("frame") != "tensor":
@@ -327,18 +362,21 @@ class BulkChannel:
                 if tensor.in_shm:
                     headers.append(tensor)
                     continue
-                pending = _wire.PendingTensor(tensor, _wire.DEFAULT_MAX_TENSOR_BYTES, self._pool.allocate)
+                pending = _wire.PendingTensor(tensor, _wire.DEFAULT_MAX_TENSOR_BYTES, allocate)
                 _bulk.recv_payload(sock, pending)
-                out.append((tensor.name, pending.finish().value))
+                received.append((tensor.name, pending.finish().value))
             if headers:
-                out = self._copy_from_shm(sock, head.shm_name, headers)
-                if out is None:  # could not attach the server's segment: ask again over TCP
+                copied = self._copy_from_shm(sock, head.shm_name, headers, allocate)
+                if copied is None:  # could not attach the server's segment: ask again over TCP
                     return body(sock, remaining)
-            return head, out
+                received = copied
+            return head, received
 
         return self._call(body, timeout)
 
-    def _copy_from_shm(self, sock: socket.socket, name: str, headers: list[Any]) -> list[tuple[str, np.ndarray]] | None:
+    def _copy_from_shm(
+        self, sock: socket.socket, name: str, headers: list[Any], allocate: Any
+    ) -> list[tuple[str, np.ndarray]] | None:
         out: list[tuple[str, np.ndarray]] | None = []
         try:
             segment = self._pull_segments.get(name)
@@ -352,7 +390,7 @@ class BulkChannel:
                 if tensor.shm_offset < 0 or tensor.shm_offset + nbytes > segment.size:
                     raise ProtocolError(f"tensor '{tensor.name}' lies outside the server's segment")
                 raw = np.frombuffer(segment.buf, dtype=np.uint8, count=nbytes, offset=tensor.shm_offset)
-                private = self._pool.take(tensor.name, nbytes)
+                private, _ = allocate(tensor, nbytes)
                 np.copyto(private, raw)
                 out.append((tensor.name, _wire.decode_buffer(tensor, private).value))  # type: ignore[union-attr]
         except (OSError, ValueError):  # not the server's /dev/shm after all (or not our uid)
@@ -362,6 +400,40 @@ class BulkChannel:
         finally:
             _bulk.send_frame(sock, pb.BulkFrame(release=pb.ShmRelease()))
         return out
+
+
+class _LazyPayloads:
+    """(TensorHeader, views) of items as they are produced; iterable again for a retry."""
+
+    def __init__(self, items: Iterable[tuple[str, Any]], wire: str | None) -> None:
+        self._items = items
+        self._wire = wire
+
+    def __iter__(self) -> Iterator[tuple[Any, list[memoryview]]]:
+        for name, value in self._items:
+            yield _wire.tensor_payload(name, value, wire=self._wire)
+
+
+class _OutAllocator:
+    """Receive buffers that are the caller's arrays (pool buffers for anything else)."""
+
+    def __init__(self, out: Mapping[str, np.ndarray], pool: ReceivePool) -> None:
+        self._out = out
+        self._pool = pool
+
+    def allocate(self, header: Any, nbytes: int) -> tuple[np.ndarray, None]:
+        dest = self._out.get(header.name)
+        if (
+            dest is not None
+            and header.layout == pb.DENSE
+            and header.dtype != pb.BFLOAT16
+            and dest.nbytes == nbytes
+            and dest.flags.c_contiguous
+            and dest.flags.writeable
+            and dest.dtype == _wire.numpy_dtype(header.dtype)
+        ):
+            return dest.reshape(-1).view(np.uint8), None
+        return self._pool.take(header.name, nbytes), None
 
 
 def _aligned(n: int) -> int:

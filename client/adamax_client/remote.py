@@ -20,14 +20,11 @@ an ``adamax_client.sharded.ShardedRemoteAdamax``: the same API and results over 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import json
@@ -38,6 +35,15 @@ import numpy as np
 from adamax_wire import tensors as _wire
 from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
 from adamax_client.bulk import BULK_MODES, BulkChannel, BulkMode, BulkUnavailable
+from adamax_client._settings import IF_EXISTS as _IF_EXISTS
+from adamax_client._settings import KERAS_DEFAULTS as _KERAS_DEFAULTS
+from adamax_client._settings import Replay as _Replay
+from adamax_client._settings import default_worker_id as _default_worker_id
+from adamax_client._settings import policy_proto as _policy_proto
+from adamax_client._settings import serialize_learning_rate as _serialize_learning_rate
+from adamax_client._settings import variable_name
+from adamax_client._settings import OUTCOME_NAMES as _OUTCOME_NAMES
+from adamax_client._settings import PushResult, VariableSpec
 from adamax_client.errors import InvalidArgumentError
 from adamax_client.transport import RetryPolicy, Transport
 
@@ -47,107 +53,6 @@ _BULK_BACKOFF, _BULK_BACKOFF_MAX = 5.0, 300.0  # seconds on gRPC after a transie
 # package does): what ``RemoteAdamax(shard_list)`` returns.
 _SHARDED_CLASS: Any = None
 _NO_BULK: Any = object()  # RemoteAdamax._bulk once the server turned out to have no bulk channel
-
-_KERAS_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 0.001,
-    "weight_decay": None,
-    "clipnorm": None,
-    "global_clipnorm": None,
-    "clipvalue": None,
-    "use_ema": False,
-    "ema_momentum": 0.99,
-    "ema_overwrite_frequency": None,
-    "loss_scale_factor": None,
-    "gradient_accumulation_steps": None,
-    "beta_1": 0.9,
-    "beta_2": 0.999,
-    "epsilon": 1e-7,
-}
-_OUTCOME_NAMES = {
-    pb.APPLIED: "applied",
-    pb.ACCEPTED: "accepted",
-    pb.ROUND_CLOSED: "round_closed",
-    pb.DROPPED_LATE: "dropped_late",
-    pb.SKIPPED_NON_FINITE: "skipped_non_finite",
-}
-
-
-@dataclass(frozen=True)
-class PushResult:
-    """What the server did with one push."""
-
-    outcome: Literal["applied", "accepted", "round_closed", "dropped_late", "skipped_non_finite"]
-    version: int  # weights version after the push was handled
-    iterations: int
-    duplicate: bool  # answered from the exactly-once table (a retry)
-    detail: str
-
-    @property
-    def applied(self) -> bool:
-        """True when the gradient is (or, in an open sync round, will be) part of an update."""
-        return self.outcome in ("applied", "accepted", "round_closed")
-
-
-@dataclass(frozen=True)
-class VariableSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-
-def _serialize_learning_rate(value: Any) -> Any:
-    if isinstance(value, (int, float, dict)) or value is None:
-        return value
-    if isinstance(value, np.floating):
-        return float(value)
-    get_config = getattr(value, "get_config", None)
-    if callable(get_config):  # a LearningRateSchedule object (Keras or ours)
-        return {
-            "module": "keras.optimizers.schedules",
-            "class_name": type(value).__name__,
-            "config": get_config(),
-            "registered_name": None,
-        }
-    raise ValueError(
-        "Argument `learning_rate` should be float, a LearningRateSchedule or its serialized config "
-        f"dict for a remote optimizer. Received instead: learning_rate={value!r}"
-    )
-
-
-def _default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-def _policy_proto(
-    mode: str,
-    num_workers: int,
-    min_workers: int | None,
-    aggregation: str,
-    round_timeout: float | None,
-    round_timeout_policy: str,
-    max_staleness: int | None,
-    non_finite: str,
-) -> Any:
-    def pick(name: str, value: str, table: dict[str, int]) -> int:
-        if value not in table:
-            raise ValueError(f"`{name}` must be one of {list(table)}. Received: {name}={value!r}")
-        return table[value]
-
-    msg = pb.CoordinationPolicy(
-        mode=pick("mode", mode, {"async": pb.ASYNC, "sync": pb.SYNC}),
-        num_workers=num_workers,
-        min_workers=min_workers or 0,
-        aggregation=pick("aggregation", aggregation, {"mean": pb.MEAN, "sum": pb.SUM}),
-        round_timeout_seconds=round_timeout or 0.0,
-        round_timeout_policy=pick(
-            "round_timeout_policy", round_timeout_policy, {"close": pb.CLOSE_WITH_ARRIVED, "abort": pb.ABORT_ROUND}
-        ),
-        non_finite=pick("non_finite", non_finite, {"reject": pb.REJECT, "skip": pb.SKIP_STEP}),
-    )
-    if max_staleness is not None:
-        msg.max_staleness = max_staleness
-    return msg
-
 
 class RemoteAdamax:
     """Adamax on a parameter server.
@@ -167,6 +72,10 @@ class RemoteAdamax:
         gradient_wire_dtype: send gradients as "float16"/"bfloat16" to halve the bytes.
         credentials: ``grpc`` channel credentials (``adamax_client.tls_channel_credentials``).
         token: bearer token sent on every call when the server requires one.
+        if_exists: when a job of this name exists on the server: ``"resume"`` (default; join it
+            and continue from its state, which is how the other workers of a job attach; a
+            different config or policy is an error), ``"error"`` (AlreadyExistsError), or
+            ``"replace"`` (delete it and start over; for the job's first worker only).
         bulk: how pushes and pulls move tensor bytes. ``"auto"`` (default): the server's bulk
             channel when it offers one (raw TCP; shared memory when on the server's host),
             else gRPC. ``"tcp"``: the bulk channel without shared memory. ``"shm"``: like
@@ -208,6 +117,7 @@ class RemoteAdamax:
         interceptors: Sequence[Any] = (),
         token: str | None = None,
         bulk: BulkMode = "auto",
+        if_exists: Literal["resume", "error", "replace"] = "resume",
         **keras_kwargs: Any,
     ) -> None:
         keras_kwargs.pop("device", None)  # a server-side choice; accepted for engine parity
@@ -250,6 +160,8 @@ class RemoteAdamax:
             )
             for t in targets
         ]
+        if if_exists not in _IF_EXISTS:
+            raise ValueError(f"`if_exists` must be one of {list(_IF_EXISTS)}. Received: if_exists={if_exists!r}")
         if bulk not in BULK_MODES:
             raise ValueError(f"`bulk` must be one of {list(BULK_MODES)}. Received: bulk={bulk!r}")
         self._bulk_mode = bulk
@@ -261,17 +173,24 @@ class RemoteAdamax:
         self._expect_version = 0  # what pull() waits for by default
         self._cache: dict[tuple[str, ...], tuple[int, OrderedDict[str, np.ndarray]]] = {}
         self._closed = False
+        self.last_iterations = 0  # the server's Keras iterations at this worker's last pull
         try:
             response = self._transport.unary(
                 "CreateOptimizer",
                 pb.CreateOptimizerRequest(
-                    optimizer=self.key, config_json=json.dumps(config), policy=self._policy
+                    optimizer=self.key, config_json=json.dumps(config), policy=self._policy,
+                    if_exists=_IF_EXISTS[if_exists],
                 ),
             )
         except BaseException:
             self.close()
             raise
         self._absorb_info(response.info)
+        self.created = bool(response.created)  # False: the job existed and this worker resumes it
+        if not self.created and response.info.iterations:
+            _log.info(
+                "worker '%s': resuming job '%s' at iteration %d", self.worker_id, self.key, response.info.iterations
+            )
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], target: str | Sequence[str] = "", **kwargs: Any) -> RemoteAdamax:
@@ -360,17 +279,22 @@ class RemoteAdamax:
 
     # -------------------------------------------------------------- build / attach
 
-    def build(self, variables: Mapping[str, Any]) -> None:
+    def build(self, variables: Mapping[str, Any]) -> bool:
         """Build with the model variables' names and initial values (ordered).
 
         If the optimizer is already built with the same names, shapes and dtypes (another
-        worker built it), this attaches: the server's values are kept; call ``pull()``.
+        worker built it, or the job is resumed), this attaches: the server's values are kept;
+        call ``pull()``. Returns True when this call built it. Other names, shapes or dtypes are
+        an error that names the difference.
         """
         if not isinstance(variables, Mapping):
-            raise TypeError(
-                "`variables` must be a mapping name -> initial value (ordered like the model). "
-                f"Received: {type(variables).__name__}"
-            )
+            if isinstance(variables, Sequence) and variables and all(hasattr(v, "path") for v in variables):
+                variables = {variable_name(v): v for v in variables}  # Keras 3 variables, by path
+            else:
+                raise TypeError(
+                    "`variables` must be a mapping name -> initial value (ordered like the model), or "
+                    f"a list of Keras variables. Received: {type(variables).__name__}"
+                )
         items = [(str(name), np.asarray(value)) for name, value in variables.items()]
         header = pb.BuildHeader(optimizer=self.key, worker_id=self.worker_id)
         response = self._transport.stream_unary("Build", lambda: self._frames(header, items))
@@ -378,6 +302,7 @@ class RemoteAdamax:
         if response.built_now:
             self._version = int(response.info.version)
             self._cache[()] = (self._version, OrderedDict((n, _readonly(v.copy())) for n, v in items))
+        return bool(response.built_now)
 
     def attach(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
         """Join an optimizer another worker built: fetch the specs and the current weights."""
@@ -389,7 +314,7 @@ class RemoteAdamax:
 
     def exclude_from_weight_decay(self, var_list: Iterable[Any] | None = None, var_names: Iterable[str] | None = None) -> None:
         """Exclude variables (exact names in ``var_list``, patterns in ``var_names``); before build."""
-        names = [str(getattr(v, "name", v)) for v in (var_list or [])]
+        names = [variable_name(v) for v in (var_list or [])]
         self._transport.unary(
             "ExcludeFromWeightDecay",
             pb.ExcludeFromWeightDecayRequest(optimizer=self.key, var_list=names, var_names=list(var_names or [])),
@@ -409,7 +334,7 @@ class RemoteAdamax:
                     self.build(trainable_variables)
                 names = list(trainable_variables)
             else:
-                names = [str(getattr(v, "name", v)) for v in trainable_variables]
+                names = [variable_name(v) for v in trainable_variables]
             if len(names) != len(grads):
                 raise ValueError(f"Received {len(grads)} gradients for {len(names)} variables.")
             return list(zip(names, grads))
@@ -441,6 +366,9 @@ class RemoteAdamax:
             response = self._transport.stream_unary(
                 "Push", lambda: self._frames(header, items, wire=self._gradient_wire), timeout=timeout
             )
+        return self._push_result(response, step)
+
+    def _push_result(self, response: Any, step: int) -> PushResult:
         result = PushResult(
             _OUTCOME_NAMES.get(response.outcome, "applied"),  # type: ignore[arg-type]
             int(response.version),
@@ -451,8 +379,34 @@ class RemoteAdamax:
         if result.outcome in ("accepted", "round_closed"):
             self._expect_version = max(self._expect_version, step + 1)
         elif result.outcome == "dropped_late":
-            warnings.warn(f"worker '{self.worker_id}': {result.detail}", stacklevel=3)
+            warnings.warn(f"worker '{self.worker_id}': {result.detail}", stacklevel=4)
         return result
+
+    def push_stream(
+        self, items: Iterable[tuple[str, Any]], *, num_tensors: int, nbytes: int | None = None,
+        step: int | None = None, request_id: str | None = None, timeout: float | None = None,
+    ) -> PushResult:
+        """One push whose ``(name, gradient)`` items may still be arriving (a lazy iterable).
+
+        The push starts at once and each tensor is sent as soon as ``items`` yields it: the
+        adapters stream gradients while backward runs. ``num_tensors`` entries must come
+        (``None`` values count: no gradient); ``nbytes`` bounds their payload for the
+        shared-memory path. Items stay referenced until the push is answered (a retry resends them).
+        """
+        replay = _Replay(items)
+        step = self._version if step is None else int(step)
+        header = pb.PushHeader(
+            optimizer=self.key, worker_id=self.worker_id, step=step,
+            request_id=request_id or uuid.uuid4().hex, num_tensors=int(num_tensors),
+        )  # fmt: skip
+        response = self._via_bulk(
+            lambda ch: ch.push(header, replay, wire=self._gradient_wire, timeout=timeout or self.timeout, nbytes=nbytes)
+        )
+        if response is None:
+            response = self._transport.stream_unary(
+                "Push", lambda: self._frames(header, replay, wire=self._gradient_wire), timeout=timeout
+            )
+        return self._push_result(response, step)
 
     def apply(self, grads: Any, trainable_variables: Any = None) -> PushResult:
         """Push one step of gradients (list aligned with build order, or name -> gradient).
@@ -464,7 +418,7 @@ class RemoteAdamax:
     def apply_gradients(self, grads_and_vars: Iterable[tuple[Any, Any]]) -> PushResult:
         """Push ``(gradient, variable name)`` pairs."""
         pairs = list(grads_and_vars)
-        return self.push([g for g, _ in pairs], [getattr(v, "name", v) for _, v in pairs])
+        return self.push([g for g, _ in pairs], [variable_name(v) for _, v in pairs])
 
     # -------------------------------------------------------------- pull
 
@@ -498,7 +452,37 @@ class RemoteAdamax:
             self._cache[key] = (int(head.version), values)
         if not key:
             self._version = int(head.version)
+        self.last_iterations = int(head.iterations)
         return OrderedDict(values)
+
+    def pull_into(self, out: Mapping[str, np.ndarray], *, min_version: int | None = None,
+                  timeout: float | None = None) -> int:
+        """Pull all weights into ``out`` (name -> writable array of the variable's shape); returns
+        the version. Over the bulk channel the bytes land in ``out`` directly (no extra copy);
+        arrays of another dtype are cast. Waits like ``pull()``.
+        """
+        wanted = self._expect_version if min_version is None else int(min_version)
+        request = pb.PullRequest(optimizer=self.key, min_version=wanted, worker_id=self.worker_id)
+
+        def consume(frames: Iterator[Any]) -> tuple[Any, list[tuple[str, Any]]]:
+            head, tensors = _wire.decode_stream(frames)
+            return head, [(t.header.name, t.value) for t in tensors]
+
+        reply = self._via_bulk(lambda ch: ch.pull(request, timeout=timeout or self.timeout, out=out))
+        if reply is None:
+            reply = self._transport.unary_stream("Pull", request, consume, timeout=timeout)
+        head, tensors = reply
+        missing = set(out) - {name for name, _ in tensors}
+        if missing:
+            raise InvalidArgumentError(f"optimizer '{self.key}' has no variable(s) {sorted(missing)}")
+        for name, value in tensors:
+            dest = out.get(name)
+            if dest is not None and not np.may_share_memory(dest, value):
+                np.copyto(dest, value, casting="same_kind")
+        self._cache.pop((), None)  # the caller's arrays hold this version now, not the cache
+        self._version = int(head.version)
+        self.last_iterations = int(head.iterations)
+        return self._version
 
     # -------------------------------------------------------------- bulk channel
 
@@ -546,7 +530,7 @@ class RemoteAdamax:
         self._transport.unary("FinalizeVariableValues", self._ref())
 
     def _assign(self, op: int, variable: Any, value: Any) -> None:
-        name = str(getattr(variable, "name", variable))
+        name = variable_name(variable)
         header = pb.AssignHeader(optimizer=self.key, op=op)
         self._transport.stream_unary("Assign", lambda: self._frames(header, [(name, np.asarray(value))]))
 
@@ -601,6 +585,20 @@ class RemoteAdamax:
         return new_trainable, new_optimizer  # type: ignore[return-value]
 
     # -------------------------------------------------------------- lifecycle
+
+    def delete(self) -> bool:
+        """Delete this job on the server (weights, state, workers); False if it was gone.
+
+        Other workers' calls then fail with NotFound. Needs a token scoped to this job (or an
+        unscoped one) when the server checks tokens.
+        """
+        response = self._transport.unary("DeleteOptimizer", self._ref())
+        self._specs = []
+        self._cache.clear()
+        if self._bulk is not None and self._bulk is not _NO_BULK:
+            self._bulk.close()
+            self._bulk = None
+        return bool(response.deleted)
 
     def close(self) -> None:
         if self._closed:

@@ -23,3 +23,7 @@ def test_demo_trains_and_matches_keras(mode: str, capsys: pytest.CaptureFixture[
     assert ours > 0.85, out
     # Same data, batches, initial weights and optimizer: within a few test images of Keras.
     assert abs(ours - keras_acc) <= 0.02, out
+    if mode == "server":  # Keras model.fit through the adapter: the same run as a local fit
+        assert "jit_compile=True" in out, out
+        difference = float(re.search(r"weights: (\S+)", out).group(1))
+        assert difference < 1e-4, out

@@ -107,9 +107,9 @@ class CountingCoordinator(Coordinator):
         self.calls += 1
         return super().get(key)
 
-    def create(self, key, config, policy):
+    def create(self, key, config, policy, if_exists="resume"):
         self.calls += 1
-        return super().create(key, config, policy)
+        return super().create(key, config, policy, if_exists=if_exists)
 
     def hosts(self):
         self.calls += 1

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-BENCHMARKS = ("transport", "overlap", "scaling", "memory", "wire")
+BENCHMARKS = ("transport", "overlap", "scaling", "memory", "wire", "adapters")
 
 
 def benchmarks_dir() -> Path | None:

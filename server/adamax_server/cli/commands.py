@@ -3,6 +3,7 @@
     adamax-ps serve --host 0.0.0.0 --port 50051 --device auto
     adamax-ps status --target 127.0.0.1:50051 [--metrics 127.0.0.1:9100]
     adamax-ps health --address 127.0.0.1:50051     (exit 0 when SERVING: Docker's HEALTHCHECK)
+    adamax-ps delete JOB --target 127.0.0.1:50051  (delete an optimizer: weights, state, workers)
 
 Every flag of ``serve`` can also be set by an environment variable (``--tls-cert`` <-
 ``ADAMAX_PS_TLS_CERT``; see ``adamax_server.cli.runtime``); flags win over the environment.
@@ -155,6 +156,35 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _delete(args: argparse.Namespace) -> int:
+    from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
+    from adamax_client.errors import AdamaxError
+    from adamax_client.transport import Transport
+
+    from adamax_server.cli.runtime import client_connection
+
+    try:
+        transport = Transport(args.target, timeout=args.timeout, **client_connection(args))
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    status = 0
+    try:
+        for name in args.names:
+            response = transport.unary("DeleteOptimizer", pb.OptimizerRef(optimizer=name))
+            if response.deleted:
+                print(f"deleted {name}")
+            else:
+                print(f"{args.target}: no optimizer named {name!r}", file=sys.stderr)
+                status = 1
+    except AdamaxError as exc:  # a token that may not touch it, an unreachable server...
+        print(f"error: {args.target}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        transport.close()
+    return status
+
+
 def _health(args: argparse.Namespace) -> int:
     from adamax_server.cli.runtime import check_health, client_connection
 
@@ -226,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=3.0)
     add_tls_client_arguments(health)
 
+    delete = sub.add_parser("delete", help="delete optimizers (jobs) of a running server: weights, state, workers")
+    delete.add_argument("names", nargs="+", metavar="NAME", help="optimizer (job) name")
+    delete.add_argument("--target", default="127.0.0.1:50051")
+    delete.add_argument("--timeout", type=float, default=10.0)
+    add_tls_client_arguments(delete)
+
     sub.add_parser("demo", help="run the demo (arguments are passed on)", add_help=False)
     sub.add_parser("bench", help="run a benchmark of benchmarks/ (arguments are passed on)", add_help=False)
     return parser
@@ -253,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "health":
         return _health(args)
+    if args.command == "delete":
+        return _delete(args)
     if args.command == "checkpoint":
         if "," in args.target:
             from adamax_server.cli.shard_cli import run_sharded_checkpoint

@@ -1,16 +1,16 @@
 """The main job: train a small real model through adamax-ps and compare with local Keras Adamax.
 
 A two-layer MLP (64 -> 64 -> 10, ReLU, softmax cross-entropy) on scikit-learn's bundled digits
-data set (1797 8x8 images; nothing is downloaded). Gradients are computed in NumPy by hand.
+data set (1797 8x8 images; nothing is downloaded).
 
 * ``--mode server`` (default): starts an adamax-ps server on 127.0.0.1 (port 0) and ``--workers``
-  worker processes (spawned, never forked). In sync mode each step, every worker computes the
-  gradient of its shard of the batch and pushes it; the server averages the K pushes and applies
-  one Keras Adamax step; workers pull the new weights.
-* ``--mode inprocess``: the same training with the in-process engine.
-
-Both end with the test accuracy next to a local ``keras.optimizers.Adamax`` run on the same data,
-batches and initial weights (when keras is installed).
+  worker processes (spawned, never forked). Each worker is plain Keras 3: ``model.compile(
+  optimizer=adamax_client.keras.RemoteAdamax(...))`` then ``model.fit`` (jit on, JAX backend by
+  default) on its share of every batch. In sync mode the server averages the workers' gradients
+  and applies one Keras Adamax step per batch, so the run equals a local ``model.fit`` with
+  ``keras.optimizers.Adamax`` on whole batches, which runs next for comparison.
+* ``--mode inprocess``: the in-process engine, gradients computed in NumPy by hand, against a
+  local ``keras.optimizers.Adamax`` fed the same gradients.
 """
 
 from __future__ import annotations
@@ -122,83 +122,103 @@ def keras_baseline(data, args) -> float | None:
 
 
 # ---------------------------------------------------------------------- distributed mode
-def _worker(rank: int, target: str, args_dict: dict, result_queue) -> None:
-    """One training worker: computes the gradient of its shard of each batch and pushes it."""
+def share_of_batches(x: np.ndarray, y: np.ndarray, rank: int, workers: int, batch: int):
+    """Worker ``rank``'s rows of every whole batch (the batches of a local fit, split in order)."""
+    share = batch // workers
+    rows = np.concatenate([np.arange(s + rank * share, s + (rank + 1) * share) for s in range(0, len(x) - batch + 1, batch)])
+    return x[rows], y[rows]
+
+
+def _keras_model(keras):
+    keras.utils.set_random_seed(0)  # same initial weights in every process
+    return keras.Sequential([
+        keras.Input((64,)),
+        keras.layers.Dense(HIDDEN, activation="relu"),
+        keras.layers.Dense(10, activation="softmax"),
+    ])  # fmt: skip
+
+
+def _fit_process(rank: int | None, job: dict, result_queue) -> None:
+    """A Keras worker (``rank``) fitting through adamax-ps, or (None) the local Keras reference."""
+    os.environ["KERAS_BACKEND"] = job["backend"]
+    # One intra-op thread per worker: the workers and the server share this host's cores.
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
     warnings.simplefilter("ignore")
-    from adamax_client import RemoteAdamax
+    import keras
 
-    data = load_digits_split()
-    xtr, ytr = data[0], data[1]
-    n_workers = args_dict["workers"]
-    # Same job config as the chief: creating an existing optimizer with it attaches.
-    opt = RemoteAdamax(
-        target, worker_id=f"worker-{rank}", optimizer=args_dict["job"], mode="sync",
-        num_workers=n_workers, learning_rate=args_dict["lr"],
-    )  # fmt: skip
-    opt.attach()
-    last_loss = float("nan")
-    for i, idx in enumerate(batches(len(xtr), args_dict["batch"], args_dict["epochs"])):
-        params = opt.pull()
-        shard = np.array_split(idx, n_workers)[rank]
-        last_loss, g = loss_and_grads(params, xtr[shard], ytr[shard])
-        # The mean of shard gradients equals the batch gradient when shards are equal-sized;
-        # np.array_split keeps them within one row of each other.
-        opt.apply(g)
-        if rank == 0 and i % 50 == 0:
-            print(f"  step {i:4d}  worker-0 shard loss {last_loss:.4f}", flush=True)
-    result_queue.put((rank, last_loss))
-    opt.close()
+    xtr, ytr, xte, yte = load_digits_split()
+    model = _keras_model(keras)
+    if rank is None:
+        batch = job["batch"]
+        usable = len(xtr) // batch * batch
+        x, y = xtr[:usable], ytr[:usable]
+        optimizer = keras.optimizers.Adamax(learning_rate=job["lr"])
+    else:
+        from adamax_client.keras import RemoteAdamax
+
+        batch = job["batch"] // job["workers"]
+        x, y = share_of_batches(xtr, ytr, rank, job["workers"], job["batch"])
+        optimizer = RemoteAdamax(
+            target=job["target"], optimizer="digits", worker_id=f"worker-{rank}", mode="sync",
+            num_workers=job["workers"], learning_rate=job["lr"],
+        )  # fmt: skip
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    start = time.perf_counter()
+    history = model.fit(x, y, batch_size=batch, epochs=job["epochs"], shuffle=False, verbose=0)
+    seconds = time.perf_counter() - start
+    if rank == 0:
+        losses = ", ".join(f"{v:.3f}" for v in history.history["loss"])
+        print(f"  worker-0 loss per epoch: {losses}", flush=True)
+    _, test_accuracy = model.evaluate(xte, yte, verbose=0)
+    result_queue.put({
+        "rank": rank, "accuracy": float(test_accuracy), "steps": int(model.optimizer.iterations),
+        "seconds": seconds, "jit": bool(model.jit_compile), "weights": [np.asarray(w) for w in model.get_weights()],
+    })  # fmt: skip
 
 
-def run_distributed(args, data) -> dict[str, float]:
-    from adamax_client import RemoteAdamax
-
+def run_distributed(args, data) -> tuple[dict, dict]:
     from adamax_server.transport.server import create_server, stop_server
 
+    if args.batch % args.workers:
+        raise SystemExit(f"--batch ({args.batch}) must be a multiple of --workers ({args.workers})")
     server, port = create_server("127.0.0.1:0", device=args.device)
     server.start()
     target = f"127.0.0.1:{port}"
-    print(f"adamax-ps server listening on {target}; {args.workers} workers, sync mode")
+    print(f"adamax-ps server listening on {target}; {args.workers} workers, sync mode, Keras "
+          f"model.fit with adamax_client.keras.RemoteAdamax ({args.backend} backend)")
+    job = {"target": target, "workers": args.workers, "batch": args.batch, "epochs": args.epochs,
+           "lr": args.lr, "backend": args.backend}
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
     try:
-        params = init_params()
-        chief = RemoteAdamax(
-            target, optimizer="digits", worker_id="chief", mode="sync",
-            num_workers=args.workers, learning_rate=args.lr,
-        )  # fmt: skip
-        chief.build(params)
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        job = {"job": "digits", "workers": args.workers, "batch": args.batch,
-               "epochs": args.epochs, "lr": args.lr}
-        procs = [ctx.Process(target=_worker, args=(r, target, job, q)) for r in range(args.workers)]
-        t0 = time.perf_counter()
+        procs = [ctx.Process(target=_fit_process, args=(r, job, q)) for r in range(args.workers)]
         for p in procs:
             p.start()
-        results = [q.get(timeout=600) for _ in procs]
+        results = sorted((q.get(timeout=900) for _ in procs), key=lambda r: r["rank"])
         for p in procs:
             p.join(timeout=60)
-        elapsed = time.perf_counter() - t0
-        final = chief.pull()
-        steps = chief.iterations
-        chief.close()
     finally:
         stop_server(server, grace=2)
-    if sorted(r for r, _ in results) != list(range(args.workers)):
-        raise RuntimeError(f"workers reported {results}")
-    return {
-        "accuracy": accuracy(final, data[2], data[3]),
-        "steps": steps,
-        "seconds": elapsed,
-    }
+    local = ctx.Process(target=_fit_process, args=(None, job, q))
+    local.start()
+    reference = q.get(timeout=900)
+    local.join(timeout=60)
+    ours = results[0]
+    ours["max_weight_difference"] = max(
+        float(np.max(np.abs(a - b))) for r in results for a, b in zip(r["weights"], reference["weights"])
+    )
+    return ours, reference
 
 
 def run_demo(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="adamax-ps demo", description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=["server", "inprocess"], default="server")
-    ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch", type=int, default=48)
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--backend", default="jax", choices=["jax", "torch"],
+                    help="the Keras backend of the workers (server mode)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                     help="where the server keeps the optimizer state")
     args = ap.parse_args(argv)
@@ -207,22 +227,25 @@ def run_demo(argv: list[str] | None = None) -> int:
     print(f"digits: {len(data[0])} train / {len(data[2])} test images, MLP 64-{HIDDEN}-10, "
           f"batch {args.batch}, {args.epochs} epochs, Adamax(learning_rate={args.lr})")
 
-    if args.mode == "inprocess":
-        from adamax_server.optim.engine import Adamax
+    if args.mode == "server":
+        ours, reference = run_distributed(args, data)
+        print(f"adamax-ps server, {args.workers} sync workers (model.fit, jit_compile={ours['jit']}): "
+              f"test accuracy {ours['accuracy']:.4f} after {ours['steps']} steps ({ours['seconds']:.1f} s)")
+        print(f"keras.optimizers.Adamax (local model.fit, same data, batches and initial weights): "
+              f"test accuracy {reference['accuracy']:.4f} after {reference['steps']} steps "
+              f"({reference['seconds']:.1f} s)")
+        print(f"largest difference between the two runs' weights: {ours['max_weight_difference']:.2g}")
+        return 0
 
-        opt = Adamax(learning_rate=args.lr, device=args.device)
-        params = init_params()
-        opt.build(params)
-        t0 = time.perf_counter()
-        params, losses = train_local(lambda g: (opt.apply(g), opt.trainable_variables)[1], params, data, args)
-        ours = {"accuracy": accuracy(params, data[2], data[3]), "steps": opt.iterations,
-                "seconds": time.perf_counter() - t0}
-        label = "adamax-ps (in-process engine)"
-    else:
-        ours = run_distributed(args, data)
-        label = f"adamax-ps server, {args.workers} sync workers"
-    print(f"{label}: test accuracy {ours['accuracy']:.4f} after {ours['steps']} steps "
-          f"({ours['seconds']:.1f} s)")
+    from adamax_server.optim.engine import Adamax
+
+    opt = Adamax(learning_rate=args.lr, device=args.device)
+    params = init_params()
+    opt.build(params)
+    t0 = time.perf_counter()
+    params, losses = train_local(lambda g: (opt.apply(g), opt.trainable_variables)[1], params, data, args)
+    print(f"adamax-ps (in-process engine): test accuracy {accuracy(params, data[2], data[3]):.4f} after "
+          f"{opt.iterations} steps ({time.perf_counter() - t0:.1f} s)")
     ref = keras_baseline(data, args)
     if ref is None:
         print("keras.optimizers.Adamax: not installed (pip install 'adamax-ps[demo]')")

@@ -94,41 +94,52 @@ class Coordinator:
         self._closed = False
         self.device = device
 
-    def create(self, key: str, config: Mapping[str, Any], policy: Policy) -> tuple[bool, OptimizerHost]:
-        """Create an optimizer from a Keras config; idempotent for an identical config and policy."""
+    def create(
+        self, key: str, config: Mapping[str, Any], policy: Policy, if_exists: str = "resume"
+    ) -> tuple[bool, OptimizerHost]:
+        """Create an optimizer from a Keras config.
+
+        ``if_exists``: ``"resume"`` keeps an existing optimizer of that name when its config and
+        policy are the same (idempotent; how workers join a job), ``"error"`` refuses, and
+        ``"replace"`` deletes it and creates a new one in its place.
+        """
         if not key:
             raise InvalidArgument("`optimizer` (the key of the optimizer on the server) must be a non-empty string.")
+        if if_exists not in ("resume", "error", "replace"):
+            raise InvalidArgument(f"`if_exists` must be 'resume', 'error' or 'replace'. Received: {if_exists!r}")
         config = dict(config)
         if config.get("name") is None:
             config["name"] = key
+        engine = self._engine_factory(config)  # Keras-style ValueError on a bad config
+        normalized = normalize_config(engine.get_config())
+        replaced: OptimizerHost | None = None
         with self._lock:
             self._require_open()
             existing = self._hosts.get(key)
-        if existing is None:
-            engine = self._engine_factory(config)  # Keras-style ValueError on a bad config
-            normalized = normalize_config(engine.get_config())
-        else:
-            engine = None
-            normalized = normalize_config(self._engine_factory(config).get_config())
-        with self._lock:
-            existing = self._hosts.get(key)
-            if existing is not None:
+            if existing is not None and if_exists == "error":
+                raise AlreadyExists(
+                    f"optimizer '{key}' already exists (iteration {existing.iterations}); pass "
+                    "if_exists='resume' to continue it or 'replace' to start over, or use another name"
+                )
+            if existing is not None and if_exists == "resume":
                 if existing.initial_config != normalized or existing.policy != policy:
                     raise AlreadyExists(
                         f"optimizer '{key}' already exists with a different "
                         f"{'config' if existing.initial_config != normalized else 'coordination policy'}; "
-                        "use another name or the same settings"
+                        "use another name, the same settings, or if_exists='replace'"
                     )
                 return False, existing
-            if engine is None:
-                engine = self._engine_factory(config)
-            if len(self._hosts) >= self._max_optimizers:
+            if existing is not None:  # replace: the old one goes, atomically for every caller
+                replaced = self._hosts.pop(key)
+            elif len(self._hosts) >= self._max_optimizers:
                 raise ResourceExhausted(f"this server hosts at most {self._max_optimizers} optimizers")
             host = OptimizerHost(
                 key, engine, normalized, policy, dedup_capacity=self._dedup_capacity, observer=self._observer
             )
             self._hosts[key] = host
-            return True, host
+        if replaced is not None:
+            replaced.close()
+        return True, host
 
     def engine_from_snapshot(self, snap: OptimizerSnapshot) -> Adamax:
         """A new engine holding ``snap``'s config, exclusions, variables and store."""

@@ -189,9 +189,10 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin):
                 existing = [(n, tuple(s), np.dtype(d)) for n, s, d in self._engine.variable_specs]
                 if existing != specs:
                     raise FailedPrecondition(
-                        f"optimizer '{self.key}' is already built with different variables: "
+                        f"optimizer '{self.key}' is already built with different variables ({spec_mismatch(existing, specs)}): "
                         f"existing {describe_specs(existing)}, received {describe_specs(specs)}. "
-                        "Attach without variables to use the existing ones, or create a new optimizer."
+                        "Attach without variables to use the existing ones, or use another name "
+                        "(or if_exists='replace')."
                     )
                 return False
             for name, _, dtype in specs:
@@ -592,3 +593,19 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin):
 def describe_specs(specs: Sequence[tuple[str, tuple[int, ...], np.dtype]]) -> str:
     return "[" + ", ".join(f"{n}{list(s)}:{np.dtype(d).name}" for n, s, d in specs) + "]"
 
+
+def spec_mismatch(existing: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+                  received: Sequence[tuple[str, tuple[int, ...], np.dtype]]) -> str:
+    """The first difference between two spec lists, in words."""
+    have = {n: (tuple(s), np.dtype(d)) for n, s, d in existing}
+    for name, shape, dtype in received:
+        if name not in have:
+            return f"no variable '{name}' in the existing job"
+        old_shape, old_dtype = have[name]
+        if old_shape != tuple(shape) or old_dtype != np.dtype(dtype):
+            return (f"variable '{name}' is {list(old_shape)}:{old_dtype.name} in the job, "
+                    f"{list(shape)}:{np.dtype(dtype).name} here")
+    missing = [n for n in have if n not in {r[0] for r in received}]
+    if missing:
+        return f"variable '{missing[0]}' of the job is missing here"
+    return "the variables are in another order"

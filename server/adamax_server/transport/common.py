@@ -34,6 +34,12 @@ OUTCOMES = {
     "skipped_non_finite": pb.SKIPPED_NON_FINITE,
 }
 ASSIGN_OPS = {pb.ASSIGN: "assign", pb.ASSIGN_ADD: "assign_add", pb.ASSIGN_SUB: "assign_sub"}
+IF_EXISTS = {
+    pb.IF_EXISTS_UNSPECIFIED: "resume",
+    pb.IF_EXISTS_RESUME: "resume",
+    pb.IF_EXISTS_ERROR: "error",
+    pb.IF_EXISTS_REPLACE: "replace",
+}
 
 
 def lookup_enum(table: dict[int, str], value: int, what: str) -> str:

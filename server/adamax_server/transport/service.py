@@ -29,6 +29,7 @@ from adamax_server.coordination.coordinator import Coordinator
 from adamax_server.errors import InvalidArgument, status_for
 from adamax_server.transport.common import (
     ASSIGN_OPS,
+    IF_EXISTS,
     OUTCOMES,
     dense_only,
     engine_value,
@@ -121,7 +122,10 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
             if not isinstance(config, dict):
                 raise InvalidArgument(f"`config_json` must be a JSON object. Received: {request.config_json[:80]}")
             require_finite_config(config)  # NaN, Infinity, 1e400: refused like SetLearningRate does
-            created, host = self._coordinator.create(request.optimizer, config, policy_from_proto(request.policy))
+            if_exists = lookup_enum(IF_EXISTS, request.if_exists, "if_exists")
+            created, host = self._coordinator.create(
+                request.optimizer, config, policy_from_proto(request.policy), if_exists=if_exists
+            )
             return pb.CreateOptimizerResponse(created=created, info=info_to_proto(host.status()))
 
     def GetOptimizer(self, request: Any, context: grpc.ServicerContext) -> Any:

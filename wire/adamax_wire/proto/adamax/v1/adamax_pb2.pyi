@@ -54,6 +54,13 @@ class NonFinitePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REJECT: _ClassVar[NonFinitePolicy]
     SKIP_STEP: _ClassVar[NonFinitePolicy]
 
+class IfExists(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IF_EXISTS_UNSPECIFIED: _ClassVar[IfExists]
+    IF_EXISTS_RESUME: _ClassVar[IfExists]
+    IF_EXISTS_ERROR: _ClassVar[IfExists]
+    IF_EXISTS_REPLACE: _ClassVar[IfExists]
+
 class PushOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PUSH_OUTCOME_UNSPECIFIED: _ClassVar[PushOutcome]
@@ -95,6 +102,10 @@ ABORT_ROUND: RoundTimeoutPolicy
 NON_FINITE_POLICY_UNSPECIFIED: NonFinitePolicy
 REJECT: NonFinitePolicy
 SKIP_STEP: NonFinitePolicy
+IF_EXISTS_UNSPECIFIED: IfExists
+IF_EXISTS_RESUME: IfExists
+IF_EXISTS_ERROR: IfExists
+IF_EXISTS_REPLACE: IfExists
 PUSH_OUTCOME_UNSPECIFIED: PushOutcome
 APPLIED: PushOutcome
 ACCEPTED: PushOutcome
@@ -161,14 +172,16 @@ class CoordinationPolicy(_message.Message):
     def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., min_workers: _Optional[int] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., round_timeout_seconds: _Optional[float] = ..., round_timeout_policy: _Optional[_Union[RoundTimeoutPolicy, str]] = ..., max_staleness: _Optional[int] = ..., non_finite: _Optional[_Union[NonFinitePolicy, str]] = ...) -> None: ...
 
 class CreateOptimizerRequest(_message.Message):
-    __slots__ = ("optimizer", "config_json", "policy")
+    __slots__ = ("optimizer", "config_json", "policy", "if_exists")
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    IF_EXISTS_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     config_json: str
     policy: CoordinationPolicy
-    def __init__(self, optimizer: _Optional[str] = ..., config_json: _Optional[str] = ..., policy: _Optional[_Union[CoordinationPolicy, _Mapping]] = ...) -> None: ...
+    if_exists: IfExists
+    def __init__(self, optimizer: _Optional[str] = ..., config_json: _Optional[str] = ..., policy: _Optional[_Union[CoordinationPolicy, _Mapping]] = ..., if_exists: _Optional[_Union[IfExists, str]] = ...) -> None: ...
 
 class CreateOptimizerResponse(_message.Message):
     __slots__ = ("created", "info")
