@@ -115,7 +115,7 @@ def test_docker_stop_writes_a_final_checkpoint_that_a_new_container_restores(doc
     checkpoints = dock.checkpoints(volume)
     assert checkpoints, first.logs()
     last = checkpoints[-1]
-    assert last["reason"] == "final" and [(o["key"], o["version"]) for o in last["optimizers"]] == [("job", 7)], last
+    assert last["reason"] == "shutdown" and [(o["key"], o["version"]) for o in last["optimizers"]] == [("job", 7)], last
     print(f"docker stop: {took:.2f} s, exit 0, final checkpoint {last['checkpoint_id']}")
 
     second = dock.container(volume)

@@ -21,15 +21,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 from dataclasses import asdict
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from adamax_server.errors import NotFound, ServiceError
 from adamax_server.storage.checkpoint import LATEST, CheckpointStore, verify_tensors
 from adamax_server.storage.checkpointing import CheckpointManager, CheckpointPolicy
 from adamax_server.coordination.coordinator import Coordinator
 from adamax_server.cli.runtime import _flag, add_tls_client_arguments
+from adamax_server.ops.logging_setup import current_format
+
+_log = logging.getLogger("adamax_server")
 
 
 def add_checkpoint_arguments(serve: argparse.ArgumentParser) -> None:
@@ -57,11 +64,13 @@ def manager_from_args(args: argparse.Namespace, coordinator: Coordinator) -> Che
     manager = CheckpointManager(coordinator, CheckpointStore(args.checkpoint_dir), policy)
     if args.restore:
         if args.restore == LATEST and not manager.store.ids():
-            print(f"no checkpoints in {manager.store.root} yet; starting empty", file=sys.stderr, flush=True)
+            _log.info("no checkpoints in %s yet; starting empty", manager.store.root)
         else:
             used, restored = manager.restore(args.restore)
             summary = ", ".join(f"{r.optimizer}@{r.version}" for r in restored)
-            print(f"restored {used}: {summary}", flush=True)
+            _log.info("restored %s: %s", used, summary, extra={"event": "restored", "checkpoint": used})
+            if current_format() != "json":  # scripts read this line (text mode only: JSON has the record)
+                print(f"restored {used}: {summary}", flush=True)
     return manager
 
 
@@ -74,13 +83,18 @@ def final_checkpoint(manager: CheckpointManager) -> Any:
 # ---------------------------------------------------------------- the checkpoint command
 
 
-def add_checkpoint_commands(sub: Any) -> None:
-    command = sub.add_parser("checkpoint", help="save, list, inspect, restore, download or upload checkpoints")
+def add_checkpoint_commands(sub: Any, parents: Sequence[argparse.ArgumentParser] = (),
+                            target_flag: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    command = sub.add_parser("checkpoint", help="save, list, inspect, restore, download or upload checkpoints",
+                             parents=list(parents))
     actions = command.add_subparsers(dest="action", required=True)
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
-        parser = actions.add_parser(name, help=help_text)
-        parser.add_argument("--target", default="127.0.0.1:50051")
+        parser = actions.add_parser(name, help=help_text, parents=list(parents))
+        if target_flag is not None:
+            target_flag(parser)
+        else:
+            parser.add_argument("--target", default="127.0.0.1:50051", help="server address (default: %(default)s)")
         parser.add_argument("--timeout", type=float, default=600.0)
         parser.add_argument("--json", action="store_true")
         add_tls_client_arguments(parser)
@@ -148,7 +162,7 @@ def run_checkpoint_command(args: argparse.Namespace) -> int:
     except AdamaxError as exc:
         print(f"error: {args.target}: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as exc:  # local directory problems, corrupt local checkpoints
+    except (ValueError, OSError, ServiceError) as exc:  # local directory problems, corrupt local checkpoints
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -177,7 +191,12 @@ def _run(args: argparse.Namespace, client: Any) -> int:
         info = CheckpointStore(args.output).write_encoded(dict(manifest, reason=f"download of {source}"), files)
         _print(args, asdict(info), f"downloaded {source} to {args.output}/{info.checkpoint_id}")
     else:
+        if not os.path.isdir(args.input):  # never create the input directory
+            raise NotFound(f"--input {args.input}: no such directory (a local checkpoint directory, as "
+                           "written by `checkpoint download --output` or `serve --checkpoint-dir`)")
         store = CheckpointStore(args.input)
+        if not store.ids():
+            raise NotFound(f"--input {args.input}: no checkpoints in this directory")
         checkpoint_id = store.load_latest()[0] if args.id == LATEST else args.id
         manifest, files = store.read(checkpoint_id)
         saved, restored = client.upload(manifest, files, save=not args.no_save, restore=args.restore,
