@@ -14,7 +14,9 @@ and the ``checkpoint`` command, talking to a running server::
     adamax-ps checkpoint upload --input DIR [--id ID] [--restore] [--no-save]
 
 download/upload move a checkpoint between a server and a local checkpoint directory (same
-format, same verification) with a progress line on stderr.
+format, same verification) with a progress line on stderr. A downloaded stored checkpoint keeps
+its id; the live state gets a fresh id above every id the server has given, so a local copy
+never carries the name of a different server checkpoint.
 """
 
 from __future__ import annotations
@@ -188,7 +190,12 @@ def _run(args: argparse.Namespace, client: Any) -> int:
         source, manifest, files = client.download(args.checkpoint_id, args.optimizer, progress=_Progress("download"))
         for opt in manifest["optimizers"]:  # end to end: what arrived is what the server hashed
             verify_tensors(opt, files.get(opt["file"], {}), f"downloaded checkpoint, optimizer '{opt['key']}'")
-        info = CheckpointStore(args.output).write_encoded(dict(manifest, reason=f"download of {source}"), files)
+        store = CheckpointStore(args.output)
+        if args.checkpoint_id:  # a stored checkpoint keeps the id the server gave it
+            info = store.write_encoded(dict(manifest, reason=f"download of {source}"), files, checkpoint_id=source)
+        else:  # the live state: a fresh id, above every id the server gave so far (never one of them)
+            server_ids = [c.checkpoint_id for c in client.list()]
+            info = store.write_encoded(dict(manifest, reason="download of the live state"), files, above=server_ids)
         _print(args, asdict(info), f"downloaded {source} to {args.output}/{info.checkpoint_id}")
     else:
         if not os.path.isdir(args.input):  # never create the input directory
