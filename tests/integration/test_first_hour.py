@@ -277,7 +277,7 @@ def test_a_refused_connection_fails_fast_with_a_clear_error() -> None:
 
     port = _closed_port()
     started = time.monotonic()
-    with pytest.raises(UnavailableError, match=f"127.0.0.1:{port}.*(?i)refused"):
+    with pytest.raises(UnavailableError, match=f"127.0.0.1:{port}.*connection refused"):
         RemoteAdamax(f"127.0.0.1:{port}", name="x", timeout=30)
     assert time.monotonic() - started < 2.0
     started = time.monotonic()
