@@ -189,7 +189,7 @@ SERVE_FLAGS_WITHOUT_ENV_BEFORE = ["--max-threads", "--chunk-mib", "--max-tensor-
 
 def test_every_serve_flag_has_an_environment_variable() -> None:
     sys.path[:0] = [str(REPO_ROOT / p) for p in ("server", "client", "wire")]
-    from adamax_server.cli import build_parser
+    from adamax_server.cli.commands import build_parser
 
     parser = build_parser()
     serve = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "serve")[1]
