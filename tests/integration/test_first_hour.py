@@ -442,3 +442,26 @@ def test_health_with_tls_from_the_environment(tmp_path: Path) -> None:
         assert direct.returncode == 0 and direct.stdout.strip() == "SERVING", direct
         plain = _cli("health", "--target", target, "--timeout", "2")
         assert plain.returncode == 1
+
+
+# ---------------------------------------------------------------- 19: server-side messages
+
+
+def test_missing_gradients_are_logged_in_server_terms_once(caplog) -> None:
+    import warnings as _warnings
+
+    from _ps_helpers import running_server
+
+    from adamax_client import RemoteAdamax
+
+    with running_server() as (target, _), RemoteAdamax(target, name="job", timeout=10, bulk="off") as opt:
+        opt.build({"w": np.zeros(3, np.float32), "b": np.zeros(1, np.float32)})
+        with caplog.at_level("DEBUG", logger="adamax_server"), _warnings.catch_warnings(record=True) as caught:
+            _warnings.simplefilter("always")
+            for _ in range(3):
+                opt.push({"w": np.ones(3, np.float32)})
+    records = [r for r in caplog.records if "no gradient" in r.getMessage()]
+    assert [r.levelname for r in records] == ["WARNING", "DEBUG", "DEBUG"], records
+    assert "['b']" in records[0].getMessage() and "job" in records[0].getMessage()
+    assert not any("model.compile" in r.getMessage() for r in caplog.records)
+    assert not [w for w in caught if "model.compile" in str(w.message)]
