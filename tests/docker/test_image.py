@@ -195,8 +195,9 @@ def test_healthcheck_with_tls_from_the_environment_and_serve_port_flag(dock: Doc
     from _certs import make_pki  # type: ignore[import-not-found]
 
     pki = make_pki(tmp_path)
+    tmp_path.chmod(0o755)  # readable by the image's user (uid 10001)
     for path in tmp_path.iterdir():
-        path.chmod(0o644)  # readable by the image's user
+        path.chmod(0o644)
     c = dock.container(
         env={"ADAMAX_PS_TLS_CERT": "/tls/server.pem", "ADAMAX_PS_TLS_KEY": "/tls/server.key",
              "ADAMAX_PS_TLS_CA": "/tls/ca.pem", "ADAMAX_PS_TLS_REQUIRE_CLIENT_CERT": "1"},
