@@ -25,7 +25,7 @@ def main() -> int:
     w_true = np.linspace(-1, 1, 8, dtype=np.float32)
     with RemoteAdamax(
         target, name="demo", learning_rate=0.05, timeout=60,
-        retry=RetryPolicy(max_backoff=5.0, max_attempts=30),
+        retry=RetryPolicy(max_backoff=5.0, max_attempts=30, wait_for_server=True),
         token=os.environ.get("ADAMAX_PS_TOKEN") or None,
         credentials=tls_channel_credentials(ca) if ca else None,
     ) as opt:

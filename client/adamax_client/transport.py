@@ -50,10 +50,52 @@ class RetryPolicy:
     max_attempts: int = 8
     jitter: float = 0.2
     retry_codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+    # Until a call has reached the server once, a refused or unresolvable address fails at
+    # once (a typo, a server that is not running) unless this is set: workers started before
+    # their server then keep trying until the call's deadline.
+    wait_for_server: bool = False
 
     def backoff(self, attempt: int) -> float:
         base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
         return base * (1.0 + self.jitter * random.uniform(-1.0, 1.0))
+
+
+DEFAULT_PORT = 50051
+
+
+def normalize_target(target: str) -> str:
+    """``host`` -> ``host:50051`` (gRPC would use 443); ``host:port``, ``[v6]:port`` and URIs unchanged."""
+    if not isinstance(target, str) or not target.strip():
+        raise ValueError(f"`target` must be 'host:port'. Received: target={target!r}")
+    target = target.strip()
+    if "://" in target or target.startswith(("unix:", "unix-abstract:", "vsock:", "ipv4:", "ipv6:", "dns:")):
+        return target  # a gRPC name URI: the user chose its form
+    if target.startswith("["):
+        return target if "]:" in target else f"{target}:{DEFAULT_PORT}"
+    if target.count(":") > 1:  # a bare IPv6 address
+        return f"[{target}]:{DEFAULT_PORT}"
+    host, sep, port = target.partition(":")
+    if not sep or not port:
+        return f"{host}:{DEFAULT_PORT}"
+    return target
+
+
+_CONNECT_FAILURES = ("failed to connect", "connection refused", "dns resolution failed", "name resolution",
+                     "no address", "connect failed", "could not resolve", "unreachable")
+
+
+def _is_connect_failure(exc: grpc.RpcError) -> bool:
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    return any(marker in details.lower() for marker in _CONNECT_FAILURES)
+
+
+def _connect_reason(exc: grpc.RpcError) -> str:
+    details = ((exc.details() if hasattr(exc, "details") else "") or "").lower()
+    if "refused" in details:
+        return "connection refused"
+    if "dns" in details or "resolve" in details or "name resolution" in details:
+        return "the host name does not resolve"
+    return (exc.details() if hasattr(exc, "details") else None) or "no connection"
 
 
 class Transport:
@@ -73,7 +115,9 @@ class Transport:
     ) -> None:
         if timeout is None or not timeout > 0:
             raise ValueError(f"`timeout` must be a positive number of seconds. Received: timeout={timeout!r}")
+        target = normalize_target(target)
         self.target = target
+        self._reached = False  # a call got an answer from the server (any status but a connect failure)
         self.timeout = float(timeout)
         self.retry = retry or RetryPolicy()
         options = list(  # later entries override earlier ones
@@ -122,10 +166,21 @@ class Transport:
             if remaining <= 0:
                 raise DeadlineExceededError(f"call to {self.target} ran out of its {overall:.3g}s deadline while retrying")
             try:
-                return attempt_fn(remaining)
+                result = attempt_fn(remaining)
+                self._reached = True
+                return result
             except grpc.RpcError as exc:
                 attempt += 1
                 code = exc.code() if hasattr(exc, "code") else None
+                if code == grpc.StatusCode.UNAVAILABLE and _is_connect_failure(exc):
+                    if not self._reached and not self.retry.wait_for_server:
+                        raise UnavailableError(
+                            f"cannot connect to adamax-ps at {self.target}: {_connect_reason(exc)} (is "
+                            "`adamax-ps serve` running there, on that port? RetryPolicy(wait_for_server=True) "
+                            "keeps trying)"
+                        ) from exc
+                elif code is not None:
+                    self._reached = True
                 retryable = code in self.retry.retry_codes and attempt < self.retry.max_attempts
                 pause = self.retry.backoff(attempt)
                 if not retryable or time.monotonic() + pause >= deadline:

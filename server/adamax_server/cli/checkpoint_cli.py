@@ -14,22 +14,31 @@ and the ``checkpoint`` command, talking to a running server::
     adamax-ps checkpoint upload --input DIR [--id ID] [--restore] [--no-save]
 
 download/upload move a checkpoint between a server and a local checkpoint directory (same
-format, same verification) with a progress line on stderr.
+format, same verification) with a progress line on stderr. A downloaded stored checkpoint keeps
+its id; the live state gets a fresh id above every id the server has given, so a local copy
+never carries the name of a different server checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 from dataclasses import asdict
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from adamax_server.errors import NotFound, ServiceError
 from adamax_server.storage.checkpoint import LATEST, CheckpointStore, verify_tensors
 from adamax_server.storage.checkpointing import CheckpointManager, CheckpointPolicy
 from adamax_server.coordination.coordinator import Coordinator
 from adamax_server.cli.runtime import _flag, add_tls_client_arguments
+from adamax_server.ops.logging_setup import current_format
+
+_log = logging.getLogger("adamax_server")
 
 
 def add_checkpoint_arguments(serve: argparse.ArgumentParser) -> None:
@@ -57,11 +66,13 @@ def manager_from_args(args: argparse.Namespace, coordinator: Coordinator) -> Che
     manager = CheckpointManager(coordinator, CheckpointStore(args.checkpoint_dir), policy)
     if args.restore:
         if args.restore == LATEST and not manager.store.ids():
-            print(f"no checkpoints in {manager.store.root} yet; starting empty", file=sys.stderr, flush=True)
+            _log.info("no checkpoints in %s yet; starting empty", manager.store.root)
         else:
             used, restored = manager.restore(args.restore)
             summary = ", ".join(f"{r.optimizer}@{r.version}" for r in restored)
-            print(f"restored {used}: {summary}", flush=True)
+            _log.info("restored %s: %s", used, summary, extra={"event": "restored", "checkpoint": used})
+            if current_format() != "json":  # scripts read this line (text mode only: JSON has the record)
+                print(f"restored {used}: {summary}", flush=True)
     return manager
 
 
@@ -74,13 +85,18 @@ def final_checkpoint(manager: CheckpointManager) -> Any:
 # ---------------------------------------------------------------- the checkpoint command
 
 
-def add_checkpoint_commands(sub: Any) -> None:
-    command = sub.add_parser("checkpoint", help="save, list, inspect, restore, download or upload checkpoints")
+def add_checkpoint_commands(sub: Any, parents: Sequence[argparse.ArgumentParser] = (),
+                            target_flag: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    command = sub.add_parser("checkpoint", help="save, list, inspect, restore, download or upload checkpoints",
+                             parents=list(parents))
     actions = command.add_subparsers(dest="action", required=True)
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
-        parser = actions.add_parser(name, help=help_text)
-        parser.add_argument("--target", default="127.0.0.1:50051")
+        parser = actions.add_parser(name, help=help_text, parents=list(parents))
+        if target_flag is not None:
+            target_flag(parser)
+        else:
+            parser.add_argument("--target", default="127.0.0.1:50051", help="server address (default: %(default)s)")
         parser.add_argument("--timeout", type=float, default=600.0)
         parser.add_argument("--json", action="store_true")
         add_tls_client_arguments(parser)
@@ -148,7 +164,7 @@ def run_checkpoint_command(args: argparse.Namespace) -> int:
     except AdamaxError as exc:
         print(f"error: {args.target}: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as exc:  # local directory problems, corrupt local checkpoints
+    except (ValueError, OSError, ServiceError) as exc:  # local directory problems, corrupt local checkpoints
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -174,10 +190,20 @@ def _run(args: argparse.Namespace, client: Any) -> int:
         source, manifest, files = client.download(args.checkpoint_id, args.optimizer, progress=_Progress("download"))
         for opt in manifest["optimizers"]:  # end to end: what arrived is what the server hashed
             verify_tensors(opt, files.get(opt["file"], {}), f"downloaded checkpoint, optimizer '{opt['key']}'")
-        info = CheckpointStore(args.output).write_encoded(dict(manifest, reason=f"download of {source}"), files)
+        store = CheckpointStore(args.output)
+        if args.checkpoint_id:  # a stored checkpoint keeps the id the server gave it
+            info = store.write_encoded(dict(manifest, reason=f"download of {source}"), files, checkpoint_id=source)
+        else:  # the live state: a fresh id, above every id the server gave so far (never one of them)
+            server_ids = [c.checkpoint_id for c in client.list()]
+            info = store.write_encoded(dict(manifest, reason="download of the live state"), files, above=server_ids)
         _print(args, asdict(info), f"downloaded {source} to {args.output}/{info.checkpoint_id}")
     else:
+        if not os.path.isdir(args.input):  # never create the input directory
+            raise NotFound(f"--input {args.input}: no such directory (a local checkpoint directory, as "
+                           "written by `checkpoint download --output` or `serve --checkpoint-dir`)")
         store = CheckpointStore(args.input)
+        if not store.ids():
+            raise NotFound(f"--input {args.input}: no checkpoints in this directory")
         checkpoint_id = store.load_latest()[0] if args.id == LATEST else args.id
         manifest, files = store.read(checkpoint_id)
         saved, restored = client.upload(manifest, files, save=not args.no_save, restore=args.restore,

@@ -2,11 +2,12 @@
 
     adamax-ps serve --host 0.0.0.0 --port 50051 --device auto
     adamax-ps status --target 127.0.0.1:50051 [--metrics 127.0.0.1:9100]
-    adamax-ps health --address 127.0.0.1:50051     (exit 0 when SERVING: Docker's HEALTHCHECK)
+    adamax-ps health [--target 127.0.0.1:50051]   (exit 0 when SERVING: Docker's HEALTHCHECK)
     adamax-ps delete JOB --target 127.0.0.1:50051  (delete an optimizer: weights, state, workers)
 
 Every flag of ``serve`` can also be set by an environment variable (``--tls-cert`` <-
 ``ADAMAX_PS_TLS_CERT``; see ``adamax_server.cli.runtime``); flags win over the environment.
+``--log-level`` and ``--log-format`` go before or after the command.
     adamax-ps demo ...          (implemented by adamax_server.cli.demo:run_demo)
     adamax-ps bench NAME ...    (the measurement suite of benchmarks/, see adamax_server.cli.bench)
 """
@@ -16,80 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+from adamax_server.cli.serve import DEFAULT_PORT
+from adamax_server.ops.logging_setup import LEVELS
 
 _log = logging.getLogger("adamax_server")
-
-
-def _serve(args: argparse.Namespace) -> int:
-    if args.shards:
-        from adamax_server.cli.shard_cli import serve_sharded
-
-        return serve_sharded(args)
-    from adamax_server.coordination.coordinator import Coordinator
-    from adamax_server.ops.metrics import ServerMetrics
-    from adamax_server.cli.runtime import GracefulShutdown, server_kwargs
-    from adamax_server.transport.security import SecurityConfigError
-    from adamax_server.transport.server import create_server
-
-    try:
-        hardening = server_kwargs(args)  # TLS, tokens, limits: refuse to start on a bad setup
-    except (SecurityConfigError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    metrics = ServerMetrics()
-    coordinator = Coordinator(
-        device=args.device, dedup_capacity=args.dedup_capacity, max_optimizers=args.max_optimizers, observer=metrics
-    )
-    from adamax_server.cli.checkpoint_cli import final_checkpoint, manager_from_args
-
-    try:  # restores --restore before the server takes any call
-        checkpoints = manager_from_args(args, coordinator)
-    except Exception as exc:  # noqa: BLE001 - a bad directory or checkpoint: refuse to start
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if checkpoints is not None:
-        checkpoints.on_saved = metrics.observe_checkpoint
-        checkpoints.on_failed = metrics.observe_checkpoint_failure
-    server, port = create_server(
-        f"{args.host}:{args.port}",
-        coordinator=coordinator,
-        max_workers=args.max_threads,
-        chunk_bytes=args.chunk_mib * 1024 * 1024,
-        max_tensor_bytes=int(args.max_tensor_gib * 1024**3),
-        metrics=metrics,
-        checkpoints=checkpoints,
-        **hardening,
-    )
-    shutdown = GracefulShutdown(
-        server,
-        grace=args.grace,
-        final_checkpoint=(lambda: final_checkpoint(checkpoints)) if checkpoints is not None else None,
-        on_stopped=[metrics.close],
-    )
-    shutdown.install()
-    server.start()
-    if checkpoints is not None:
-        checkpoints.start()
-    # The line scripts and tests wait for; with --port 0 it is the only way to learn the port.
-    _log.info("adamax-ps listening on %s:%d (device=%s, tls=%s, auth=%s)", args.host, port, args.device,
-              "credentials" in hardening, "tokens" in hardening)
-    print(f"listening on {args.host}:{port}", flush=True)
-    bulk = getattr(server, "bulk", None)
-    if bulk is not None:
-        _log.info("bulk channel on %s:%d (shared memory for same-host workers: %s)", args.host, bulk.port,
-                  bulk.shared_memory)
-    else:
-        _log.info("bulk channel off: tensors travel in gRPC streams")
-    if args.metrics_port is not None:
-        # Unauthenticated (it names the optimizers): only as reachable as the server itself,
-        # unless --metrics-host says otherwise.
-        metrics_host = args.metrics_host or args.host
-        metrics_port = metrics.serve_http(args.metrics_port, metrics_host)
-        _log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
-        print(f"metrics on {metrics_host}:{metrics_port}", flush=True)
-    return shutdown.run()
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -185,20 +121,51 @@ def _delete(args: argparse.Namespace) -> int:
     return status
 
 
-def _health(args: argparse.Namespace) -> int:
-    from adamax_server.cli.runtime import check_health, client_connection
+def _health_target(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """Where ``health`` asks, and with what connection settings (see ``adamax_server.cli.health_file``)."""
+    from adamax_server.cli.health_file import local_address, read_health_file
+    from adamax_server.cli.runtime import client_connection
 
+    own_tls = bool(args.tls_ca or args.tls_client_cert)
+    if args.target or not args.health_file:
+        return args.target or f"127.0.0.1:{DEFAULT_PORT}", client_connection(args)
+    try:
+        info = read_health_file(args.health_file)
+    except FileNotFoundError:
+        raise OSError(f"no health file {args.health_file} (is adamax-ps serve running, and has it started?)") from None
+    if info.get("tls") and not own_tls:
+        if not info.get("local_health_port"):
+            raise ValueError(f"{args.health_file}: the server uses TLS; give health --tls-ca "
+                             "(ADAMAX_PS_HEALTH_TLS_CA) to check it")
+        return f"127.0.0.1:{info['local_health_port']}", {}
+    return local_address(str(info.get("host", "")), int(info["port"])), client_connection(args)
+
+
+def _health(args: argparse.Namespace) -> int:
     import grpc
 
+    from adamax_server.cli.runtime import check_health
+
+    where = args.target or args.health_file or f"127.0.0.1:{DEFAULT_PORT}"
     try:
-        status = check_health(args.address, timeout=args.timeout, service=args.service,
-                              connection=client_connection(args))
+        target, connection = _health_target(args)
+        where = target
+        status = check_health(target, timeout=args.timeout, service=args.service, connection=connection)
     except (grpc.RpcError, ValueError, OSError) as exc:
         detail = exc.details() if isinstance(exc, grpc.Call) else exc
-        print(f"unhealthy: {args.address}: {detail}", file=sys.stderr)
+        print(f"unhealthy: {where}: {detail}", file=sys.stderr)
         return 1
     print(status)
     return 0 if status == "SERVING" else 1
+
+
+class _DeprecatedAlias(argparse.Action):
+    """``--address`` of ``health``: still accepted, with a note to use ``--target``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"adamax-ps {parser.prog.split()[-1]}: {option_string} is deprecated; use --target", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _demo(args: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -211,50 +178,72 @@ def _demo(args: argparse.Namespace, rest: Sequence[str]) -> int:
     return int(result or 0)
 
 
+def _global_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--log-level / --log-format, on the top parser (with defaults) and on every command (without,
+    so a flag after the command wins and one before it is not reset)."""
+    from adamax_server.cli.runtime import env_default
+
+    level = env_default("--log-level", "INFO") if defaults else argparse.SUPPRESS
+    fmt = env_default("--log-format", "text") if defaults else argparse.SUPPRESS
+    parser.add_argument("--log-level", type=str.upper, choices=LEVELS, default=level, metavar="LEVEL",
+                        help=f"one of {', '.join(LEVELS)} (default INFO) [env ADAMAX_PS_LOG_LEVEL]")
+    parser.add_argument("--log-format", choices=("text", "json"), default=fmt,
+                        help="text, or one JSON object a line (default text) [env ADAMAX_PS_LOG_FORMAT]")
+
+
+def _target_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORT}",
+                        help=f"server address host:port (default: 127.0.0.1:{DEFAULT_PORT}; "
+                             f"a host without a port means port {DEFAULT_PORT})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from adamax_server.cli.runtime import add_server_arguments, add_tls_client_arguments, env_default, env_name
+    from adamax_server.cli.runtime import add_server_arguments, add_tls_client_arguments, env_default
+    from adamax_server.cli.serve import add_serve_arguments
 
     parser = argparse.ArgumentParser(prog="adamax-ps", description="Keras-exact Adamax parameter server")
-    parser.add_argument("--log-level", default=env_default("--log-level", "INFO"), help="logging level (default INFO)")
-    parser.add_argument("--log-format", choices=("text", "json"), default=env_default("--log-format", "text"),
-                        help="text, or one JSON object a line [env ADAMAX_PS_LOG_FORMAT]")
+    _global_flags(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_flags(common, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run a parameter server")
-    serve.add_argument("--host", default=env_default("--host", "127.0.0.1"),
-                       help=f"address to bind (0.0.0.0 for all) [env {env_name('--host')}]")
-    serve.add_argument("--port", type=int, default=env_default("--port", 50051),
-                       help=f"port (0 picks a free one) [env {env_name('--port')}]")
-    serve.add_argument("--device", choices=("auto", "cpu", "gpu"), default=env_default("--device", "auto"))
-    serve.add_argument("--max-threads", type=int, default=32, help="RPC worker threads")
-    serve.add_argument("--chunk-mib", type=int, default=2, help="tensor chunk size on the wire")
-    serve.add_argument("--max-tensor-gib", type=float, default=64.0, help="largest tensor accepted")
-    serve.add_argument("--max-optimizers", type=int, default=1024)
-    serve.add_argument("--dedup-capacity", type=int, default=1024, help="remembered request ids per worker")
-    serve.add_argument("--grace", type=float, default=env_default("--grace", 5.0),
-                       help="seconds to finish calls on SIGTERM (keep it under Docker's 10 s stop timeout)")
+    serve = sub.add_parser("serve", help="run a parameter server", parents=[common])
+    add_serve_arguments(serve)
     add_server_arguments(serve)
     from adamax_server.cli.checkpoint_cli import add_checkpoint_arguments, add_checkpoint_commands
 
     add_checkpoint_arguments(serve)
-    add_checkpoint_commands(sub)
+    add_checkpoint_commands(sub, parents=[common], target_flag=_target_flag)
     from adamax_server.cli.shard_cli import add_shard_arguments
 
     add_shard_arguments(serve)
 
-    status = sub.add_parser("status", help="list optimizers, versions and workers of a server")
-    status.add_argument("--target", default="127.0.0.1:50051", help="host:port, or a sharded job's shard list A0,A1,...")
+    status = sub.add_parser("status", help="list optimizers, versions and workers of a server", parents=[common])
+    status.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORT}",
+                        help=f"host:port, or a sharded job's shard list A0,A1,... (default: 127.0.0.1:{DEFAULT_PORT})")
     status.add_argument("--timeout", type=float, default=10.0)
     status.add_argument("--json", action="store_true")
     status.add_argument("--metrics", default=env_default("--metrics"),
                         help="host:port of the server's metrics endpoint, to add its counters [env ADAMAX_PS_METRICS]")
     add_tls_client_arguments(status)
 
-    health = sub.add_parser("health", help="exit 0 when the server's health service says SERVING (Docker HEALTHCHECK)")
-    health.add_argument("--address", default=f"127.0.0.1:{env_default('--port', 50051)}")
+    health = sub.add_parser(
+        "health", parents=[common],
+        help="exit 0 when the server's health service says SERVING (Docker HEALTHCHECK)",
+        description="Ask a server's grpc.health.v1 service; exit 0 when it says SERVING. Without --target and "
+                    "with --health-file (ADAMAX_PS_HEALTH_FILE), the port and TLS setting come from the file "
+                    "`serve` wrote; its TLS flags have their own variables (ADAMAX_PS_HEALTH_TLS_CA ...), since "
+                    "ADAMAX_PS_TLS_CA in a server's environment is the CA that verifies clients.",
+    )
+    health.add_argument("--target", default=env_default("--health-target"),
+                        help=f"server address host:port (default: from --health-file when given, else "
+                             f"127.0.0.1:{DEFAULT_PORT}) [env ADAMAX_PS_HEALTH_TARGET]")
+    health.add_argument("--address", dest="target", action=_DeprecatedAlias, help="deprecated: use --target")
+    health.add_argument("--health-file", default=env_default("--health-file"),
+                        help="the file `serve --health-file` writes [env ADAMAX_PS_HEALTH_FILE]")
     health.add_argument("--service", default="", help="service name to check (default: the whole server)")
     health.add_argument("--timeout", type=float, default=3.0)
-    add_tls_client_arguments(health)
+    add_tls_client_arguments(health, env_scope="HEALTH", token=False)
 
     delete = sub.add_parser("delete", help="delete optimizers (jobs) of a running server: weights, state, workers")
     delete.add_argument("names", nargs="+", metavar="NAME", help="optimizer (job) name")
@@ -263,30 +252,47 @@ def build_parser() -> argparse.ArgumentParser:
     add_tls_client_arguments(delete)
 
     sub.add_parser("demo", help="run the demo (arguments are passed on)", add_help=False)
-    sub.add_parser("bench", help="run a benchmark of benchmarks/ (arguments are passed on)", add_help=False)
+    sub.add_parser("bench", help="run a benchmark of benchmarks/ (`adamax-ps bench NAME --help`)", add_help=False)
     return parser
+
+
+def _json_requested(argv: Sequence[str]) -> bool:
+    if os.environ.get("ADAMAX_PS_LOG_FORMAT", "").strip().lower() == "json":
+        return True
+    return any(a == "--log-format=json" or (a == "--log-format" and b == "json") for a, b in zip(argv, [*argv[1:], ""]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _json_requested(argv):
+        # gRPC's C core writes its own plain-text lines to stderr; in a JSON log they would be the
+        # only lines a collector cannot parse. Off unless the user chose a verbosity.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    from adamax_server.ops.logging_setup import configure_logging
+    args, rest = parser.parse_known_args(argv)  # demo and bench parse what follows them themselves
+    if rest and args.command not in ("demo", "bench"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    for name, flag in (("log_level", "ADAMAX_PS_LOG_LEVEL"), ("log_format", "ADAMAX_PS_LOG_FORMAT")):
+        value = getattr(args, name)
+        allowed = LEVELS if name == "log_level" else ("text", "json")
+        if str(value).upper() not in [a.upper() for a in allowed]:
+            parser.error(f"{flag}={value!r} is not one of {', '.join(allowed)}")
     from adamax_server.cli.runtime import unknown_env
+    from adamax_server.ops.logging_setup import configure_logging
 
-    configure_logging(args.log_level, args.log_format)
+    configure_logging(str(args.log_level).upper(), str(args.log_format).lower())
     if args.command == "demo":
         return _demo(args, rest)
     if args.command == "bench":
         from adamax_server.cli.bench import run_bench
 
         return run_bench(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     for name in unknown_env():
         _log.warning("environment variable %s is not a setting of adamax-ps; ignored", name)
     if args.command == "serve":
-        return _serve(args)
+        from adamax_server.cli.serve import run_serve
+
+        return run_serve(args)
     if args.command == "health":
         return _health(args)
     if args.command == "delete":

@@ -69,26 +69,80 @@ def unknown_env(environ: Iterable[str] | None = None) -> list[str]:
     return sorted(n for n in names if n.startswith(ENV_PREFIX) and n not in _known_env | _OTHER_KNOWN_ENV)
 
 
-def _flag(parser: argparse.ArgumentParser, flag: str, fallback: Any = None, **kwargs: Any) -> None:
-    """``parser.add_argument`` with the default taken from the flag's environment variable."""
+def _flag(parser: argparse.ArgumentParser, flag: str, fallback: Any = None, *, env: str | None = None,
+          **kwargs: Any) -> None:
+    """``parser.add_argument`` with the default taken from the flag's environment variable.
+
+    ``env`` names the variable when it is not the flag's own (``ADAMAX_PS_HEALTH_TLS_CA``).
+    Values from the environment go through the flag's ``type`` like command-line values.
+    """
     help_text = kwargs.pop("help", "")
-    parser.add_argument(flag, default=env_default(flag, fallback), help=f"{help_text} [env {env_name(flag)}]", **kwargs)
+    name = env or env_name(flag)
+    _known_env.add(name)
+    parser.add_argument(flag, default=os.environ.get(name, fallback), help=f"{help_text} [env {name}]", **kwargs)
 
 
 def _switch(parser: argparse.ArgumentParser, flag: str, help_text: str) -> None:
     parser.add_argument(flag, action="store_true", default=env_bool(flag), help=f"{help_text} [env {env_name(flag)}=1]")
 
 
+def port_number(flag: str) -> Callable[[str], int]:
+    """An argparse ``type``: a TCP port number 0-65535, from ``flag`` or its environment variable."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not 0 <= value <= 65535:
+            raise argparse.ArgumentTypeError(
+                f"must be a TCP port number 0-65535 (0 picks a free one), from {flag} or {env_name(flag)}. "
+                f"Received: {text!r}"
+            )
+        return value
+
+    parse.__name__ = "port number"
+    return parse
+
+
+def positive(kind: Callable[[str], Any], flag: str) -> Callable[[str], Any]:
+    """An argparse ``type``: a number > 0 of ``kind`` (int or float)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(
+                f"must be a number > 0, from {flag} or {env_name(flag)}. Received: {text!r}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 # ---------------------------------------------------------------- flags
 
 
-def add_tls_client_arguments(parser: argparse.ArgumentParser) -> None:
-    """TLS and token flags of commands that call a server (status, health)."""
-    _flag(parser, "--tls-ca", help="CA bundle (PEM) that verifies the server; turns TLS on")
-    _flag(parser, "--tls-client-cert", help="client certificate (PEM) for mutual TLS")
-    _flag(parser, "--tls-client-key", help="key of --tls-client-cert")
-    _flag(parser, "--tls-server-name", help="expected server name in its certificate (default: the host)")
-    _flag(parser, "--token-file", help="file holding the bearer token (else ADAMAX_PS_TOKEN)")
+def add_tls_client_arguments(parser: argparse.ArgumentParser, *, env_scope: str = "", token: bool = True) -> None:
+    """TLS and token flags of commands that call a server (status, health, checkpoint).
+
+    ``env_scope="HEALTH"`` reads ``ADAMAX_PS_HEALTH_TLS_CA`` ... instead of ``ADAMAX_PS_TLS_CA``:
+    in the server's own environment (the image's HEALTHCHECK) ``ADAMAX_PS_TLS_CA`` is the CA
+    that verifies *clients*, not the one that verifies the server.
+    """
+
+    def env(flag: str) -> str | None:
+        return f"{ENV_PREFIX}{env_scope}_{flag[2:].replace('-', '_').upper()}" if env_scope else None
+
+    _flag(parser, "--tls-ca", env=env("--tls-ca"), help="CA bundle (PEM) that verifies the server; turns TLS on")
+    _flag(parser, "--tls-client-cert", env=env("--tls-client-cert"), help="client certificate (PEM) for mutual TLS")
+    _flag(parser, "--tls-client-key", env=env("--tls-client-key"), help="key of --tls-client-cert")
+    _flag(parser, "--tls-server-name", env=env("--tls-server-name"),
+          help="expected server name in its certificate (default: the host)")
+    if token:
+        _flag(parser, "--token-file", help="file holding the bearer token (else ADAMAX_PS_TOKEN)")
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,11 +174,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
     transfer = parser.add_argument_group("bulk channel (push/pull bytes outside gRPC)")
     _switch(transfer, "--no-bulk", "serve tensors over gRPC only (the bulk channel is on by default without TLS)")
-    _flag(transfer, "--bulk-port", 0, type=int, help="TCP port of the bulk channel (0 picks one; workers learn it over gRPC)")
+    _flag(transfer, "--bulk-port", 0, type=port_number("--bulk-port"), help="TCP port of the bulk channel (0 picks one; workers learn it over gRPC)")
     _switch(transfer, "--no-shared-memory", "do not offer shared memory to workers on this host")
 
     observe = parser.add_argument_group("observability")
-    _flag(observe, "--metrics-port", None, type=int, help="serve Prometheus /metrics on this port (0 picks one)")
+    _flag(observe, "--metrics-port", None, type=port_number("--metrics-port"),
+          help="serve Prometheus /metrics on this port (0 picks one)")
     _flag(observe, "--metrics-host", None,
           help="address of the metrics endpoint (default: the --host the server binds; /metrics has no auth)")
 
@@ -147,7 +202,7 @@ def client_connection(args: argparse.Namespace) -> dict[str, Any]:
     """``Transport`` keyword arguments (credentials, token, options) from the client flags."""
     from adamax_client.security import tls_channel_credentials
 
-    out: dict[str, Any] = {"token": _token_from_env_or_file(args.token_file)}
+    out: dict[str, Any] = {"token": _token_from_env_or_file(getattr(args, "token_file", None))}
     if args.tls_ca or args.tls_client_cert:
         out["credentials"] = tls_channel_credentials(args.tls_ca, args.tls_client_cert, args.tls_client_key)
         if args.tls_server_name:

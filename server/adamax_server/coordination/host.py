@@ -74,6 +74,7 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin):
         self.policy = policy
         self.initial_config = initial_config
         self._engine = engine
+        self._missing_reported: set[tuple[str, ...]] = set()  # variable sets logged without a gradient
         self._cond = threading.Condition()
         self._encode_lock = threading.Lock()
         self._version = 0

@@ -96,8 +96,22 @@ class RoundsMixin:
     def _apply(self, grads: dict[str, Gradient], stats: Mapping[str, GradientStats]) -> None:
         """One engine apply (under the lock), timed for the metrics; ``stats`` from the check."""
         start = time.perf_counter()
-        self._engine.apply(grads)
+        self._engine.apply(grads, on_missing=self._log_missing_gradients)
         self._observe("on_apply", time.perf_counter() - start, stats, self._engine.iterations, self.initial_config)
+
+    def _log_missing_gradients(self, names: list[str]) -> None:
+        """A step without a gradient for some variables: say so once per set, in server terms."""
+        key = tuple(sorted(names))
+        level = logging.DEBUG if key in self._missing_reported else logging.WARNING
+        self._missing_reported.add(key)
+        _log.log(
+            level,
+            "optimizer '%s': step %d had no gradient for variable(s) %s; they keep their values and Adamax "
+            "moments this step (like Keras). Workers push a gradient for every variable they want trained.%s",
+            self.key, self._engine.iterations, list(names),
+            "" if level == logging.DEBUG else " (logged once for this set of variables; DEBUG shows each step)",
+            extra={"optimizer": self.key},
+        )
 
     def _observe(self, hook: str, *args: Any) -> None:
         if self._observer is None:

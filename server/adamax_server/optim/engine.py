@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -452,7 +452,8 @@ class Adamax(StepMixin, StateMixin):
         self.apply(grads, names)
         return self._raw_iterations
 
-    def apply(self, grads: Any, trainable_variables: Any = None) -> None:
+    def apply(self, grads: Any, trainable_variables: Any = None, *,
+              on_missing: Callable[[list[str]], None] | None = None) -> None:
         """Apply one step of gradients.
 
         Args:
@@ -461,6 +462,8 @@ class Adamax(StepMixin, StateMixin):
                 float32 or float64; upcast to the variable dtype) or a ``RowSparseGradient``.
             trainable_variables: optional. Before ``build``, a mapping name -> initial value to
                 build with. Afterwards, the variable names that ``grads`` (a list) refer to.
+            on_missing: called with the names of variables that got no gradient, instead of
+                Keras's warning (whose ``model.compile()`` hint means nothing on a server).
         """
         if isinstance(grads, Mapping):
             if trainable_variables is not None:
@@ -523,9 +526,10 @@ class Adamax(StepMixin, StateMixin):
                     aligned[self._var_index[n]] = g
                 # Like Keras, only gradients given as None count as missing; variables left out
                 # of the call are simply not updated.
-                self._apply_aligned(aligned, warn_for=[n for g, n in zip(grads, names) if g is None])
+                self._apply_aligned(aligned, warn_for=[n for g, n in zip(grads, names) if g is None],
+                                    on_missing=on_missing)
                 return
-        self._apply_aligned(aligned)
+        self._apply_aligned(aligned, on_missing=on_missing)
 
     # ------------------------------------------------------------------ config
     def get_config(self) -> dict[str, Any]:

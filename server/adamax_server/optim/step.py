@@ -4,7 +4,7 @@ clipping scalars, schedules and the backend's fused kernel call."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -104,12 +104,15 @@ class StepMixin:
             return self._lr_value
         return self._learning_rate()
 
-    def _apply_aligned(self, grads: list[Any], warn_for: list[str] | None = None) -> None:
+    def _apply_aligned(self, grads: list[Any], warn_for: list[str] | None = None,
+                       on_missing: Callable[[list[str]], None] | None = None) -> None:
         present = [g is not None for g in grads]
         if not any(present):
             raise ValueError("No gradients provided for any variable.")
         missing = [v.name for v, p in zip(self._vars, present) if not p] if warn_for is None else warn_for
-        if missing:
+        if missing and on_missing is not None:
+            on_missing(missing)
+        elif missing:
             warnings.warn(
                 f"Gradients do not exist for variables {missing} when minimizing the loss."
                 " If using `model.compile()`, did you forget to provide a "

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from adamax_server.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from adamax_server.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from adamax_server.coordination.snapshot import OptimizerSnapshot, RoundContribution
 
 _log = logging.getLogger(__name__)
@@ -460,8 +460,9 @@ class CheckpointStore:
                 found.append((int(match.group(1)), entry.name))
         return [name for _, name in sorted(found)]
 
-    def _next_id(self) -> str:
-        numbers = [int(_ID_RE.match(i).group(1)) for i in self.ids()]  # type: ignore[union-attr]
+    def _next_id(self, above: Iterable[str] = ()) -> str:
+        """The next sequence id here, also above every id in ``above`` (another store's)."""
+        numbers = [int(m.group(1)) for m in map(_ID_RE.match, [*self.ids(), *above]) if m]
         return f"ckpt-{(max(numbers) + 1 if numbers else 1):08d}"
 
     def clean_temporaries(self) -> list[str]:
@@ -488,9 +489,26 @@ class CheckpointStore:
         manifest, files = encode(snapshots, "pending", reason)
         return self.write_encoded(manifest, files)
 
-    def write_encoded(self, manifest: dict[str, Any], files: Mapping[str, Mapping[str, np.ndarray]]) -> CheckpointInfo:
-        """Atomically write an encoded checkpoint under a fresh id (the manifest's id is replaced)."""
-        checkpoint_id = self._next_id()
+    def write_encoded(
+        self,
+        manifest: dict[str, Any],
+        files: Mapping[str, Mapping[str, np.ndarray]],
+        *,
+        checkpoint_id: str | None = None,
+        above: Iterable[str] = (),
+    ) -> CheckpointInfo:
+        """Atomically write an encoded checkpoint (the manifest's id is replaced).
+
+        The id is ``checkpoint_id`` (a copy keeps the id its source gave it; refused when this
+        directory already holds it), else a fresh one, above the ids in ``above`` too.
+        """
+        if checkpoint_id is None:
+            checkpoint_id = self._next_id(above)
+        else:
+            if not _ID_RE.match(checkpoint_id):
+                raise InvalidArgument(f"`checkpoint_id` must be an id like 'ckpt-00000042'. Received: {checkpoint_id!r}")
+            if os.path.lexists(self.root / checkpoint_id):
+                raise AlreadyExists(f"{self.root} already holds a checkpoint '{checkpoint_id}'")
         manifest = dict(manifest, checkpoint_id=checkpoint_id)
         check_manifest(manifest, "new checkpoint")
         tmp = self.root / f"{_TMP_PREFIX}{checkpoint_id}-{uuid.uuid4().hex[:8]}-p{os.getpid()}"

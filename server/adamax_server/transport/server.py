@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Sequence
 from concurrent import futures
@@ -26,6 +27,7 @@ from adamax_server.transport.checkpoint_service import CheckpointServicer, add_c
 from adamax_server.storage.checkpointing import CheckpointManager
 from adamax_server.coordination.coordinator import Coordinator
 from adamax_server.ops.metrics import MetricsInterceptor, ServerMetrics
+from adamax_server.transport.ports import PortInUse
 from adamax_server.transport.security import SecurityConfigError, TokenAuthInterceptor, TokenTable
 from adamax_server.transport.service import AdamaxServicer
 from adamax_server.transport.validation import ResourceLimits, tolerant_handler
@@ -154,6 +156,9 @@ def create_server(
             {
                 "grpc.max_receive_message_length": max_message_bytes,
                 "grpc.max_send_message_length": max_message_bytes,
+                # gRPC sets SO_REUSEPORT by default: a second server on a port in use would bind
+                # too and share its connections. One server per port.
+                "grpc.so_reuseport": 0,
                 **dict(KEEPALIVE_OPTIONS),
                 **dict(options),
             }.items()
@@ -191,14 +196,19 @@ def create_server(
             server,
         )
 
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio raises "Failed to bind to address ..." (details only in its C-core log)
+        port = 0
     if port == 0:
         if bulk_server is not None:
             bulk_server.close()
-        raise OSError(f"could not bind {address}")
+        host = address.rpartition(":")[0]
+        raise PortInUse(errno.EADDRINUSE, f"cannot bind the gRPC port {address}: it is in use or {host or 'the host'} "
+                        "is no address of this machine")
     server.bulk = bulk_server  # type: ignore[attr-defined]
     server.admission = admission  # type: ignore[attr-defined]
     server.coordinator = coordinator  # type: ignore[attr-defined]  # for the CLI and tests
