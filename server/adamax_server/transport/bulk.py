@@ -44,7 +44,7 @@ from adamax_server.errors import (
     ERROR_TYPE_KEY, InvalidArgument, PermissionDenied, ResourceExhausted, ServiceError, Unauthenticated, status_for,
 )
 from adamax_server.transport.budget import CallLimits, TimedSocket
-from adamax_server.transport.common import OUTCOMES, engine_value, staging_allocator, tensor_meta
+from adamax_server.transport.common import OUTCOMES, FoldedStats, engine_value, shm_copy, staging_allocator, tensor_meta
 
 _log = logging.getLogger(__name__)
 
@@ -371,9 +371,10 @@ class BulkServer:
         # the staging lease the copy lands in the engine's staging buffer, so the apply then
         # copies nothing: the same number of passes as reading the segment in place. ``allocate``
         # is the receive allocator of the push (staging buffer, or a GPU server's pinned buffer).
+        # Statistics fold into this copy (``shm_copy``): the one read of the worker's bytes.
         supplied = allocate(header, nbytes) if allocate is not None else None
         private, on_filled = supplied if supplied is not None else (np.empty(nbytes, dtype=np.uint8), None)
-        np.copyto(private, raw)
+        shm_copy(on_filled, private, raw)
         if on_filled is not None:
             on_filled(0, nbytes)
         return _wire.decode_buffer(header, private).value
@@ -550,7 +551,8 @@ class _PushReader:
         host, sock = self.host, self.sock
         assert host is not None
         receiver = host.device_receiver()
-        allocate = receiver.allocate if receiver is not None else staging_allocator(staging)
+        folded = FoldedStats()
+        allocate = folded.wrap(receiver.allocate if receiver is not None else staging_allocator(staging))
         values: list[tuple[str, Any]] = []
         try:
             while self.remaining:
@@ -577,7 +579,7 @@ class _PushReader:
                 receiver.wait()
         if receiver is not None:
             values = [(name, receiver.wrap(name, value)) for name, value in values]
-        return values
+        return folded.result(values)
 
     def _next_header(self) -> Any:
         try:

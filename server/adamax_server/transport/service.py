@@ -31,6 +31,7 @@ from adamax_server.transport.common import (
     ASSIGN_OPS,
     IF_EXISTS,
     OUTCOMES,
+    FoldedStats,
     dense_only,
     engine_value,
     info_to_proto,
@@ -172,12 +173,14 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
             def receive(staging: Any) -> list[tuple[str, Any]]:
                 # On a GPU engine, chunks are copied to the device as they arrive; on the host,
                 # a lone async push is received straight into the engine's staging buffer.
+                # Gradient statistics are folded into the receive (``FoldedStats``).
                 receiver = host.device_receiver()
+                folded = FoldedStats()
                 try:
                     _, tensors = self._decode(
                         itertools.chain([first], frames),
                         check_tensor=lambda th: host.check_gradient(tensor_meta(th)),
-                        allocate=receiver.allocate if receiver is not None else staging_allocator(staging),
+                        allocate=folded.wrap(receiver.allocate if receiver is not None else staging_allocator(staging)),
                     )
                 finally:
                     self._watchdog.done(watch)  # received: later waits have their own bounds
@@ -195,7 +198,7 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
                 values = [(t.header.name, engine_value(t.value)) for t in tensors]
                 if receiver is not None:
                     values = [(name, receiver.wrap(name, value)) for name, value in values]
-                return values
+                return folded.result(values)
 
             result = host.push(
                 header.worker_id, header.request_id, header.step, receive, timeout=self._wait_budget(context),
