@@ -74,6 +74,8 @@ class Transport:
         if timeout is None or not timeout > 0:
             raise ValueError(f"`timeout` must be a positive number of seconds. Received: timeout={timeout!r}")
         self.target = target
+        self.credentials = credentials  # the bulk channel secures its socket the same way
+        self.server_name = dict(channel_options).get("grpc.ssl_target_name_override")
         self.timeout = float(timeout)
         self.retry = retry or RetryPolicy()
         options = list(  # later entries override earlier ones

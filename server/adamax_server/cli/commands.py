@@ -78,8 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"listening on {args.host}:{port}", flush=True)
     bulk = getattr(server, "bulk", None)
     if bulk is not None:
-        _log.info("bulk channel on %s:%d (shared memory for same-host workers: %s)", args.host, bulk.port,
-                  bulk.shared_memory)
+        _log.info("bulk channel on %s:%d (tls=%s, shared memory for same-host workers: %s)", args.host, bulk.port,
+                  bulk.tls is not None, bulk.shared_memory)
     else:
         _log.info("bulk channel off: tensors travel in gRPC streams")
     if args.metrics_port is not None:

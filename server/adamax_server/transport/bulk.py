@@ -13,8 +13,13 @@ the server fills once per version and every same-host worker copies from.
 
 Everything that decides what a push or pull means (validation, exactly-once, sync rounds,
 staleness, version waits) is the coordinator's, exactly as for the gRPC calls; this module
-only moves bytes. The listener sends no encryption: a server with TLS does not open it
-(``create_server`` refuses the combination).
+only moves bytes.
+
+With ``tls`` (an ``ssl.SSLContext``, see ``security.bulk_server_context``) every connection is
+TLS from its first byte, with the gRPC port's certificate and client-certificate rules; a ticket
+issued to an mTLS-authenticated caller is only redeemed by a connection presenting a
+certificate with one of that caller's identities. Shared memory stays available on a TLS
+connection (its bytes never leave the host; the segment nonce travels encrypted).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import math
 import secrets
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,6 +50,7 @@ from adamax_server.errors import (
     ERROR_TYPE_KEY, InvalidArgument, PermissionDenied, ResourceExhausted, ServiceError, Unauthenticated, status_for,
 )
 from adamax_server.transport.budget import CallLimits, TimedSocket
+from adamax_server.transport.security import certificate_identities
 from adamax_server.transport.common import OUTCOMES, FoldedStats, engine_value, shm_copy, staging_allocator, tensor_meta
 
 _log = logging.getLogger(__name__)
@@ -67,6 +74,7 @@ class _Ticket:
     optimizer: str
     worker_id: str
     expires: float
+    identities: frozenset[str] = frozenset()  # the mTLS identities of the caller it was issued to
 
 
 @dataclass
@@ -121,8 +129,10 @@ class BulkServer:
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         limits: CallLimits | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._coordinator = coordinator
+        self.tls = tls
         self.limits = limits or CallLimits(stall=stall_timeout)
         self.stall_timeout = self.limits.stall
         self._metrics = metrics
@@ -177,14 +187,15 @@ class BulkServer:
 
     # -------------------------------------------------------------- tickets
 
-    def issue_ticket(self, optimizer: str, worker_id: str) -> bytes:
-        """A one-time ticket for a connection bound to ``optimizer`` and ``worker_id``."""
+    def issue_ticket(self, optimizer: str, worker_id: str, identities: frozenset[str] = frozenset()) -> bytes:
+        """A one-time ticket for a connection bound to ``optimizer`` and ``worker_id`` (and, when
+        the gRPC caller was authenticated by a client certificate, to its ``identities``)."""
         ticket = secrets.token_bytes(32)
         now = time.monotonic()
         with self._lock:
             for key in [k for k, t in self._tickets.items() if t.expires < now]:
                 del self._tickets[key]
-            self._tickets[_digest(ticket)] = _Ticket(optimizer, worker_id, now + self.ticket_ttl)
+            self._tickets[_digest(ticket)] = _Ticket(optimizer, worker_id, now + self.ticket_ttl, frozenset(identities))
         return ticket
 
     def _redeem(self, ticket: bytes) -> _Ticket:
@@ -226,8 +237,12 @@ class BulkServer:
         counted = False
         try:
             _bulk.tune(sock)
-            hello = self.limits.hello_timeout  # for the whole hello, not per read
-            conn = self._hello(TimedSocket(sock, time.monotonic() + hello, hello), sock, peer)
+            hello = self.limits.hello_timeout  # for the whole hello (TLS handshake included), not per read
+            started = time.monotonic()
+            if self.tls is not None:
+                sock.settimeout(hello)
+                sock = self._tls_handshake(sock)
+            conn = self._hello(TimedSocket(sock, started + hello, hello), sock, peer)
             if conn is None:
                 return
             counted = True
@@ -268,6 +283,20 @@ class BulkServer:
             except OSError:
                 pass
 
+    def _tls_handshake(self, raw: socket.socket) -> socket.socket:
+        """Wrap an accepted connection in TLS (the handshake is bounded by the hello timeout)."""
+        assert self.tls is not None
+        try:
+            wrapped = self.tls.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, ValueError) as exc:
+            raise _CloseConnection() from exc  # a plaintext or untrusted peer: nothing to answer
+        with self._lock:  # close() and eviction must reach the socket that now owns the descriptor
+            self._connections.discard(raw)
+            self._connections.add(wrapped)
+            if raw in self._pending:  # same place in the oldest-first order
+                self._pending = {(wrapped if k is raw else k): v for k, v in self._pending.items()}
+        return wrapped
+
     @staticmethod
     def _send_quietly(sock: socket.socket, frame: Any) -> None:
         try:
@@ -288,6 +317,13 @@ class BulkServer:
             if full:
                 raise ResourceExhausted(f"the bulk channel has {self._max_connections} connections open; use gRPC")
             ticket = self._redeem(frame.hello.ticket)
+            if ticket.identities:
+                presented = certificate_identities(sock.getpeercert()) if isinstance(sock, ssl.SSLSocket) else frozenset()
+                if not ticket.identities & presented:
+                    raise PermissionDenied(
+                        "this bulk-channel ticket was issued to another client certificate; connect with the "
+                        "certificate used on the gRPC channel"
+                    )
         except ServiceError as exc:
             with self._lock:
                 self._authenticated -= not full

@@ -252,7 +252,8 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
             return pb.OpenBulkChannelResponse(
                 available=True,
                 port=bulk.port,
-                ticket=bulk.issue_ticket(request.optimizer, request.worker_id),
+                # An mTLS caller's ticket only opens a bulk connection with the same certificate.
+                ticket=bulk.issue_ticket(request.optimizer, request.worker_id, _peer_identities(context)),
                 ticket_ttl_seconds=bulk.ticket_ttl,
                 shared_memory=bulk.shared_memory,
             )
@@ -322,3 +323,12 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
         yield _wire.header_frame(pb.OptimizerRef(optimizer=header.optimizer))
         yield from self._tensor_frames([("", v) for v in new_trainable], pb.TRAINABLE_VARIABLES)
         yield from self._tensor_frames([("", v) for v in new_optimizer], pb.OPTIMIZER_VARIABLES)
+
+
+def _peer_identities(context: grpc.ServicerContext) -> frozenset[str]:
+    """The caller's client-certificate identities (empty without mutual TLS)."""
+    try:
+        found = context.peer_identities() or ()
+    except Exception:  # a context without an auth context (tests' fakes)
+        return frozenset()
+    return frozenset(i.decode("utf-8", "replace") if isinstance(i, bytes) else str(i) for i in found)
