@@ -49,99 +49,88 @@ EMPTY = GradientStats(0.0, 0.0, 0)
 
 if HAVE_NUMBA:
 
-    @njit(inline="always")
-    def _account(x, s, mx, nb):
-        if np.isfinite(x):
-            s += x * x
-            a = abs(x)
-            if a > mx:
-                mx = a
-        else:
-            nb += 1
-        return s, mx, nb
-
-    @njit(nogil=True, cache=True)
-    def _stats_serial(flat):
+    # Finite elements have a magnitude below the all-ones exponent; in the integer view with the
+    # sign bit cleared, magnitudes order as the floats do. Counting, the maximum and the sum are
+    # then branch-free and vectorise: only the float64 sum needs reassociation (``reassoc``), and
+    # it is a metric (the clipping norms are the engine's, in Keras's order). No other fast-math
+    # flag: NaN and infinities must stay visible to the integer test.
+    @njit(nogil=True, cache=True, fastmath={"reassoc"})
+    def _block_stats(vals, bits, mask, limit):
         s = 0.0
-        mx = 0.0
+        mx = bits.dtype.type(0)
         nb = 0
-        for i in range(flat.shape[0]):
-            s, mx, nb = _account(np.float64(flat[i]), s, mx, nb)
+        for i in range(vals.shape[0]):
+            b = bits[i] & mask
+            finite = b < limit
+            x = np.float64(vals[i])
+            s += x * x if finite else 0.0
+            m = b if finite else bits.dtype.type(0)
+            mx = m if m > mx else mx
+            nb += 0 if finite else 1
         return s, mx, nb
 
     @njit(parallel=True, nogil=True, cache=True)
-    def _stats_parallel(flat):
-        nblocks = (flat.shape[0] + _BLOCK - 1) // _BLOCK
+    def _stats_blocks(vals, bits, mask, limit):
+        n = vals.shape[0]
+        nblocks = (n + _BLOCK - 1) // _BLOCK
         sums = np.zeros(nblocks, dtype=np.float64)
-        maxes = np.zeros(nblocks, dtype=np.float64)
+        maxes = np.zeros(nblocks, dtype=bits.dtype)
         bad = np.zeros(nblocks, dtype=np.int64)
-        for b in prange(nblocks):
-            s = 0.0
-            mx = 0.0
-            nb = 0
-            for i in range(b * _BLOCK, min(flat.shape[0], (b + 1) * _BLOCK)):
-                s, mx, nb = _account(np.float64(flat[i]), s, mx, nb)
-            sums[b] = s
-            maxes[b] = mx
-            bad[b] = nb
-        return sums.sum(), maxes.max() if nblocks else 0.0, bad.sum()
-
-    @njit(nogil=True, cache=True)
-    def _copy_serial(dst, src):
-        s = 0.0
-        mx = 0.0
-        nb = 0
-        for i in range(src.shape[0]):
-            x = src[i]
-            dst[i] = x
-            s, mx, nb = _account(np.float64(x), s, mx, nb)
-        return s, mx, nb
+        for k in prange(nblocks):
+            a = k * _BLOCK
+            b = min(n, a + _BLOCK)
+            sums[k], maxes[k], bad[k] = _block_stats(vals[a:b], bits[a:b], mask, limit)
+        return sums.sum(), maxes.max(), bad.sum()
 
     @njit(parallel=True, nogil=True, cache=True)
-    def _copy_parallel(dst, src):
-        nblocks = (src.shape[0] + _BLOCK - 1) // _BLOCK
+    def _copy_blocks(dst, src, bits, mask, limit):
+        # ``bits``: the integer view of ``dst``; each block is counted while it is in L2.
+        n = src.shape[0]
+        nblocks = (n + _BLOCK - 1) // _BLOCK
         sums = np.zeros(nblocks, dtype=np.float64)
-        maxes = np.zeros(nblocks, dtype=np.float64)
+        maxes = np.zeros(nblocks, dtype=bits.dtype)
         bad = np.zeros(nblocks, dtype=np.int64)
-        for b in prange(nblocks):
-            s = 0.0
-            mx = 0.0
-            nb = 0
-            for i in range(b * _BLOCK, min(src.shape[0], (b + 1) * _BLOCK)):
-                x = src[i]
-                dst[i] = x
-                s, mx, nb = _account(np.float64(x), s, mx, nb)
-            sums[b] = s
-            maxes[b] = mx
-            bad[b] = nb
-        return sums.sum(), maxes.max() if nblocks else 0.0, bad.sum()
+        for k in prange(nblocks):
+            a = k * _BLOCK
+            b = min(n, a + _BLOCK)
+            dst[a:b] = src[a:b]
+            sums[k], maxes[k], bad[k] = _block_stats(dst[a:b], bits[a:b], mask, limit)
+        return sums.sum(), maxes.max(), bad.sum()
 
     @njit(parallel=True, nogil=True, cache=True)
-    def _sum_parallel(total, parts, divide, divisor):
+    def _sum_blocks(total, parts, divide, divisor, bits, mask, limit):
         # ``total[i] = ((0 + p0[i]) + p1[i]) + ...`` then ``/ divisor``: the same float operations
-        # in the same order as ``total[...] = 0; np.add(total, p, out=total) ...; np.divide``.
+        # in the same order as ``total[...] = 0; np.add(total, p, out=total) ...; np.divide``
+        # (no fast-math in this function). ``bits``: the integer view of ``total``.
         n = total.shape[0]
         nblocks = (n + _BLOCK - 1) // _BLOCK
         sums = np.zeros(nblocks, dtype=np.float64)
-        maxes = np.zeros(nblocks, dtype=np.float64)
+        maxes = np.zeros(nblocks, dtype=bits.dtype)
         bad = np.zeros(nblocks, dtype=np.int64)
         zero = total.dtype.type(0)
-        for b in prange(nblocks):
-            s = 0.0
-            mx = 0.0
-            nb = 0
-            for i in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
+        for k in prange(nblocks):
+            a = k * _BLOCK
+            b = min(n, a + _BLOCK)
+            for i in range(a, b):
                 acc = zero
-                for k in range(len(parts)):
-                    acc = acc + parts[k][i]
+                for j in range(len(parts)):
+                    acc = acc + parts[j][i]
                 if divide:
                     acc = acc / divisor
                 total[i] = acc
-                s, mx, nb = _account(np.float64(acc), s, mx, nb)
-            sums[b] = s
-            maxes[b] = mx
-            bad[b] = nb
-        return sums.sum(), maxes.max() if nblocks else 0.0, bad.sum()
+            sums[k], maxes[k], bad[k] = _block_stats(total[a:b], bits[a:b], mask, limit)
+        return sums.sum(), maxes.max(), bad.sum()
+
+
+_INT_VIEW = {
+    np.dtype(np.float32): (np.uint32, np.uint32(0x7FFFFFFF), np.uint32(0x7F800000)),
+    np.dtype(np.float64): (np.uint64, np.uint64(0x7FFFFFFFFFFFFFFF), np.uint64(0x7FF0000000000000)),
+}
+
+
+def _result(dtype: np.dtype, s: float, mx_bits: int, bad: int) -> GradientStats:
+    max_abs = np.array([mx_bits], dtype=_INT_VIEW[dtype][0]).view(dtype)[0]
+    return GradientStats(float(s), float(max_abs), int(bad))
 
 
 def _flat(values: np.ndarray) -> np.ndarray:
@@ -156,9 +145,11 @@ def gradient_stats(values: np.ndarray) -> GradientStats:
     if flat.dtype not in _FUSED_DTYPES:
         flat = flat.astype(np.float32)
     if HAVE_NUMBA:
-        kernel = _stats_parallel if flat.size >= _PARALLEL_MIN else _stats_serial
-        s, mx, bad = kernel(flat)
-        return GradientStats(float(s), float(mx), int(bad))
+        itype, mask, limit = _INT_VIEW[flat.dtype]
+        bits = flat.view(itype)
+        if flat.size < _PARALLEL_MIN:
+            return _result(flat.dtype, *_block_stats(flat, bits, mask, limit))
+        return _result(flat.dtype, *_stats_blocks(flat, bits, mask, limit))
     finite = flat[np.isfinite(flat)].astype(np.float64)
     return GradientStats(float(np.dot(finite, finite)), float(np.max(np.abs(finite), initial=0.0)),
                          int(flat.size - finite.size))
@@ -174,9 +165,11 @@ def copy_with_stats(dst: np.ndarray, src: np.ndarray) -> GradientStats:
         return gradient_stats(d)
     if s.size == 0:
         return EMPTY
-    kernel = _copy_parallel if s.size >= _PARALLEL_MIN else _copy_serial
-    total, mx, bad = kernel(d, s)
-    return GradientStats(float(total), float(mx), int(bad))
+    if s.size < _PARALLEL_MIN:
+        np.copyto(d, s)
+        return gradient_stats(d)
+    itype, mask, limit = _INT_VIEW[d.dtype]
+    return _result(d.dtype, *_copy_blocks(d, s, d.view(itype), mask, limit))
 
 
 def sum_with_stats(total: np.ndarray, parts: Sequence[np.ndarray], divisor: int | None) -> GradientStats:
@@ -193,8 +186,9 @@ def sum_with_stats(total: np.ndarray, parts: Sequence[np.ndarray], divisor: int 
     fused = HAVE_NUMBA and dtype in _FUSED_DTYPES and all(v.dtype == dtype and v.flags.writeable for v in views)
     if fused and views and flat.size:
         divide = divisor is not None
-        s, mx, bad = _sum_parallel(flat, views, divide, dtype.type(divisor if divide else 1))
-        return GradientStats(float(s), float(mx), int(bad))
+        itype, mask, limit = _INT_VIEW[dtype]
+        return _result(dtype, *_sum_blocks(flat, views, divide, dtype.type(divisor if divide else 1),
+                                           flat.view(itype), mask, limit))
     flat[...] = 0
     for v in views:
         np.add(flat, v.astype(dtype, copy=False), out=flat)
