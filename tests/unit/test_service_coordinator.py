@@ -438,3 +438,37 @@ def test_gradient_statistics_run_outside_the_optimizer_lock():
     finally:
         host_module.push_stats = original
     assert host.version == 1
+
+
+def test_an_overlapping_async_push_is_applied_where_it_landed():
+    host = make_host()
+    engine = local_engine()
+    first_in = threading.Event()
+    release = threading.Event()
+    g1, g2 = grads(1), grads(2)
+
+    def slow(lookup):  # the lease holder: receives into the engine's staging buffers
+        first_in.set()
+        release.wait(5)
+        return _pooled_receive(g1)[0](lookup)
+
+    receive2, used2 = _pooled_receive(g2)
+    t = threading.Thread(target=lambda: host.push("w0", "r1", 0, slow, timeout=5))
+    t.start()
+    assert first_in.wait(5)
+    results = {}
+    t2 = threading.Thread(target=lambda: results.setdefault("r2", host.push("w1", "r2", 0, receive2, timeout=5)))
+    t2.start()
+    time.sleep(0.2)  # the second push has received into a pooled set and waits for the first
+    release.set()
+    t.join(5)
+    t2.join(5)
+    assert results["r2"].outcome == "applied" and host.version == 2
+    # The second push's set became the staging buffers: no copy of its gradients.
+    staged = {host._engine.gradient_buffer(n).ctypes.data for n in ("w", "b")}
+    assert staged == {u.ctypes.data for u in used2}
+    engine.apply(dict(g1))
+    engine.apply(dict(g2))
+    pulled = host.pull([], lambda v, it, items: dict(items))
+    for name, value in engine.trainable_variables.items():
+        assert_bitwise_equal(pulled.payload[name], value)

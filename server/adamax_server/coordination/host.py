@@ -34,7 +34,7 @@ from adamax_server.coordination.policy import (
     WorkerRecord,
     WorkerStatus,
 )
-from adamax_server.coordination.receive_buffers import PoolKey, ReceiveBuffersMixin
+from adamax_server.coordination.receive_buffers import Layout, ReceiveBuffersMixin, Taken
 from adamax_server.coordination.rounds import Contribution, RoundsMixin
 from adamax_server.coordination.staging import StagingMixin
 from adamax_server.coordination.stats import GradientStats, non_finite_counts, non_finite_message, push_stats
@@ -97,7 +97,7 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin, ReceiveBuffersMixi
         # Receive buffers of pushes that cannot use the staging buffer (sync contributions kept
         # until their round closes, async pushes overlapping the lease holder): reused, so a
         # push costs no fresh memory (page faults) and no full-size temporary.
-        self._free_buffers: dict[PoolKey, list[np.ndarray]] = {}
+        self._free_sets: dict[Layout, list[dict[str, np.ndarray]]] = {}
 
     # -------------------------------------------------------------- inspection
 
@@ -314,9 +314,9 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin, ReceiveBuffersMixi
             lease = self._take_staging_lease(progress)
             self._pushes_in_flight += 1
             specs = list(self._engine.variable_specs)
-        taken: list[tuple[PoolKey, np.ndarray]] = []  # pooled buffers this push holds
+        taken: Taken = []  # the pooled gradient set this push holds
         try:
-            lookup = self._staging_lookup() if lease else self._pooled_lookup(specs, taken)
+            lookup = self._staging_lookup() if lease else self._pooled_lookup(taken)
             grads = receive(lookup)
             if progress is not None:  # all arrived: nothing to cancel any more
                 progress.cancel = None
@@ -394,7 +394,7 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin, ReceiveBuffersMixi
         step: int,
         grads: dict[str, Gradient],
         stats: Mapping[str, GradientStats] | None,
-        taken: list[tuple[PoolKey, np.ndarray]],
+        taken: Taken,
     ) -> PushResult:
         """The state change of one push (under the lock); ``stats`` were computed outside it."""
         engine = self._engine
@@ -406,6 +406,7 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin, ReceiveBuffersMixi
                 if self.policy.non_finite == "reject":
                     raise InvalidArgument(non_finite_message(bad))
                 return PushResult("skipped_non_finite", self._version, engine.iterations, detail=non_finite_message(bad, skipped=True))
+            self._swap_in(taken)  # applied where it was received: no copy into the staging buffers
             self._apply(grads, stats)
             self._set_version(self._version + 1)
             return PushResult("applied", self._version, engine.iterations)
