@@ -66,33 +66,3 @@ class ReceiveBuffersMixin:
             if len(free) < keep:
                 free.append(gradient_set)
         taken.clear()
-
-    def _take_staging_lease(self) -> bool:
-        """Whether the push starting now may receive into the engine's staging buffer.
-
-        Only one push may fill it, and no other apply may run while it is being filled (an
-        apply writes its own gradients there); so it is lent only to an async push that
-        starts while no other push is in flight. Later pushes receive into their own buffers
-        and apply after the lease holder. (Sync rounds keep every worker's gradient until
-        the round closes; the GPU engine receives through its pinned ring instead.)
-        """
-        if self.policy.mode != "async" or self._staging_leased or self._pushes_in_flight:
-            return False
-        if not self._engine.built or not self._engine.host_staging:
-            return False
-        self._staging_leased = True
-        return True
-
-    def _staging_lookup(self) -> StagingLookup:
-        """``lookup(name, dtype)``: the staging buffer of variable ``name`` (writable, flat) if
-        its dtype is ``dtype``, else None; for the push holding the lease."""
-        engine = self._engine
-        dtypes = {n: np.dtype(d) for n, _, d in engine.variable_specs}
-
-        def lookup(name: str, dtype: np.dtype) -> np.ndarray | None:
-            if dtypes.get(name) != np.dtype(dtype):
-                return None
-            return engine.gradient_buffer(name).reshape(-1)
-
-        return lookup
-

@@ -13,13 +13,9 @@ the server fills once per version and every same-host worker copies from.
 
 Everything that decides what a push or pull means (validation, exactly-once, sync rounds,
 staleness, version waits) is the coordinator's, exactly as for the gRPC calls; this module
-only moves bytes.
-
-With ``tls`` (an ``ssl.SSLContext``, see ``security.bulk_server_context``) every connection is
-TLS from its first byte, with the gRPC port's certificate and client-certificate rules; a ticket
-issued to an mTLS-authenticated caller is only redeemed by a connection presenting a
-certificate with one of that caller's identities. Shared memory stays available on a TLS
-connection (its bytes never leave the host; the segment nonce travels encrypted).
+only moves bytes. With ``tls`` (``security.bulk_server_context``) every connection is TLS from
+its first byte, with the gRPC port's certificate rules and tickets bound to the mTLS identity
+that asked for them (``bulk_tls``); shared memory stays available (its bytes never leave the host).
 """
 
 from __future__ import annotations
@@ -50,7 +46,7 @@ from adamax_server.errors import (
     ERROR_TYPE_KEY, InvalidArgument, PermissionDenied, ResourceExhausted, ServiceError, Unauthenticated, status_for,
 )
 from adamax_server.transport.budget import CallLimits, TimedSocket
-from adamax_server.transport.security import certificate_identities
+from adamax_server.transport.bulk_tls import check_identity, tls_accept
 from adamax_server.transport.common import OUTCOMES, FoldedStats, engine_value, shm_copy, staging_allocator, tensor_meta
 
 _log = logging.getLogger(__name__)
@@ -267,7 +263,7 @@ class BulkServer:
                     raise _wire.WireFormatError(f"unexpected bulk frame '{kind}' between calls")
         except _wire.WireFormatError as exc:
             self._send_quietly(sock, _bulk.status_frame("INVALID_ARGUMENT", f"bulk protocol error: {exc}"))
-        except (_CloseConnection, OSError):
+        except (_CloseConnection, OSError):  # (a failed TLS handshake is an OSError)
             pass  # the peer went away (or the server is stopping); nothing to answer
         except Exception:
             _log.exception("bulk connection %s failed", peer)
@@ -284,12 +280,7 @@ class BulkServer:
                 pass
 
     def _tls_handshake(self, raw: socket.socket) -> socket.socket:
-        """Wrap an accepted connection in TLS (the handshake is bounded by the hello timeout)."""
-        assert self.tls is not None
-        try:
-            wrapped = self.tls.wrap_socket(raw, server_side=True)
-        except (ssl.SSLError, ValueError) as exc:
-            raise _CloseConnection() from exc  # a plaintext or untrusted peer: nothing to answer
+        wrapped = tls_accept(self.tls, raw)  # type: ignore[arg-type]
         with self._lock:  # close() and eviction must reach the socket that now owns the descriptor
             self._connections.discard(raw)
             self._connections.add(wrapped)
@@ -317,13 +308,7 @@ class BulkServer:
             if full:
                 raise ResourceExhausted(f"the bulk channel has {self._max_connections} connections open; use gRPC")
             ticket = self._redeem(frame.hello.ticket)
-            if ticket.identities:
-                presented = certificate_identities(sock.getpeercert()) if isinstance(sock, ssl.SSLSocket) else frozenset()
-                if not ticket.identities & presented:
-                    raise PermissionDenied(
-                        "this bulk-channel ticket was issued to another client certificate; connect with the "
-                        "certificate used on the gRPC channel"
-                    )
+            check_identity(ticket.identities, sock)
         except ServiceError as exc:
             with self._lock:
                 self._authenticated -= not full
