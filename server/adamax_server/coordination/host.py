@@ -271,17 +271,12 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin, ReceiveBuffersMixi
     ) -> PushResult:
         """Handle one push exactly once; ``receive(staging)`` reads its gradients (outside the lock).
 
-        ``staging(name, dtype)`` (or None) hands out a receive buffer for a variable's
-        gradient: the engine's own staging buffer when this push may use it (async, host
-        engine, no other push in flight), so the payload lands where the update reads it with
-        no copy; otherwise a pooled buffer of the host. ``receive`` may return a
-        ``ReceivedGradients`` carrying statistics computed while the bytes arrived.
-
-        Receiving, validation and the gradient statistics (non-finite check, norms) run
-        outside the optimizer's lock, concurrently with other pushes' applies; the lock
-        covers the state change only. Raises StaleGradient, FailedPrecondition,
-        InvalidArgument or NotFound; a failed push changes nothing and may be retried with the
-        same request id.
+        ``staging(name, dtype)`` hands out a receive buffer: the engine's staging buffer for a
+        lone async push (no copy), else a pooled gradient set. ``receive`` may return
+        ``ReceivedGradients`` with statistics computed as the bytes arrived. Receiving,
+        validation and statistics run outside the lock; it covers the state change only.
+        Raises StaleGradient, FailedPrecondition, InvalidArgument or NotFound; a failed push
+        changes nothing and may be retried with the same request id.
 
         ``progress`` (from the transport) says how the payload is arriving and how to cancel
         it: a holder of the staging buffer that stops moving while others wait is cancelled
