@@ -29,7 +29,7 @@ from adamax_client.errors import (
     UnavailableError,
 )
 from adamax_client.remote import PushResult, RemoteAdamax, VariableSpec
-from adamax_client.security import tls_channel_credentials
+from adamax_client.security import TlsChannelCredentials, tls_channel_credentials
 from adamax_client.sharded import ShardedRemoteAdamax  # registers itself: RemoteAdamax(shard_list)
 from adamax_client.transport import RetryPolicy
 
@@ -56,6 +56,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "VariableSpec",
+    "TlsChannelCredentials",
     "tls_channel_credentials",
 ]
 

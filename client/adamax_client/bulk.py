@@ -4,7 +4,9 @@
 offers one (``bulk="auto"``, the default) and gRPC otherwise. The channel asks for a ticket
 over gRPC (so tokens, optimizer scopes and TLS-verified identities apply), connects to the
 server's bulk port on the same host name, and then moves tensor bytes with ``sendall`` /
-``recv_into``. On the server's host it also registers a shared-memory segment: pushes are
+``recv_into``. When the gRPC channel uses TLS, so does the bulk connection (the same CA, host
+name and client certificate, from ``adamax_client.tls_channel_credentials``): a ticket never
+travels in the clear. On the server's host it also registers a shared-memory segment: pushes are
 copied into it once and pulls are copied out of the server's per-version segment once.
 
 A broken connection is retried on a fresh one with the same request id, so a push is still
@@ -18,6 +20,7 @@ both transports.
 from __future__ import annotations
 
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -119,6 +122,7 @@ class BulkChannel:
         self._server_shm = False
         self._shm_failed = mode == "tcp"
         self._closed = False
+        self._ssl_context: ssl.SSLContext | None = None
 
     # -------------------------------------------------------------- connection
 
@@ -134,6 +138,7 @@ class BulkChannel:
         if not response.available:
             raise BulkUnavailable("the server has no bulk channel")
         host = _host_of(self._transport.target)
+        context = self._tls_context()
         try:
             sock = socket.create_connection((host, response.port), timeout=timeout)
         except (ConnectionResetError, ConnectionAbortedError) as exc:
@@ -143,6 +148,12 @@ class BulkChannel:
                                   offered=True, transient=True) from exc
         except OSError as exc:
             raise BulkUnavailable(f"cannot reach the bulk port {host}:{response.port}: {exc}", offered=True) from exc
+        if context is not None:
+            try:
+                sock = context.wrap_socket(sock, server_hostname=getattr(self._transport, "server_name", None) or host)
+            except (ssl.SSLError, ssl.CertificateError) as exc:  # refused: never fall back to plaintext
+                sock.close()
+                raise BulkUnavailable(f"TLS handshake with the bulk port failed: {exc}", offered=True) from exc
         try:
             _bulk.tune(sock)
             _bulk.keepalive(sock)
@@ -166,6 +177,21 @@ class BulkChannel:
             raise
         self._sock = sock
         return sock
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """The bulk socket's TLS context when the gRPC channel is secure (None: plaintext)."""
+        credentials = getattr(self._transport, "credentials", None)
+        if credentials is None:
+            return None
+        if self._ssl_context is None:
+            make = getattr(credentials, "ssl_context", None)
+            if make is None:
+                raise BulkUnavailable(
+                    "the bulk channel over TLS needs credentials from adamax_client.tls_channel_credentials "
+                    "(plain grpc credentials cannot be reused for its socket)"
+                )
+            self._ssl_context = make()
+        return self._ssl_context
 
     @staticmethod
     def _expect_ok(frame: Any) -> None:

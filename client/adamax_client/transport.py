@@ -118,6 +118,8 @@ class Transport:
         target = normalize_target(target)
         self.target = target
         self._reached = False  # a call got an answer from the server (any status but a connect failure)
+        self.credentials = credentials  # the bulk channel secures its socket the same way
+        self.server_name = dict(channel_options).get("grpc.ssl_target_name_override")
         self.timeout = float(timeout)
         self.retry = retry or RetryPolicy()
         options = list(  # later entries override earlier ones

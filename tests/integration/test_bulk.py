@@ -267,7 +267,7 @@ def test_tokens_and_scopes_apply_to_tickets():
             RemoteAdamax(target, optimizer="theirs", worker_id="w0", token="scoped-token")
 
 
-def test_tls_and_bulk_cannot_be_combined(tmp_path):
+def test_a_plaintext_bulk_port_next_to_tls_is_refused(tmp_path):
     import grpc
     from _certs import make_pki
 

@@ -342,3 +342,133 @@ def test_state_changing_calls_bump_the_version():
     store = host.save_own_variables()
     host.load_own_variables(store)
     assert host.version == 2
+
+
+# ---------------------------------------------------------------- receive buffers and folded statistics
+
+def _pooled_receive(items):
+    """A receive that fills what the host lends (as the transports' allocators do)."""
+    used = []
+
+    def receive(lookup):
+        out = []
+        for name, value in items:
+            buf = lookup(name, value.dtype) if lookup is not None else None
+            if buf is None:
+                out.append((name, value))
+                continue
+            flat = buf.reshape(-1)
+            flat[...] = value.reshape(-1)
+            used.append(flat)
+            out.append((name, flat.reshape(value.shape)))
+        return out
+
+    return receive, used
+
+
+def test_sync_contributions_reuse_pooled_receive_buffers_across_rounds():
+    host = make_host(Policy(mode="sync", num_workers=2))
+    engine = local_engine()
+    seen = []
+    for step in range(3):
+        contributions = [grads(10 * step + i) for i in range(2)]
+        for i in range(2):
+            receive, used = _pooled_receive(contributions[i])
+            assert host.push(f"w{i}", f"r{step}", step, receive, timeout=5).outcome in ("accepted", "round_closed")
+            seen.append({id(u.base if u.base is not None else u) for u in used})
+        engine.apply({n: (contributions[0][k][1] + contributions[1][k][1]) / np.float32(2) for k, n in enumerate(["w", "b"])})
+    # Rounds 2 and 3 receive into the buffers round 1 gave back: no fresh memory per push.
+    assert seen[2] | seen[3] == seen[0] | seen[1] == seen[4] | seen[5]
+    pulled = host.pull([], lambda v, it, items: dict(items))
+    for name, value in engine.trainable_variables.items():
+        assert_bitwise_equal(pulled.payload[name], value)
+
+
+def test_a_rejected_sync_push_returns_its_buffers_and_changes_nothing():
+    host = make_host(Policy(mode="sync", num_workers=2))
+    before = snapshot(host)
+    items = grads(0)
+    items[0][1][1, 1] = np.inf
+    receive, used = _pooled_receive(items)
+    with pytest.raises(InvalidArgument, match="non-finite"):
+        host.push("w0", "r", 0, receive, timeout=5)
+    assert_same_state(before, snapshot(host))
+    assert host.status().round_arrivals == []
+    receive2, used2 = _pooled_receive(grads(1))
+    host.push("w0", "r2", 0, receive2, timeout=5)
+    assert {id(u.base) for u in used2} == {id(u.base) for u in used}  # given back, taken again
+
+
+def test_statistics_computed_while_receiving_are_used(monkeypatch):
+    from adamax_server.coordination import stats as stats_module
+    from adamax_server.coordination.stats import GradientStats, ReceivedGradients
+
+    host = make_host()
+    items = grads(0)
+    claimed = {"w": GradientStats(1.0, 1.0, 0), "b": GradientStats(1.0, 1.0, 3)}  # b "had" NaNs
+    calls = []
+    monkeypatch.setattr(stats_module, "gradient_stats", lambda v: calls.append(v) or GradientStats(0.0, 0.0, 0))
+    with pytest.raises(InvalidArgument, match=r"'b' \(3 NaN/Inf\)"):
+        host.push("w0", "r", 0, lambda _lookup: ReceivedGradients(items, claimed), timeout=5)
+    assert calls == []  # no second pass over the gradients
+
+
+def test_gradient_statistics_run_outside_the_optimizer_lock():
+    host = make_host()
+    inside = threading.Event()
+    release = threading.Event()
+    from adamax_server.coordination import host as host_module
+
+    original = host_module.push_stats
+
+    def slow_stats(grads, known=None):
+        inside.set()
+        release.wait(5)
+        return original(grads, known)
+
+    host_module.push_stats = slow_stats
+    try:
+        t = threading.Thread(target=lambda: push(host, "w0", "r", 0, grads(0)))
+        t.start()
+        assert inside.wait(5)
+        assert host.version == 0  # the lock is free while the statistics are computed
+        host.status()
+        release.set()
+        t.join(5)
+    finally:
+        host_module.push_stats = original
+    assert host.version == 1
+
+
+def test_an_overlapping_async_push_is_applied_where_it_landed():
+    host = make_host()
+    engine = local_engine()
+    first_in = threading.Event()
+    release = threading.Event()
+    g1, g2 = grads(1), grads(2)
+
+    def slow(lookup):  # the lease holder: receives into the engine's staging buffers
+        first_in.set()
+        release.wait(5)
+        return _pooled_receive(g1)[0](lookup)
+
+    receive2, used2 = _pooled_receive(g2)
+    t = threading.Thread(target=lambda: host.push("w0", "r1", 0, slow, timeout=5))
+    t.start()
+    assert first_in.wait(5)
+    results = {}
+    t2 = threading.Thread(target=lambda: results.setdefault("r2", host.push("w1", "r2", 0, receive2, timeout=5)))
+    t2.start()
+    time.sleep(0.2)  # the second push has received into a pooled set and waits for the first
+    release.set()
+    t.join(5)
+    t2.join(5)
+    assert results["r2"].outcome == "applied" and host.version == 2
+    # The second push's set became the staging buffers: no copy of its gradients.
+    staged = {host._engine.gradient_buffer(n).ctypes.data for n in ("w", "b")}
+    assert staged == {u.ctypes.data for u in used2}
+    engine.apply(dict(g1))
+    engine.apply(dict(g2))
+    pulled = host.pull([], lambda v, it, items: dict(items))
+    for name, value in engine.trainable_variables.items():
+        assert_bitwise_equal(pulled.payload[name], value)

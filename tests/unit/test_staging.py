@@ -145,3 +145,39 @@ def _push_request():
     from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
 
     return pb.PushRequest
+
+
+@pytest.mark.parametrize("device", ["reference", "numpy", "numba"])
+@pytest.mark.parametrize("kwargs", [{}, {"clipnorm": 0.3, "use_ema": True}, {"gradient_accumulation_steps": 2}])
+def test_gradients_received_into_an_exchanged_set_equal_apply(device: str, kwargs: dict) -> None:
+    """A server receives a push into a gradient set and swaps it in as the staging buffers."""
+    a = Adamax(device=device, **kwargs)
+    b = Adamax(device=device, **kwargs)
+    a.build(_init())
+    b.build(_init())
+    spare = a.new_gradient_set()
+    for step in range(4):
+        grads = _init(seed=step + 1)
+        present = {k: v for k, v in grads.items() if not (step == 2 and k == "bias")}
+        views = {}
+        for name, value in present.items():
+            view = a.gradient_set_view(spare, name)
+            view[...] = value.reshape(-1)
+            views[name] = view.reshape(value.shape)
+        spare = a.exchange_gradient_buffers(spare)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a.apply(views)
+            b.apply(present)
+    for name, value in b.trainable_variables.items():
+        np.testing.assert_array_equal(a.trainable_variables[name], value)
+        assert a.trainable_variables[name].tobytes() == value.tobytes()
+
+
+def test_exchange_gradient_buffers_checks_the_layout() -> None:
+    a = Adamax(device="numba")
+    a.build(_init())
+    bad = {k: np.empty(v.size + 1, v.dtype) for k, v in a.new_gradient_set().items()}
+    with pytest.raises(ValueError, match="gradient set"):
+        a.exchange_gradient_buffers(bad)
+    assert a.gradient_set_layout() == tuple((k, v.size, v.dtype.str) for k, v in a.new_gradient_set().items())

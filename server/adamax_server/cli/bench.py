@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-BENCHMARKS = ("transport", "overlap", "scaling", "memory", "wire", "adapters")
+BENCHMARKS = ("transport", "overlap", "scaling", "memory", "wire", "adapters", "datapath")
 
 
 def benchmarks_dir() -> Path | None:

@@ -173,7 +173,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
           help="longest a pull waits for a weights version (clients without a deadline)")
 
     transfer = parser.add_argument_group("bulk channel (push/pull bytes outside gRPC)")
-    _switch(transfer, "--no-bulk", "serve tensors over gRPC only (the bulk channel is on by default without TLS)")
+    _switch(transfer, "--no-bulk", "serve tensors over gRPC only (the bulk channel is on by default, over TLS when TLS is on)")
     _flag(transfer, "--bulk-port", 0, type=port_number("--bulk-port"), help="TCP port of the bulk channel (0 picks one; workers learn it over gRPC)")
     _switch(transfer, "--no-shared-memory", "do not offer shared memory to workers on this host")
 
@@ -212,15 +212,22 @@ def client_connection(args: argparse.Namespace) -> dict[str, Any]:
 
 def server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``create_server`` keyword arguments from the ``serve`` flags (raises on a bad setup)."""
-    from adamax_server.transport.security import SecurityConfigError, TlsConfig, TokenTable, server_credentials
+    from adamax_server.transport.security import (
+        SecurityConfigError,
+        TlsConfig,
+        TokenTable,
+        bulk_server_context,
+        server_credentials,
+    )
     from adamax_server.transport.budget import CallLimits
     from adamax_server.transport.validation import ResourceLimits
 
     out: dict[str, Any] = {}
     if args.tls_cert or args.tls_key or args.tls_require_client_cert:
-        out["credentials"] = server_credentials(
-            TlsConfig(args.tls_cert or "", args.tls_key or "", args.tls_ca, args.tls_require_client_cert)
-        )
+        config = TlsConfig(args.tls_cert or "", args.tls_key or "", args.tls_ca, args.tls_require_client_cert)
+        out["credentials"] = server_credentials(config)
+        if not args.no_bulk:
+            out["bulk_tls"] = bulk_server_context(config)  # the bulk channel speaks TLS too
     elif args.tls_ca:
         raise SecurityConfigError("--tls-ca was given without --tls-cert/--tls-key; TLS needs the server's certificate")
     env_token = os.environ.get(ENV_PREFIX + "TOKEN")
@@ -241,7 +248,7 @@ def server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         stall=float(args.stall_seconds), max_wait=float(args.max_wait_seconds),
     )
     out["reflection"] = not args.no_reflection
-    out["bulk"] = False if args.no_bulk else None  # None: on unless TLS is on
+    out["bulk"] = False if args.no_bulk else None  # None: on (TLS when the gRPC port is TLS)
     out["bulk_port"] = int(args.bulk_port)
     out["shared_memory"] = not args.no_shared_memory
     return out

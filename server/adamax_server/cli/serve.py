@@ -81,7 +81,7 @@ def _check_ports(args: argparse.Namespace, hardening: dict[str, Any]) -> None:
     from adamax_server.transport.ports import ensure_free
 
     ensure_free(args.host, args.port, "gRPC port")
-    bulk_on = hardening.get("bulk") is not False and "credentials" not in hardening
+    bulk_on = hardening.get("bulk") is not False  # over TLS too when the gRPC port is TLS
     if bulk_on and args.bulk_port:
         ensure_free(args.host, args.bulk_port, "bulk port")
     if args.metrics_port:
@@ -194,8 +194,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if not _json_logs():
         print(f"listening on {args.host}:{port}", flush=True)
     if bulk is not None:
-        _log.info("bulk channel on %s:%d (shared memory for same-host workers: %s)", args.host, bulk.port,
-                  bulk.shared_memory, extra={"event": "bulk_channel", "port": bulk.port})
+        _log.info("bulk channel on %s:%d (tls=%s, shared memory for same-host workers: %s)", args.host, bulk.port,
+                  bulk.tls is not None, bulk.shared_memory, extra={"event": "bulk_channel", "port": bulk.port})
     else:
         _log.info("bulk channel off: tensors travel in gRPC streams")
     if metrics_port is not None:

@@ -34,9 +34,10 @@ from adamax_server.coordination.policy import (
     WorkerRecord,
     WorkerStatus,
 )
+from adamax_server.coordination.receive_buffers import Layout, ReceiveBuffersMixin, Taken
 from adamax_server.coordination.rounds import Contribution, RoundsMixin
 from adamax_server.coordination.staging import StagingMixin
-from adamax_server.coordination.stats import non_finite_counts, non_finite_message, push_stats
+from adamax_server.coordination.stats import GradientStats, non_finite_counts, non_finite_message, push_stats
 from adamax_server.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -53,7 +54,7 @@ _log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- one optimizer
 
-class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin):
+class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin, ReceiveBuffersMixin):
     """One hosted optimizer: the engine, its lock, versions, rounds and the dedup table."""
 
     _PULL_CACHE_KEYS = 8
@@ -94,6 +95,10 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin):
         self._pushes_in_flight = 0  # pushes between dedup.begin and their end
         self._staging_leased = False  # a push is receiving into the engine's staging buffer
         self._lease_progress: ReceiveProgress | None = None  # how the lease holder's bytes arrive
+        # Receive buffers of pushes that cannot use the staging buffer (sync contributions kept
+        # until their round closes, async pushes overlapping the lease holder): reused, so a
+        # push costs no fresh memory (page faults) and no full-size temporary.
+        self._free_sets: dict[Layout, list[dict[str, np.ndarray]]] = {}
 
     # -------------------------------------------------------------- inspection
 
@@ -236,18 +241,20 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin):
                 f"Gradient for variable '{meta.name}' has shape {meta.shape}, but the variable has shape {shape}."
             )
 
-    def _validate_payload(self, grads: Sequence[tuple[str, Gradient]]) -> dict[str, Gradient]:
-        specs = {n: tuple(s) for n, s, _ in self._engine.variable_specs}
+    @staticmethod
+    def _validate_payload(
+        grads: Sequence[tuple[str, Gradient]], rows: Mapping[str, int]
+    ) -> dict[str, Gradient]:
+        """Names unique, row-sparse indices in range; ``rows``: first dimension per variable."""
         out: dict[str, Gradient] = {}
         for name, g in grads:
             if name in out:
                 raise InvalidArgument(f"The push carries two gradients for variable '{name}'.")
             if isinstance(g, RowSparseGradient) and g.indices.size:
-                rows = specs[name][0]
                 low, high = int(g.indices.min()), int(g.indices.max())
-                if low < 0 or high >= rows:
+                if low < 0 or high >= rows[name]:
                     raise InvalidArgument(
-                        f"Row-sparse gradient for variable '{name}': row indices must be in [0, {rows}). "
+                        f"Row-sparse gradient for variable '{name}': row indices must be in [0, {rows[name]}). "
                         f"Received min={low}, max={high}."
                     )
             out[name] = g
@@ -265,11 +272,12 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin):
     ) -> PushResult:
         """Handle one push exactly once; ``receive(staging)`` reads its gradients (outside the lock).
 
-        ``staging(name, dtype)`` (or None) hands out the engine's own gradient staging buffer
-        of a variable when this push may use it (async, host engine, no other push in
-        flight): a payload received there lands where the update reads it, with no copy and
-        no fresh allocation. Raises StaleGradient, FailedPrecondition, InvalidArgument or
-        NotFound; a failed push changes nothing and may be retried with the same request id.
+        ``staging(name, dtype)`` hands out a receive buffer: the engine's staging buffer for a
+        lone async push (no copy), else a pooled gradient set. ``receive`` may return
+        ``ReceivedGradients`` with statistics computed as the bytes arrived. Receiving,
+        validation and statistics run outside the lock; it covers the state change only.
+        Raises StaleGradient, FailedPrecondition, InvalidArgument or NotFound; a failed push
+        changes nothing and may be retried with the same request id.
 
         ``progress`` (from the transport) says how the payload is arriving and how to cancel
         it: a holder of the staging buffer that stops moving while others wait is cancelled
@@ -301,10 +309,18 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin):
             epoch = self._restore_epoch
             lease = self._take_staging_lease(progress)
             self._pushes_in_flight += 1
+            specs = list(self._engine.variable_specs)
+        taken: Taken = []  # the pooled gradient set this push holds
         try:
-            grads = receive(self._staging_lookup() if lease else None)
+            lookup = self._staging_lookup() if lease else self._pooled_lookup(taken)
+            grads = receive(lookup)
             if progress is not None:  # all arrived: nothing to cancel any more
                 progress.cancel = None
+            rows = {n: (tuple(s)[0] if len(s) else 0) for n, s, _ in specs}
+            validated = self._validate_payload(grads, rows)
+            stats = None
+            if self.policy.mode == "async" or self.policy.non_finite == "reject":
+                stats = push_stats(validated, getattr(grads, "stats", None))
             with self._cond:
                 if not lease:
                     self._wait_for_lease(deadline)  # it is being filled: apply after it
@@ -315,8 +331,7 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin):
                         f"was in flight; it was not applied. Pull version {self._version} and recompute.",
                         current_version=self._version,
                     )
-                validated = self._validate_payload(grads)
-                result = self._handle_push(worker_id, request_id, step, validated)
+                result = self._handle_push(worker_id, request_id, step, validated, stats, taken)
                 if lease:  # done with the buffer: nobody may cancel this push any more
                     self._staging_leased, self._lease_progress = False, None
                 self._dedup.finish(worker_id, request_id, result)
@@ -334,6 +349,7 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin):
         finally:
             with self._cond:
                 self._pushes_in_flight -= 1
+                self._give_back(taken)  # empty when a sync round took them over
                 if lease:
                     self._staging_leased = False
                     self._lease_progress = None
@@ -367,16 +383,26 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin):
                 current_version=version,
             )
 
-    def _handle_push(self, worker_id: str, request_id: str, step: int, grads: dict[str, Gradient]) -> PushResult:
+    def _handle_push(
+        self,
+        worker_id: str,
+        request_id: str,
+        step: int,
+        grads: dict[str, Gradient],
+        stats: Mapping[str, GradientStats] | None,
+        taken: Taken,
+    ) -> PushResult:
+        """The state change of one push (under the lock); ``stats`` were computed outside it."""
         engine = self._engine
         if self.policy.mode == "async":
+            assert stats is not None
             self._check_step(step)
-            stats = push_stats(grads)
             bad = non_finite_counts(stats)
             if bad:
                 if self.policy.non_finite == "reject":
                     raise InvalidArgument(non_finite_message(bad))
                 return PushResult("skipped_non_finite", self._version, engine.iterations, detail=non_finite_message(bad, skipped=True))
+            self._swap_in(taken)  # applied where it was received: no copy into the staging buffers
             self._apply(grads, stats)
             self._set_version(self._version + 1)
             return PushResult("applied", self._version, engine.iterations)
@@ -399,10 +425,12 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin):
                 current_version=self._version,
             )
         if self.policy.non_finite == "reject":
-            bad = non_finite_counts(push_stats(grads))
+            assert stats is not None
+            bad = non_finite_counts(stats)
             if bad:
                 raise InvalidArgument(non_finite_message(bad))
-        self._round[worker_id] = Contribution(request_id, grads)
+        self._round[worker_id] = Contribution(request_id, grads, list(taken))
+        taken.clear()  # the round owns them now
         if len(self._round) == 1:
             self._round_started = time.monotonic()
         if len(self._round) >= self.policy.quorum:

@@ -7,13 +7,14 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from adamax_server.coordination.stats import GradientStats, non_finite_counts, non_finite_message, push_stats
 from adamax_server.coordination.policy import Gradient
 from adamax_server.optim.engine import RowSparseGradient
+from adamax_server.optim.kernels.stats import sum_with_stats
 
 _log = logging.getLogger(__name__)
 
@@ -22,8 +23,8 @@ _log = logging.getLogger(__name__)
 class Contribution:
     request_id: str
     grads: dict[str, Gradient]
-
-
+    # Pooled receive buffers the gradients live in: back to the host's pool when the round ends.
+    buffers: list[Any] = field(default_factory=list)
 
 
 class RoundsMixin:
@@ -53,6 +54,8 @@ class RoundsMixin:
                 self._abort_round(f"round for version {self._version} of optimizer '{self.key}' was aborted: {why}")
 
     def _reset_round(self) -> None:
+        for contribution in self._round.values():
+            self._give_back(contribution.buffers)
         self._round = {}
         self._round_epoch += 1
         if self._round_timer is not None:
@@ -71,12 +74,12 @@ class RoundsMixin:
 
     def _close_round(self, why: str) -> str:
         contributions = [self._round[w] for w in sorted(self._round)]
-        combined = self._combine(contributions)
+        combined, known = self._combine(contributions)
         version = self._version
         detail = f"round for version {version} {why}"
         present = {n: g for n, g in combined.items() if g is not None}
         try:
-            stats = push_stats(present)
+            stats = push_stats(present, known)  # dense sums: from the summing pass
             bad = non_finite_counts(stats)
             if bad:  # only reachable with non_finite="skip" (or overflow in the sum)
                 detail += "; " + non_finite_message(bad, skipped=True)
@@ -121,10 +124,18 @@ class RoundsMixin:
         except Exception:
             _log.exception("metrics hook %s failed", hook)
 
-    def _combine(self, contributions: list[Contribution]) -> dict[str, Gradient]:
-        """Sum or mean per variable, in worker-id order (so results do not depend on arrival)."""
+    def _combine(self, contributions: list[Contribution]) -> tuple[dict[str, Gradient], dict[str, GradientStats]]:
+        """Sum or mean per variable, in worker-id order (so results do not depend on arrival).
+
+        Dense gradients are summed in one pass that also yields their statistics (returned
+        with the combination), straight into the engine's staging buffer when it is host
+        memory (sync rounds never lend it to a receive): no new allocation, and apply copies
+        nothing.
+        """
         count = len(contributions)
         out: dict[str, Gradient] = {}
+        stats: dict[str, GradientStats] = {}
+        divisor = count if self.policy.aggregation == "mean" else None
         for name, shape, dtype in self._engine.variable_specs:
             parts = [c.grads[name] for c in contributions if c.grads.get(name) is not None]
             if not parts:
@@ -133,23 +144,23 @@ class RoundsMixin:
             if all(isinstance(p, RowSparseGradient) for p in parts):
                 indices = np.concatenate([np.asarray(p.indices, dtype=np.int64) for p in parts])
                 values = np.concatenate([np.asarray(p.values).astype(dtype) for p in parts])
-                if self.policy.aggregation == "mean":
+                if divisor is not None:
                     values = np.divide(values, np.asarray(count, dtype=dtype))
                 out[name] = RowSparseGradient(indices, values)
                 continue
-            # Summed straight into the engine's staging buffer when it is host memory (sync
-            # rounds never lend it to a receive): no new allocation, and apply copies nothing.
             total = self._engine.gradient_buffer(name) if self._engine.host_staging else None
             if total is None or total.dtype != np.dtype(dtype):
                 total = np.zeros(shape, dtype=dtype)
-            else:
+            if any(isinstance(p, RowSparseGradient) for p in parts):
                 total[...] = 0
-            for p in parts:
-                if isinstance(p, RowSparseGradient):
-                    np.add.at(total, np.asarray(p.indices), np.asarray(p.values).astype(dtype))
-                else:
-                    np.add(total, np.asarray(p).astype(dtype, copy=False), out=total)
-            if self.policy.aggregation == "mean":
-                np.divide(total, np.asarray(count, dtype=dtype), out=total)
+                for p in parts:
+                    if isinstance(p, RowSparseGradient):
+                        np.add.at(total, np.asarray(p.indices), np.asarray(p.values).astype(dtype))
+                    else:
+                        np.add(total, np.asarray(p).astype(dtype, copy=False), out=total)
+                if divisor is not None:
+                    np.divide(total, np.asarray(count, dtype=dtype), out=total)
+            else:
+                stats[name] = sum_with_stats(total, [np.asarray(p) for p in parts], divisor)
             out[name] = total
-        return out
+        return out, stats

@@ -1,40 +1,56 @@
-"""Per-push gradient statistics (non-finite counts, squared norms), computed once per push and shared
-by the non-finite check and the metrics."""
+"""Per-push gradient statistics (non-finite counts, squared norms), shared by the non-finite check
+and the metrics.
+
+The transports fold the statistics into the pass that receives the bytes (see
+``adamax_server.optim.kernels.stats``) and hand them over with the gradients as a
+``ReceivedGradients`` list; ``push_stats`` computes only what is missing, outside the
+optimizer's lock. A sync round's combined gradient gets its statistics from the summing pass.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from adamax_server.optim.engine import RowSparseGradient
-from adamax_server.optim.kernels.stats import gradient_stats
+from adamax_server.optim.kernels.stats import GradientStats, gradient_stats
 
 Gradient = Any  # np.ndarray | RowSparseGradient | None (as in ``policy``)
 
-
-class GradientStats(NamedTuple):
-    """One gradient's sum of squares and largest magnitude (finite part) and non-finite count."""
-
-    sumsq: float
-    max_abs: float
-    non_finite: int
+__all__ = ["GradientStats", "ReceivedGradients", "non_finite_counts", "non_finite_message", "push_stats"]
 
 
-def push_stats(grads: Mapping[str, Gradient]) -> dict[str, GradientStats]:
-    """One parallel pass per gradient; the non-finite check and the metrics share the result."""
+class ReceivedGradients(list):  # type: ignore[type-arg]
+    """A push's ``[(name, gradient), ...]`` with the statistics computed while receiving them.
+
+    ``stats`` maps a name to its ``GradientStats`` for every gradient whose statistics are
+    complete (a transport leaves out what it could not fold in, e.g. bfloat16 on the wire).
+    """
+
+    def __init__(self, items: Any = (), stats: Mapping[str, GradientStats] | None = None) -> None:
+        super().__init__(items)
+        self.stats: dict[str, GradientStats] = dict(stats or {})
+
+
+def push_stats(grads: Mapping[str, Gradient], known: Mapping[str, GradientStats] | None = None) -> dict[str, GradientStats]:
+    """Stats per present gradient: ``known`` ones as they are, one parallel pass for the others."""
     out = {}
     for name, g in grads.items():
         if g is None:
             continue
+        if known is not None and name in known:
+            out[name] = known[name]
+            continue
         values = g.values if isinstance(g, RowSparseGradient) else g
-        out[name] = GradientStats(*gradient_stats(np.asarray(values)))
+        out[name] = gradient_stats(np.asarray(values))
     return out
 
 
 def non_finite_counts(stats: Mapping[str, GradientStats]) -> dict[str, int]:
     return {name: st.non_finite for name, st in stats.items() if st.non_finite}
+
 
 def non_finite_message(bad: Mapping[str, int], *, skipped: bool = False) -> str:
     listing = ", ".join(f"'{n}' ({c} NaN/Inf)" for n, c in bad.items())

@@ -135,6 +135,45 @@ class StepMixin:
         """Whether ``gradient_buffer`` returns host (NumPy) memory that a receiver can fill."""
         return self.built and all(isinstance(g.buffers["g"], np.ndarray) for g in self._groups.values())
 
+    def new_gradient_set(self) -> dict[str, np.ndarray]:
+        """Host arrays laid out like the gradient staging buffers (one flat array per dtype group).
+
+        A server receives a push into a set (``gradient_set_view``) while another push is being
+        applied, then makes it the staging buffers with ``exchange_gradient_buffers``: the
+        gradients are applied where they landed, with no copy.
+        """
+        if not self.built:
+            raise ValueError("The optimizer must be built before `new_gradient_set`.")
+        return {gname: np.empty(group.size, dtype=group.dtype) for gname, group in self._groups.items()}
+
+    def gradient_set_layout(self) -> tuple[tuple[str, int, str], ...]:
+        """(group, elements, dtype) of every staging buffer: what a gradient set must match."""
+        return tuple((gname, int(group.size), group.dtype.str) for gname, group in self._groups.items())
+
+    def gradient_set_view(self, gradient_set: dict[str, np.ndarray], name: str) -> np.ndarray:
+        """The flat slice of ``gradient_set`` (from ``new_gradient_set``) that holds ``name``'s gradient."""
+        v = self._require_var(name)
+        off = int(self._groups[v.group].table.offsets[v.seg])
+        return gradient_set[v.group][off : off + v.size]
+
+    def exchange_gradient_buffers(self, gradient_set: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Make ``gradient_set`` the staging buffers (host engines only); returns the previous ones.
+
+        A following ``apply`` whose gradients are views of the set (``gradient_set_view``) copies
+        nothing for them; gradients elsewhere are written into the set as usual.
+        """
+        if not self.host_staging:
+            raise ValueError("`exchange_gradient_buffers` needs a host engine (host_staging).")
+        for gname, group in self._groups.items():
+            buf = gradient_set.get(gname)
+            if not isinstance(buf, np.ndarray) or buf.shape != (group.size,) or buf.dtype != group.dtype:
+                raise ValueError(f"gradient set for group {gname!r} must be a flat {group.dtype} array of {group.size}")
+        previous = {}
+        for gname, group in self._groups.items():
+            previous[gname] = group.buffers["g"]
+            group.buffers["g"] = gradient_set[gname]
+        return previous
+
     def gradient_buffer(self, name: str) -> Any:
         """The writable staging buffer for ``name``'s gradient (variable shape and dtype).
 

@@ -70,7 +70,9 @@ class TimedSocket:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("the call ran past its time budget")
-        self.sock.settimeout(min(remaining, self.stall))
+        want = min(remaining, self.stall)
+        if self.sock.gettimeout() != want:  # (settimeout is a system call; a TLS read is one 16 KB record)
+            self.sock.settimeout(want)
         got = self.sock.recv_into(buffer, nbytes)
         if self.progress is not None:
             self.progress.add(got)

@@ -13,8 +13,9 @@ the server fills once per version and every same-host worker copies from.
 
 Everything that decides what a push or pull means (validation, exactly-once, sync rounds,
 staleness, version waits) is the coordinator's, exactly as for the gRPC calls; this module
-only moves bytes. The listener sends no encryption: a server with TLS does not open it
-(``create_server`` refuses the combination).
+only moves bytes. With ``tls`` (``security.bulk_server_context``) every connection is TLS from
+its first byte, with the gRPC port's certificate rules and tickets bound to the mTLS identity
+that asked for them (``bulk_tls``); shared memory stays available (its bytes never leave the host).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import logging
 import math
 import secrets
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,7 +46,8 @@ from adamax_server.errors import (
     ERROR_TYPE_KEY, InvalidArgument, PermissionDenied, ResourceExhausted, ServiceError, Unauthenticated, status_for,
 )
 from adamax_server.transport.budget import CallLimits, TimedSocket
-from adamax_server.transport.common import OUTCOMES, engine_value, staging_allocator, tensor_meta
+from adamax_server.transport.bulk_tls import check_identity, tls_accept
+from adamax_server.transport.common import OUTCOMES, FoldedStats, engine_value, shm_copy, staging_allocator, tensor_meta
 
 _log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class _Ticket:
     optimizer: str
     worker_id: str
     expires: float
+    identities: frozenset[str] = frozenset()  # the mTLS identities of the caller it was issued to
 
 
 @dataclass
@@ -121,8 +125,10 @@ class BulkServer:
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         limits: CallLimits | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._coordinator = coordinator
+        self.tls = tls
         self.limits = limits or CallLimits(stall=stall_timeout)
         self.stall_timeout = self.limits.stall
         self._metrics = metrics
@@ -177,14 +183,15 @@ class BulkServer:
 
     # -------------------------------------------------------------- tickets
 
-    def issue_ticket(self, optimizer: str, worker_id: str) -> bytes:
-        """A one-time ticket for a connection bound to ``optimizer`` and ``worker_id``."""
+    def issue_ticket(self, optimizer: str, worker_id: str, identities: frozenset[str] = frozenset()) -> bytes:
+        """A one-time ticket for a connection bound to ``optimizer`` and ``worker_id`` (and, when
+        the gRPC caller was authenticated by a client certificate, to its ``identities``)."""
         ticket = secrets.token_bytes(32)
         now = time.monotonic()
         with self._lock:
             for key in [k for k, t in self._tickets.items() if t.expires < now]:
                 del self._tickets[key]
-            self._tickets[_digest(ticket)] = _Ticket(optimizer, worker_id, now + self.ticket_ttl)
+            self._tickets[_digest(ticket)] = _Ticket(optimizer, worker_id, now + self.ticket_ttl, frozenset(identities))
         return ticket
 
     def _redeem(self, ticket: bytes) -> _Ticket:
@@ -226,8 +233,12 @@ class BulkServer:
         counted = False
         try:
             _bulk.tune(sock)
-            hello = self.limits.hello_timeout  # for the whole hello, not per read
-            conn = self._hello(TimedSocket(sock, time.monotonic() + hello, hello), sock, peer)
+            hello = self.limits.hello_timeout  # for the whole hello (TLS handshake included), not per read
+            started = time.monotonic()
+            if self.tls is not None:
+                sock.settimeout(hello)
+                sock = self._tls_handshake(sock)
+            conn = self._hello(TimedSocket(sock, started + hello, hello), sock, peer)
             if conn is None:
                 return
             counted = True
@@ -252,7 +263,7 @@ class BulkServer:
                     raise _wire.WireFormatError(f"unexpected bulk frame '{kind}' between calls")
         except _wire.WireFormatError as exc:
             self._send_quietly(sock, _bulk.status_frame("INVALID_ARGUMENT", f"bulk protocol error: {exc}"))
-        except (_CloseConnection, OSError):
+        except (_CloseConnection, OSError):  # (a failed TLS handshake is an OSError)
             pass  # the peer went away (or the server is stopping); nothing to answer
         except Exception:
             _log.exception("bulk connection %s failed", peer)
@@ -267,6 +278,15 @@ class BulkServer:
                 sock.close()
             except OSError:
                 pass
+
+    def _tls_handshake(self, raw: socket.socket) -> socket.socket:
+        wrapped = tls_accept(self.tls, raw)  # type: ignore[arg-type]
+        with self._lock:  # close() and eviction must reach the socket that now owns the descriptor
+            self._connections.discard(raw)
+            self._connections.add(wrapped)
+            if raw in self._pending:  # same place in the oldest-first order
+                self._pending = {(wrapped if k is raw else k): v for k, v in self._pending.items()}
+        return wrapped
 
     @staticmethod
     def _send_quietly(sock: socket.socket, frame: Any) -> None:
@@ -288,6 +308,7 @@ class BulkServer:
             if full:
                 raise ResourceExhausted(f"the bulk channel has {self._max_connections} connections open; use gRPC")
             ticket = self._redeem(frame.hello.ticket)
+            check_identity(ticket.identities, sock)
         except ServiceError as exc:
             with self._lock:
                 self._authenticated -= not full
@@ -371,9 +392,10 @@ class BulkServer:
         # the staging lease the copy lands in the engine's staging buffer, so the apply then
         # copies nothing: the same number of passes as reading the segment in place. ``allocate``
         # is the receive allocator of the push (staging buffer, or a GPU server's pinned buffer).
+        # Statistics fold into this copy (``shm_copy``): the one read of the worker's bytes.
         supplied = allocate(header, nbytes) if allocate is not None else None
         private, on_filled = supplied if supplied is not None else (np.empty(nbytes, dtype=np.uint8), None)
-        np.copyto(private, raw)
+        shm_copy(on_filled, private, raw)
         if on_filled is not None:
             on_filled(0, nbytes)
         return _wire.decode_buffer(header, private).value
@@ -550,7 +572,8 @@ class _PushReader:
         host, sock = self.host, self.sock
         assert host is not None
         receiver = host.device_receiver()
-        allocate = receiver.allocate if receiver is not None else staging_allocator(staging)
+        folded = FoldedStats()
+        allocate = folded.wrap(receiver.allocate if receiver is not None else staging_allocator(staging))
         values: list[tuple[str, Any]] = []
         try:
             while self.remaining:
@@ -577,7 +600,7 @@ class _PushReader:
                 receiver.wait()
         if receiver is not None:
             values = [(name, receiver.wrap(name, value)) for name, value in values]
-        return values
+        return folded.result(values)
 
     def _next_header(self) -> Any:
         try:

@@ -1,8 +1,10 @@
 """Translation shared by both transports (gRPC servicer and bulk channel).
 
 Proto enums <-> policy strings, ``OptimizerStatus`` -> ``OptimizerInfo``, tensor headers ->
-``TensorMeta``, decoded tensors -> engine values, and the receive allocator that lets a push land
-straight in the engine's staging buffer. No grpc here: the bulk channel uses it without a server.
+``TensorMeta``, decoded tensors -> engine values, the receive allocator that lets a push land
+straight in the engine's staging buffer, and ``FoldedStats``, which computes a push's gradient
+statistics piece by piece as its bytes land (while they are still in the cache). No grpc here:
+the bulk channel uses it without a server.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from adamax_wire import tensors as _wire
 from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
 
 from adamax_server.coordination.policy import OptimizerStatus, Policy, TensorMeta, config_to_json
+from adamax_server.coordination.stats import GradientStats, ReceivedGradients
 from adamax_server.errors import InvalidArgument
 from adamax_server.optim.engine import RowSparseGradient
+from adamax_server.optim.kernels.stats import EMPTY, copy_with_stats, gradient_stats
 
 _MODES = {pb.MODE_UNSPECIFIED: "async", pb.ASYNC: "async", pb.SYNC: "sync"}
 _AGGREGATIONS = {pb.AGGREGATION_UNSPECIFIED: "mean", pb.MEAN: "mean", pb.SUM: "sum"}
@@ -142,3 +146,81 @@ def staging_allocator(staging: Any) -> _wire.Allocator | None:
         return (raw, None) if raw.size == nbytes else None
 
     return allocate
+
+
+_FOLDED_DTYPES = {pb.FLOAT32: np.dtype(np.float32), pb.FLOAT64: np.dtype(np.float64)}
+
+
+class _Tracker:
+    """The ``on_filled`` hook of one tensor's receive buffer: statistics of each piece as it lands,
+    then the allocator's own hook (a GPU server's host-to-device copy) if any."""
+
+    __slots__ = ("folded", "name", "buffer", "start", "dtype", "done", "stats", "inner")
+
+    def __init__(self, folded: FoldedStats, name: str, buffer: np.ndarray, start: int, dtype: np.dtype,
+                 inner: Any) -> None:
+        self.folded, self.name, self.buffer, self.start, self.dtype = folded, name, buffer, start, dtype
+        self.done = start  # bytes of the values accounted for
+        self.stats = EMPTY
+        self.inner = inner
+
+    def __call__(self, start: int, end: int) -> None:
+        item = self.dtype.itemsize
+        stop = self.start + (end - self.start) // item * item if end > self.start else self.start
+        if stop > self.done:
+            piece = self.buffer[self.done : stop].view(self.dtype)
+            self.stats = self.stats.merge(gradient_stats(piece))
+            self.done = stop
+        if self.done == self.buffer.size:
+            self.folded.stats[self.name] = self.stats
+        if self.inner is not None:
+            self.inner(start, end)
+
+    def copy_from(self, raw: np.ndarray) -> None:
+        """Fill the whole buffer from ``raw`` (uint8, same size) with the statistics in the same read."""
+        if self.start:
+            np.copyto(self.buffer[: self.start], raw[: self.start])
+        dst = self.buffer[self.start :].view(self.dtype)
+        self.stats = copy_with_stats(dst, raw[self.start :].view(self.dtype))
+        self.done = self.buffer.size
+        self.folded.stats[self.name] = self.stats
+
+
+class FoldedStats:
+    """A push's gradient statistics, computed while its payload is received.
+
+    ``wrap(allocate)`` returns an allocator handing out the same buffers, with an ``on_filled``
+    hook that accounts for each piece as it lands (the socket's pieces, gRPC chunks) or, for a
+    copy out of shared memory, a ``copy_from`` that copies and counts in one read. float32 and
+    float64 payloads are folded; others (narrowed on the wire) are left to ``push_stats``.
+    """
+
+    def __init__(self) -> None:
+        self.stats: dict[str, GradientStats] = {}
+
+    def wrap(self, allocate: _wire.Allocator | None) -> _wire.Allocator:
+        def folded(header: Any, nbytes: int) -> Any:
+            supplied = allocate(header, nbytes) if allocate is not None else None
+            dtype = _FOLDED_DTYPES.get(header.dtype)
+            if dtype is None or header.layout not in (pb.DENSE, pb.ROW_SPARSE):
+                return supplied
+            buffer, inner = supplied if supplied is not None else (np.empty(nbytes, dtype=np.uint8), None)
+            start = header.num_rows * 8 if header.layout == pb.ROW_SPARSE else 0
+            if (buffer.size - start) % dtype.itemsize:
+                return supplied  # malformed; the decoder reports it
+            return buffer, _Tracker(self, header.name, buffer, start, dtype, inner)
+
+        return folded
+
+    def result(self, values: list[tuple[str, Any]]) -> ReceivedGradients:
+        return ReceivedGradients(values, self.stats)
+
+
+def shm_copy(on_filled: Any, private: np.ndarray, raw: np.ndarray) -> None:
+    """Copy a shared-memory payload into its private buffer; statistics in the same read when the
+    buffer's hook folds them."""
+    copy = getattr(on_filled, "copy_from", None)
+    if copy is not None:
+        copy(raw)
+    else:
+        np.copyto(private, raw)

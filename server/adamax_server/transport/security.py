@@ -3,6 +3,10 @@
 * :func:`server_credentials` reads a certificate chain, its key and (for mutual TLS) a CA
   bundle from files. A server told to require client certificates without a CA refuses to
   start (:class:`SecurityConfigError`), rather than silently accepting anyone.
+* :func:`bulk_server_context` builds the same TLS setup (certificate, key, client CA, mutual
+  TLS) as an ``ssl.SSLContext`` for the bulk channel's sockets; :func:`certificate_identities`
+  names a peer certificate the way gRPC's ``peer_identities`` does, so a bulk connection is
+  bound to the mTLS identity that asked for its ticket.
 * :class:`TokenAuthInterceptor` checks ``authorization: Bearer <token>`` on every call except
   the gRPC health service, before any handler runs: a missing or unknown token is
   UNAUTHENTICATED. Tokens are compared in constant time (SHA-256 digests through
@@ -25,6 +29,7 @@ import hashlib
 import hmac
 import itertools
 import os
+import ssl
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +86,38 @@ def server_credentials(config: TlsConfig) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=config.require_client_auth
     )
+
+
+def bulk_server_context(config: TlsConfig) -> ssl.SSLContext:
+    """The server side of the bulk channel's TLS: the server certificate, and for mutual TLS the
+    client CA with client certificates required (the gRPC port's rules, for the bulk port)."""
+    server_credentials(config)  # the same checks and messages as for the gRPC port
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.cert_file, config.key_file)
+        if config.ca_file:
+            context.load_verify_locations(cafile=config.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise SecurityConfigError(f"unusable TLS certificate, key or CA for the bulk channel: {exc}") from exc
+    if config.require_client_auth:
+        context.verify_mode = ssl.CERT_REQUIRED
+    elif config.ca_file:
+        context.verify_mode = ssl.CERT_OPTIONAL  # as gRPC: a client certificate is checked if sent
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def certificate_identities(cert: Mapping[str, Any] | None) -> frozenset[str]:
+    """A verified peer certificate's identities (``ssl.SSLSocket.getpeercert()``): its subject
+    alternative names, or its common name when it has none, as gRPC reports them."""
+    if not cert:
+        return frozenset()
+    names = [str(value) for _kind, value in cert.get("subjectAltName", ())]
+    if not names:
+        names = [str(value) for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    return frozenset(names)
 
 
 # ---------------------------------------------------------------- tokens

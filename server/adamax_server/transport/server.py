@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import ssl
 from collections.abc import Sequence
 from concurrent import futures
 from typing import Any
@@ -111,6 +112,7 @@ def create_server(
     bulk_stall_timeout: float = DEFAULT_STALL_TIMEOUT,
     call_limits: CallLimits | None = None,
     reserved_threads: int | None = None,
+    bulk_tls: ssl.SSLContext | None = None,
 ) -> tuple[grpc.Server, int]:
     """Create (not start) a server bound to ``address``; returns it and the bound port.
 
@@ -122,21 +124,27 @@ def create_server(
     ``reflection=False`` hides the service descriptions (production).
 
     ``bulk`` opens the bulk channel (raw TCP on ``bulk_port`` of the same host, plus shared
-    memory for same-host workers unless ``shared_memory=False``; see ``bulk.py``). ``None``
-    (default): on without TLS, off with TLS, since the bulk channel carries no encryption;
-    ``bulk=True`` together with TLS credentials is refused. A bulk call whose peer sends
-    nothing for ``bulk_stall_timeout`` seconds fails (nothing applied) and its connection closes.
+    memory for same-host workers unless ``shared_memory=False``; see ``bulk.py``). With TLS
+    ``credentials`` the bulk channel is TLS too: ``bulk_tls`` is its ``ssl.SSLContext`` with the
+    same certificate and client-certificate rules (``security.bulk_server_context(config)``).
+    ``bulk=None`` (default): on, except with TLS credentials but no ``bulk_tls`` (a plaintext
+    bulk port next to a TLS gRPC port is refused, also with ``bulk=True``). A bulk call whose
+    peer sends nothing for ``bulk_stall_timeout`` seconds fails (nothing applied) and its
+    connection closes.
 
     ``call_limits`` (``transport.budget.CallLimits``) are the time budgets of pushes and pulls
     on both transports (its ``stall`` defaults to ``bulk_stall_timeout``); ``reserved_threads``
     of the ``max_workers`` threads are kept for unary (control) calls (default: a quarter, 1 to
     4; ``transport.admission``), so streams cannot take every thread.
     """
+    if bulk_tls is not None and credentials is None:
+        raise SecurityConfigError("`bulk_tls` needs TLS `credentials` for the gRPC port as well")
     if bulk is None:
-        bulk = credentials is None
-    elif bulk and credentials is not None:
+        bulk = credentials is None or bulk_tls is not None
+    elif bulk and credentials is not None and bulk_tls is None:
         raise SecurityConfigError(
-            "the bulk channel is unencrypted; it cannot be combined with TLS (use --no-bulk)"
+            "a TLS server's bulk channel needs its TLS context (bulk_tls=bulk_server_context(config)); "
+            "a plaintext bulk port next to TLS is refused (use --no-bulk)"
         )
     coordinator = coordinator or Coordinator(device=device, observer=metrics)
     call_limits = call_limits or CallLimits(stall=bulk_stall_timeout)
@@ -171,7 +179,7 @@ def create_server(
     if bulk:
         bulk_server = BulkServer(
             coordinator, host=_host_of(address), port=bulk_port, shared_memory=shared_memory,
-            max_tensor_bytes=max_tensor_bytes, metrics=metrics, limits=call_limits,
+            max_tensor_bytes=max_tensor_bytes, metrics=metrics, limits=call_limits, tls=bulk_tls,
         ).start()  # fmt: skip
     servicer = AdamaxServicer(
         coordinator, chunk_bytes=chunk_bytes, max_tensor_bytes=max_tensor_bytes, limits=limits or ResourceLimits(),

@@ -31,6 +31,7 @@ from adamax_server.transport.common import (
     ASSIGN_OPS,
     IF_EXISTS,
     OUTCOMES,
+    FoldedStats,
     dense_only,
     engine_value,
     info_to_proto,
@@ -172,12 +173,14 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
             def receive(staging: Any) -> list[tuple[str, Any]]:
                 # On a GPU engine, chunks are copied to the device as they arrive; on the host,
                 # a lone async push is received straight into the engine's staging buffer.
+                # Gradient statistics are folded into the receive (``FoldedStats``).
                 receiver = host.device_receiver()
+                folded = FoldedStats()
                 try:
                     _, tensors = self._decode(
                         itertools.chain([first], frames),
                         check_tensor=lambda th: host.check_gradient(tensor_meta(th)),
-                        allocate=receiver.allocate if receiver is not None else staging_allocator(staging),
+                        allocate=folded.wrap(receiver.allocate if receiver is not None else staging_allocator(staging)),
                     )
                 finally:
                     self._watchdog.done(watch)  # received: later waits have their own bounds
@@ -195,7 +198,7 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
                 values = [(t.header.name, engine_value(t.value)) for t in tensors]
                 if receiver is not None:
                     values = [(name, receiver.wrap(name, value)) for name, value in values]
-                return values
+                return folded.result(values)
 
             result = host.push(
                 header.worker_id, header.request_id, header.step, receive, timeout=self._wait_budget(context),
@@ -249,7 +252,8 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
             return pb.OpenBulkChannelResponse(
                 available=True,
                 port=bulk.port,
-                ticket=bulk.issue_ticket(request.optimizer, request.worker_id),
+                # An mTLS caller's ticket only opens a bulk connection with the same certificate.
+                ticket=bulk.issue_ticket(request.optimizer, request.worker_id, _peer_identities(context)),
                 ticket_ttl_seconds=bulk.ticket_ttl,
                 shared_memory=bulk.shared_memory,
             )
@@ -319,3 +323,12 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
         yield _wire.header_frame(pb.OptimizerRef(optimizer=header.optimizer))
         yield from self._tensor_frames([("", v) for v in new_trainable], pb.TRAINABLE_VARIABLES)
         yield from self._tensor_frames([("", v) for v in new_optimizer], pb.OPTIMIZER_VARIABLES)
+
+
+def _peer_identities(context: grpc.ServicerContext) -> frozenset[str]:
+    """The caller's client-certificate identities (empty without mutual TLS)."""
+    try:
+        found = context.peer_identities() or ()
+    except Exception:  # a context without an auth context (tests' fakes)
+        return frozenset()
+    return frozenset(i.decode("utf-8", "replace") if isinstance(i, bytes) else str(i) for i in found)
