@@ -52,7 +52,7 @@ from adamax_server.errors import (
     Unavailable,
     status_for,
 )
-from adamax_server.sharding import pairwise
+from adamax_server.sharding import assembled, pairwise
 from adamax_server.sharding.leader import Leader, ShardUnavailable
 from adamax_server.sharding.placement import DEFAULT_MIN_PIECE_BYTES
 from adamax_server.sharding.shard import PrepareReply, ShardHost, ShardSnapshot
@@ -72,8 +72,8 @@ _PUBLIC = {
     "create", "describe", "build", "stage", "pull", "save_own_variables", "status", "delete", "list_cuts",
     "exclude_from_weight_decay", "read_cut", "write_cut",
 }  # fmt: skip
-_LEADER = {"push", "mutate_job", "checkpoint", "restore"}
-_INTERNAL = {"prepare", "commit", "abort", "drop", "check", "mutate", "save_cut", "load_cut"}
+_LEADER = {"push", "mutate_job", "checkpoint", "restore"} | assembled.LEADER_METHODS
+_INTERNAL = {"prepare", "commit", "abort", "drop", "check", "mutate", "save_cut", "load_cut"} | assembled.INTERNAL_METHODS
 _HOST_METHODS = {
     "build", "stage", "pull", "save_own_variables", "prepare", "commit", "abort", "drop", "check", "mutate",
     "exclude_from_weight_decay",
@@ -371,6 +371,8 @@ class ShardRegistry:
             if len(per_shard) != self.num_shards:
                 raise InvalidArgument(f"mutation carries parts for {len(per_shard)} shards; the job has {self.num_shards}")
             return self.leader(key).mutate(op, lambda i: per_shard[i])
+        if method in assembled.LEADER_METHODS | assembled.INTERNAL_METHODS:
+            return assembled.dispatch(self, key, method, args)
         if method == "checkpoint":
             return self.checkpoint(key)
         if method == "restore":
