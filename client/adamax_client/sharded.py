@@ -15,8 +15,9 @@ every call talks to all shards at once, each with its own share of the bytes:
   store, assembled from or cut into the shards' stores.
 
 ``gradient_wire_dtype`` narrows the staged slices on the wire as on a single server (each shard
-widens them to its variables' dtype on arrival); the bulk channel is not used by sharded jobs yet:
-tensors travel over gRPC streams, to all shards in parallel.
+widens them to its variables' dtype on arrival). Staging and pulls use each shard's bulk channel
+where it is offered (``bulk="auto"``, TCP; ``adamax_client.shard_bulk``) and gRPC streams
+otherwise, to all shards in parallel; the commit at the leader and everything else is gRPC.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from adamax_client.errors import InvalidArgumentError, NotFoundError, Unavailabl
 import adamax_client.checkpoints as _checkpoints
 import adamax_client.remote as _remote
 from adamax_client.remote import _KERAS_DEFAULTS, PushResult, RemoteAdamax, _default_worker_id, _policy_proto, _readonly, _serialize_learning_rate
+from adamax_client.bulk import BULK_MODES
+from adamax_client.shard_bulk import ShardChannels
 from adamax_client.transport import RetryPolicy, Transport
 
 CALL_PATH = "/adamax.v1.ShardService/Call"
@@ -116,7 +119,8 @@ class ShardedRemoteAdamax(RemoteAdamax):
                 f"Received: gradient_wire_dtype={gradient_wire_dtype!r}"
             )
         self._gradient_wire = gradient_wire_dtype
-        for ignored in ("chunk_bytes", "bulk", "device"):
+        bulk = kwargs.pop("bulk", "auto")
+        for ignored in ("chunk_bytes", "device"):
             kwargs.pop(ignored, None)
         unknown = sorted(set(kwargs) - set(_KERAS_DEFAULTS) - {"name"})
         if unknown:
@@ -135,8 +139,11 @@ class ShardedRemoteAdamax(RemoteAdamax):
             "round_timeout": round_timeout, "round_timeout_policy": round_timeout_policy,
             "max_staleness": max_staleness, "non_finite": non_finite,
         }  # fmt: skip
-        self._bulk_mode = "off"
+        if bulk not in BULK_MODES:
+            raise ValueError(f"`bulk` must be one of {list(BULK_MODES)}. Received: bulk={bulk!r}")
+        self._bulk_mode = bulk
         self._bulk = None
+        self._channels: ShardChannels | None = None
         self._specs = []
         self._version = 0
         self._expect_version = 0
@@ -150,6 +157,7 @@ class ShardedRemoteAdamax(RemoteAdamax):
             for t in self.targets
         ]  # fmt: skip
         self._callers = [ShardCaller(t) for t in self._transports]
+        self._channels = ShardChannels(self._transports, self._callers, self.key, self.worker_id, bulk)
         self._pool = ThreadPoolExecutor(max_workers=len(self.targets), thread_name_prefix="adamax-shards")
         try:
             self._all("create", lambda i: (config, self._policy_dict))
@@ -170,8 +178,11 @@ class ShardedRemoteAdamax(RemoteAdamax):
     def _all(self, method: str, args_for: Callable[[int], tuple[Any, ...]], *, timeout: float | None = None,
              wire: str | None = None) -> list[Any]:
         """``method`` on every shard in parallel; the first shard's error is raised after all returned."""
-        futures = [self._pool.submit(self._one, i, method, *args_for(i), timeout=timeout, wire=wire)
-                   for i in range(self.num_shards)]  # fmt: skip
+        return self._each(lambda i: self._one(i, method, *args_for(i), timeout=timeout, wire=wire))
+
+    def _each(self, call: Callable[[int], Any]) -> list[Any]:
+        """``call(shard)`` for every shard in parallel; the first shard's error is raised after all returned."""
+        futures = [self._pool.submit(call, i) for i in range(self.num_shards)]
         results, first_error = [], None
         for f in futures:
             try:
@@ -305,7 +316,15 @@ class ShardedRemoteAdamax(RemoteAdamax):
         step = self._version if step is None else int(step)
         request_id = request_id or uuid.uuid4().hex
         slices = split_gradients(placement, gradients)
-        self._all("stage", lambda i: (self.worker_id, request_id, slices[i]), timeout=timeout, wire=self._gradient_wire)
+        deadline = timeout or self.timeout
+        channels = self._channels
+        assert channels is not None
+
+        def stage(i: int) -> None:  # over the shard's bulk channel where offered, else gRPC
+            if not channels.stage(i, request_id, step, slices[i], wire=self._gradient_wire, timeout=deadline):
+                self._one(i, "stage", self.worker_id, request_id, slices[i], timeout=timeout, wire=self._gradient_wire)
+
+        self._each(stage)
         result = self._one(0, "push", self.worker_id, request_id, step, timeout=timeout)
         if result.outcome in ("accepted", "round_closed"):
             self._expect_version = max(self._expect_version, step + 1)
@@ -325,8 +344,15 @@ class ShardedRemoteAdamax(RemoteAdamax):
             raise NotFoundError(f"optimizer '{self.key}' has no variable(s) {unknown}. Known variables: {[v.name for v in placement.variables]}")
         target = self._expect_version if min_version is None else int(min_version)
         wait = timeout or self.timeout
+        channels = self._channels
+        assert channels is not None
+
+        def pull_from(i: int) -> Any:  # over the shard's bulk channel where offered, else gRPC
+            got = channels.pull(i, key, target, wait)
+            return got if got is not None else self._one(i, "pull", list(key), target, wait, timeout=timeout)
+
         for _ in range(16):
-            replies = self._all("pull", lambda i: (list(key), target, wait), timeout=timeout)
+            replies = self._each(pull_from)
             versions = {int(r[0]) for r in replies}
             if len(versions) == 1:
                 break
@@ -343,7 +369,8 @@ class ShardedRemoteAdamax(RemoteAdamax):
 
     @property
     def transfer_path(self) -> str:
-        return "grpc"
+        """"tcp" (every shard's bulk channel), "grpc", "mixed" (some shards each way) or "unknown"."""
+        return self._channels.path if self._channels is not None else "grpc"
 
     # -------------------------------------------------------------- the rest of the Keras API
 
@@ -447,6 +474,8 @@ class ShardedRemoteAdamax(RemoteAdamax):
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=False)
+        if getattr(self, "_channels", None) is not None:
+            self._channels.close()
         for transport in self._transports:
             transport.close()
 

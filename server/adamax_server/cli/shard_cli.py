@@ -81,6 +81,7 @@ def serve_sharded(args: argparse.Namespace) -> int:
             credentials=hardening.get("credentials"), device=args.device, checkpoint_dir=args.checkpoint_dir,
             keep_cuts=int(args.keep), min_piece_bytes=int(args.min_piece_bytes), staging_ttl=float(args.staging_ttl), call_timeout=float(args.shard_call_timeout),
             link_credentials=link_credentials, link_token=token, metrics=metrics,
+            bulk=hardening.get("bulk"), bulk_port=int(hardening.get("bulk_port", 0)), call_limits=hardening.get("call_limits"),
         )  # fmt: skip
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -100,6 +101,8 @@ def serve_sharded(args: argparse.Namespace) -> int:
     shutdown.install()
     server.start()
     _log.info("adamax-ps shard %d of %d listening on %s:%d (leader %s)", index, len(shards), args.host, port, shards[0])
+    if server.bulk is not None:
+        _log.info("bulk channel on %s:%d (staging and pulls; TCP)", args.host, server.bulk.port)
     print(f"listening on {args.host}:{port}", flush=True)
     if args.metrics_port is not None:
         metrics_port = metrics.serve_http(args.metrics_port, args.metrics_host)

@@ -403,6 +403,11 @@ class ShardHost:
                 "staged": len(self._staged),
             }
 
+    def piece_names(self) -> set[str] | None:
+        """Names of the variables this shard holds a piece of (None before build)."""
+        with self._cond:
+            return {n for n, _, _ in self._engine.variable_specs} if self._engine.built else None
+
     def engine_settings(self) -> tuple[dict[str, Any], dict[str, list[str]]]:
         """(the engine's current Keras config, its weight-decay exclusions): the job's, on every shard."""
         with self._cond:
