@@ -72,7 +72,7 @@ def _grads(values, k):
 CONFIG = {"learning_rate": 0.01, "global_clipnorm": 0.5, "use_ema": True, "ema_overwrite_frequency": 2, "weight_decay": 0.01}
 
 
-def _train(opt, values, steps, wire_dtype_warning_ok=True):
+def _train(opt, values, steps):
     opt.build(values)
     for k in range(steps):
         opt.push(_grads(values, k), step=k, request_id=f"r{k}")
@@ -242,7 +242,6 @@ def test_stateless_apply_equals_single_server(single):
             opt.exclude_from_weight_decay(var_names=["b"])
             _train(ref_opt, values, 2)
             _train(opt, values, 2)
-            ref_vars = []
             ref_opt.save_own_variables(store := {})
             optimizer_variables = [store[str(i)] for i in range(len(store))]
             trainable = [np.asarray(v) * 0.5 for v in ref_opt.pull().values()]
@@ -252,7 +251,7 @@ def test_stateless_apply_equals_single_server(single):
             got = opt.stateless_apply(optimizer_variables, grads, trainable)
             for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
                 assert (np.asarray(a).dtype, np.asarray(a).tobytes()) == (np.asarray(b).dtype, np.asarray(b).tobytes())
-            assert len(got[1]) == len(optimizer_variables) and not ref_vars
+            assert len(got[1]) == len(optimizer_variables)
             after = opt.pull()  # the job's own state is untouched
             for n in values:
                 assert after[n].tobytes() == before[n].tobytes()
