@@ -38,9 +38,13 @@ class _Pulled:
 
 
 class ShardBulkHost:
-    """One optimizer of this shard, as ``BulkServer`` reads and writes it."""
+    """One optimizer of this shard, as ``BulkServer`` reads and writes it.
 
-    def __init__(self, host: ShardHost) -> None:
+    Stages and pulls go through ``ShardRegistry.dispatch``, the very path of the gRPC calls
+    (validation, widening, shard metrics)."""
+
+    def __init__(self, registry: Any, host: ShardHost) -> None:
+        self._registry = registry
         self._host = host
         self.key = host.key
 
@@ -56,7 +60,7 @@ class ShardBulkHost:
     def push(self, worker_id: str, request_id: str, step: int, receive: Callable[[Any], list[tuple[str, Any]]],
              *, timeout: float | None = None, progress: Any = None) -> PushResult:  # fmt: skip
         grads = receive(None)  # no staging buffer is lent: slices are kept until the leader decides
-        self._host.stage(worker_id, request_id, grads)
+        self._registry.dispatch(self.key, "stage", [worker_id, request_id, grads])
         status = self._host.status()
         return PushResult("accepted", int(status["version"]), int(status["iterations"]),
                           detail=f"staged on shard {self._host.shard_index}")  # fmt: skip
@@ -64,7 +68,7 @@ class ShardBulkHost:
     def pull(self, names: Sequence[str], build: Callable[..., Any], *, min_version: int = 0,
              known_version: int | None = None, timeout: float | None = None, worker_id: str = "",
              encoding: str = "raw") -> _Pulled:  # fmt: skip
-        version, iterations, weights = self._host.pull(tuple(names), int(min_version), timeout)
+        version, iterations, weights = self._registry.dispatch(self.key, "pull", [list(names), int(min_version), timeout])
         if known_version is not None and known_version == version:
             return _Pulled(version, iterations, True, None)
         return _Pulled(version, iterations, False, build(version, iterations, list(weights.items())))
@@ -77,7 +81,7 @@ class ShardBulkHosts:
         self._registry = registry
 
     def get(self, key: str) -> ShardBulkHost:
-        return ShardBulkHost(self._registry.host(key))
+        return ShardBulkHost(self._registry, self._registry.host(key))
 
     def hosts(self) -> list[Any]:
         return []  # only the shared-memory pull arenas use it; shards offer no shared memory
