@@ -18,58 +18,15 @@ from _ps_helpers import running_server
 from adamax_client import RemoteAdamax
 from adamax_client import errors as client_errors
 from adamax_client.checkpoints import CheckpointClient
-from adamax_wire.tensors import RowSparseGradient
 from adamax_server.coordination.coordinator import Coordinator
-from adamax_server.sharding.server import create_shard_server, stop_shard_server
 from adamax_server.storage.checkpointing import CheckpointManager
+from _sharding_helpers import REMOTE_CONFIG, remote_grads, remote_values, start_shard_servers, stop_shard_servers
 
-MIN_PIECE = 2048
 # Manifest fields that name the download itself, not the job's state.
 _ABOUT_THE_FILE = ("checkpoint_id", "created_unix", "reason")
-
-
-def start_shards(n, tmp_path=None):
-    servers, ports = [], []
-    for i in range(n):
-        server, port = create_shard_server(
-            "127.0.0.1:0", i, ["127.0.0.1:1"] * n, device="numba", min_piece_bytes=MIN_PIECE,
-            checkpoint_dir=None if tmp_path is None else tmp_path / f"shard{i}", call_timeout=5.0,
-        )  # fmt: skip
-        servers.append(server)
-        ports.append(port)
-    targets = [f"127.0.0.1:{p}" for p in ports]
-    for s in servers:
-        s.shard_registry.set_shards(targets)
-        s.start()
-    return servers, targets
-
-
-def stop_shards(servers):
-    for s in servers:
-        stop_shard_server(s, grace=0)
-
-
-def _values(seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "emb": rng.standard_normal((600, 32)).astype(np.float32),
-        "w": rng.standard_normal((64, 64)).astype(np.float32),
-        "b": rng.standard_normal(64).astype(np.float32),
-        "d": rng.standard_normal((50, 20)).astype(np.float64),
-    }
-
-
-def _grads(values, k):
-    rng = np.random.default_rng(100 + k)
-    out = {n: (rng.standard_normal(np.shape(v)) * 3).astype(v.dtype) for n, v in values.items()}
-    if k % 3 == 1:
-        out["emb"] = RowSparseGradient(rng.integers(0, 600, 30), rng.standard_normal((30, 32)).astype(np.float32))
-    if k % 4 == 2:
-        out["b"] = None
-    return out
-
-
-CONFIG = {"learning_rate": 0.01, "global_clipnorm": 0.5, "use_ema": True, "ema_overwrite_frequency": 2, "weight_decay": 0.01}
+CONFIG = REMOTE_CONFIG
+_values, _grads = remote_values, remote_grads
+start_shards, stop_shards = start_shard_servers, stop_shard_servers
 
 
 def _train(opt, values, steps):
@@ -202,16 +159,18 @@ def test_upload_restore_without_checkpoint_dir(single):
         stop_shards(servers)
 
 
+@pytest.mark.parametrize("bulk", ["auto", "off"])  # slices over each shard's bulk channel, or gRPC
 @pytest.mark.parametrize("wire", ["bfloat16", "float16"])
 @pytest.mark.parametrize("config", [{"learning_rate": 0.01, "clipnorm": 0.3}, CONFIG], ids=["clipnorm", "global"])
-def test_gradient_wire_dtype_equals_single_server(single, wire, config):
+def test_gradient_wire_dtype_equals_single_server(single, wire, config, bulk):
     values = _values(3)
     servers, targets = start_shards(3)
     try:
         with RemoteAdamax(single, worker_id="w", optimizer="job", timeout=60, gradient_wire_dtype=wire, bulk="off", **config) as ref_opt, \
-                RemoteAdamax(targets, worker_id="w", optimizer="job", timeout=60, gradient_wire_dtype=wire, **config) as opt:  # fmt: skip
+                RemoteAdamax(targets, worker_id="w", optimizer="job", timeout=60, gradient_wire_dtype=wire, bulk=bulk, **config) as opt:  # fmt: skip
             _train(ref_opt, values, 5)
             _train(opt, values, 5)
+            assert opt.transfer_path == ("tcp" if bulk == "auto" else "grpc")
             ref, got = ref_opt.pull(), opt.pull()
             for n in values:
                 assert got[n].tobytes() == ref[n].tobytes(), n

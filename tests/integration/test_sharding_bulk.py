@@ -16,25 +16,14 @@ from adamax_client import RemoteAdamax
 from adamax_client import errors as client_errors
 from adamax_server.coordination.coordinator import Coordinator
 from adamax_server.sharding.server import create_shard_server, stop_shard_server
-from test_sharding_assembled import CONFIG, _grads, _values
+from _sharding_helpers import REMOTE_CONFIG, remote_grads, remote_values, start_shard_servers
 
-MIN_PIECE = 2048
+CONFIG = REMOTE_CONFIG
+_values, _grads = remote_values, remote_grads
 
 
 def start_shards(n, bulk_for=lambda i: None):
-    servers, ports = [], []
-    for i in range(n):
-        server, port = create_shard_server(
-            "127.0.0.1:0", i, ["127.0.0.1:1"] * n, device="numba", min_piece_bytes=MIN_PIECE, call_timeout=5.0,
-            bulk=bulk_for(i),
-        )  # fmt: skip
-        servers.append(server)
-        ports.append(port)
-    targets = [f"127.0.0.1:{p}" for p in ports]
-    for s in servers:
-        s.shard_registry.set_shards(targets)
-        s.start()
-    return servers, targets
+    return start_shard_servers(n, bulk_for=bulk_for)
 
 
 class _Recorder:
