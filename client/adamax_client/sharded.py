@@ -558,6 +558,7 @@ class ShardedCheckpointClient:
         ``progress(done, total)`` is called once, when the whole checkpoint has arrived.
         """
         used, manifest, files = self._callers[0]("", "download", checkpoint_id, list(optimizers))
+        files = {name: tensors for name, tensors in files.items() if tensors}  # as a single server's stream
         if progress is not None:
             total = sum(np.asarray(a).nbytes for tensors in files.values() for a in tensors.values())
             progress(total, total)

@@ -218,3 +218,24 @@ def test_stateless_apply_equals_single_server(single):
                 opt.stateless_apply(optimizer_variables[:-1], grads, trainable)
     finally:
         stop_shards(servers)
+
+
+def test_an_unbuilt_optimizer_downloads_and_uploads_like_on_a_single_server(single):
+    servers, targets = start_shards(2)
+    try:
+        with RemoteAdamax(single, worker_id="w", optimizer="fresh", learning_rate=0.1) as ref_opt, \
+                RemoteAdamax(targets, worker_id="w", optimizer="fresh", learning_rate=0.1) as opt:  # fmt: skip
+            assert not ref_opt.built and not opt.built
+            with CheckpointClient(single) as ref_client, CheckpointClient(targets) as client:
+                ref = ref_client.download()
+                _assert_same_checkpoint(client.download(), ref)
+        other, other_targets = start_shards(3)
+        try:
+            with CheckpointClient(other_targets) as client:
+                saved, restored = client.upload(ref[1], ref[2], save=False, restore=True)
+                assert saved is None and [(r.optimizer, r.version) for r in restored] == [("fresh", 0)]
+                _assert_same_checkpoint(client.download(), ref)
+        finally:
+            stop_shards(other)
+    finally:
+        stop_shards(servers)

@@ -140,20 +140,27 @@ def upload(
     """Verify, re-split onto this job's shards, then save as a cut and/or restore on every shard."""
     _require_leader(registry)
     check_manifest(manifest, "uploaded checkpoint")
+    # An optimizer without tensors (not built) has no file on the wire.
+    files = {**{opt["file"]: {} for opt in manifest["optimizers"]}, **files}
     for opt in manifest["optimizers"]:
-        tensors = files.get(opt["file"])
-        if tensors is None:
-            raise InvalidArgument(f"uploaded checkpoint: file {opt['file']!r} of optimizer '{opt['key']}' is missing")
-        verify_tensors(opt, tensors, f"uploaded checkpoint, optimizer '{opt['key']}'")
+        verify_tensors(opt, files[opt["file"]], f"uploaded checkpoint, optimizer '{opt['key']}'")
     if not (save or restore):
         return {"checkpoint_id": "", "optimizers": [], "restored": []}
     snaps = decode(manifest, files)
     cut_id = _cut_id(max((s.version for s in snaps), default=0))
     saved, restored = [], []
     for snap in snaps:
-        if not snap.built:
+        if not snap.built:  # created (not built) on every shard; nothing to cut or load
+            existing = {row["optimizer"]: row for row in registry.status()}.get(snap.key)
+            if restore and existing is not None and existing["built"]:
+                raise FailedPrecondition(
+                    f"optimizer '{snap.key}' is built on this job; the checkpoint holds it unbuilt "
+                    "(delete the optimizer first to restore it)"
+                )
             for link in registry._links(snap.key):
-                link.call("create", dict(snap.config), dict(snap.policy), timeout=registry.call_timeout)
+                link.call("create", dict(snap.initial_config), dict(snap.policy), timeout=registry.call_timeout)
+            if restore:
+                restored.append([snap.key, 0, 0])
             continue
         ckpt = split_checkpoint(snap, registry.num_shards, registry.min_piece_bytes)
         links = registry._links(snap.key)
