@@ -34,8 +34,15 @@ from adamax_server.coordination.snapshot import OptimizerSnapshot
 from adamax_server.errors import FailedPrecondition, InvalidArgument, NotFound
 from adamax_server.optim.engine import Adamax
 from adamax_server.sharding.job import JobCheckpoint, assemble_checkpoint, split_checkpoint
+from adamax_server.sharding.placement import Placement
 from adamax_server.sharding.shard import ShardSnapshot
 from adamax_server.storage.checkpoint import LATEST, check_manifest, decode, encode, verify_tensors
+
+#: A leader-to-shard call that moves a shard's whole part gets ``--shard-call-timeout`` plus
+#: this many seconds per byte of the part (variables, two slots, an EMA copy: 4x the shard's
+#: model bytes) at a floor rate of 50 MB/s: long enough for a large part, short enough that a
+#: partitioned shard does not hold the job's lock for long.
+_SECONDS_PER_BYTE = 1 / 50e6
 
 #: Methods of ``ShardService.Call`` served here (``rpc.ShardRegistry.dispatch``).
 LEADER_METHODS = {"download", "upload", "stateless_apply"}
@@ -57,6 +64,11 @@ def dispatch(registry: Any, key: str, method: str, args: list[Any]) -> Any:
             raise InvalidArgument(f"this is shard {registry.shard_index}; the part does not fit")
         return registry._load_snapshot(key, snap)
     raise InvalidArgument(f"unknown shard method {method!r}")  # pragma: no cover
+
+
+def _part_timeout(registry: Any, placement: Placement | None, shard: int) -> float:
+    nbytes = placement.shard_bytes()[shard] if placement is not None else 0
+    return float(registry.call_timeout) + 4 * nbytes * _SECONDS_PER_BYTE
 
 
 def _require_leader(registry: Any) -> None:
@@ -82,7 +94,8 @@ def _live_cut(registry: Any, key: str) -> JobCheckpoint:
     links = registry._links(key)
     with leader.lock:
         version, round_keys = leader.quiesce()
-        parts = [link.call("snapshot", round_keys, timeout=registry.call_timeout) for link in links]
+        placement = registry.host(key).placement
+        parts = [link.call("snapshot", round_keys, timeout=_part_timeout(registry, placement, i)) for i, link in enumerate(links)]
         state = leader.leader_state()
     if {p.version for p in parts} != {version}:
         raise FailedPrecondition(f"shards are not at version {version}: {[p.version for p in parts]}")
@@ -96,7 +109,10 @@ def _stored_cut(registry: Any, key: str, checkpoint_id: str) -> tuple[str, JobCh
     wanted = (common[-1] if common else "") if checkpoint_id == LATEST else checkpoint_id
     if wanted not in common:
         raise NotFound(f"optimizer '{key}': no checkpoint {wanted or 'at all'} is held by every shard")
-    parts = [link.call("read_cut", wanted, timeout=registry.call_timeout) for link in links]
+    placement = registry.host(key).placement
+    # Not under the job's lock, and the cut's parts may be larger than today's: a generous deadline.
+    parts = [link.call("read_cut", wanted, timeout=max(300.0, _part_timeout(registry, placement, i)))
+             for i, link in enumerate(links)]  # fmt: skip
     snaps, state = [p[0] for p in parts], parts[0][1]
     first = snaps[0]
     return wanted, JobCheckpoint(key, int(state["version"]), first.config, first.policy, first.placement or {}, state, snaps)
@@ -163,11 +179,12 @@ def upload(
                 restored.append([snap.key, 0, 0])
             continue
         ckpt = split_checkpoint(snap, registry.num_shards, registry.min_piece_bytes)
+        placement = Placement.from_json(ckpt.placement)
         links = registry._links(snap.key)
         if save:
             for i in [*range(1, registry.num_shards), 0]:  # shard 0 last: its part marks the cut complete
                 links[i].call("write_cut", cut_id, ckpt.shards[i], ckpt.leader if i == 0 else None,
-                              timeout=registry.call_timeout)  # fmt: skip
+                              timeout=_part_timeout(registry, placement, i))  # fmt: skip
             saved.append({"optimizer": snap.key, "version": snap.version, "iterations": snap.iterations})
         if restore:
             if snap.key not in {row["optimizer"] for row in registry.status()}:
@@ -175,7 +192,7 @@ def upload(
             leader = registry.leader(snap.key)
             with leader.lock:
                 for i, link in enumerate(links):
-                    link.call("load_snapshot", ckpt.shards[i], timeout=registry.call_timeout)
+                    link.call("load_snapshot", ckpt.shards[i], timeout=_part_timeout(registry, placement, i))
                 leader.restore_state(ckpt.leader)
             restored.append([snap.key, leader.version, snap.iterations])
     return {"checkpoint_id": cut_id if save else "", "optimizers": saved, "restored": restored}
