@@ -239,3 +239,24 @@ def test_an_unbuilt_optimizer_downloads_and_uploads_like_on_a_single_server(sing
             stop_shards(other)
     finally:
         stop_shards(servers)
+
+
+def test_download_and_upload_with_a_shard_down_fail_cleanly(tmp_path):
+    import time
+
+    values = _values(8)
+    servers, targets = start_shards(3, tmp_path)
+    try:
+        with RemoteAdamax(targets, worker_id="w", optimizer="job", timeout=60, **CONFIG) as opt:
+            _train(opt, values, 2)
+        with CheckpointClient(targets, timeout=30) as client:
+            _, manifest, files = client.download()
+            stop_shards([servers[2]])
+            started = time.monotonic()
+            with pytest.raises(client_errors.UnavailableError, match="shard 2"):
+                client.download()
+            with pytest.raises(client_errors.UnavailableError, match="shard 2"):
+                client.upload(manifest, files, save=False, restore=True)
+            assert time.monotonic() - started < 25  # bounded by the leader's shard-call deadline
+    finally:
+        stop_shards(servers[:2])
