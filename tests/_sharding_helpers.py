@@ -119,3 +119,59 @@ def compare(config, policy, script, shard_counts=(1, 3)):
         assert sorted(got[4]) == sorted(expected[4])
         for k, value in expected[4].items():
             assert np.asarray(got[4][k]).tobytes() == np.asarray(value).tobytes(), (n, k)
+
+
+# ---------------------------------------------------------------- shard servers on 127.0.0.1:0
+
+#: A config exercising the cross-shard norm (global_clipnorm), EMA overwrite and weight decay.
+REMOTE_CONFIG = {"learning_rate": 0.01, "global_clipnorm": 0.5, "use_ema": True, "ema_overwrite_frequency": 2,
+                 "weight_decay": 0.01}  # fmt: skip
+
+
+def start_shard_servers(n, tmp_path=None, bulk_for=lambda i: None, **kwargs):
+    """``n`` shard servers (bound to port 0, then told each other's addresses); (servers, targets)."""
+    from adamax_server.sharding.server import create_shard_server
+
+    servers, ports = [], []
+    for i in range(n):
+        server, port = create_shard_server(
+            "127.0.0.1:0", i, ["127.0.0.1:1"] * n, device="numba", min_piece_bytes=MIN_PIECE, call_timeout=5.0,
+            checkpoint_dir=None if tmp_path is None else tmp_path / f"shard{i}", bulk=bulk_for(i), **kwargs,
+        )  # fmt: skip
+        servers.append(server)
+        ports.append(port)
+    targets = [f"127.0.0.1:{p}" for p in ports]
+    for s in servers:
+        s.shard_registry.set_shards(targets)
+        s.start()
+    return servers, targets
+
+
+def stop_shard_servers(servers):
+    from adamax_server.sharding.server import stop_shard_server
+
+    for s in servers:
+        stop_shard_server(s, grace=0)
+
+
+def remote_values(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "emb": rng.standard_normal((600, 32)).astype(np.float32),
+        "w": rng.standard_normal((64, 64)).astype(np.float32),
+        "b": rng.standard_normal(64).astype(np.float32),
+        "d": rng.standard_normal((50, 20)).astype(np.float64),
+    }
+
+
+def remote_grads(values, k):
+    """Push ``k``'s gradients (client types): row-sparse ``emb`` every third, no ``b`` every fourth."""
+    from adamax_wire.tensors import RowSparseGradient as WireSparse
+
+    rng = np.random.default_rng(100 + k)
+    out = {n: (rng.standard_normal(np.shape(v)) * 3).astype(v.dtype) for n, v in values.items()}
+    if k % 3 == 1:
+        out["emb"] = WireSparse(rng.integers(0, 600, 30), rng.standard_normal((30, 32)).astype(np.float32))
+    if k % 4 == 2:
+        out["b"] = None
+    return out

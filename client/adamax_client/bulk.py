@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -105,9 +105,13 @@ class ReceivePool:
 class BulkChannel:
     """One worker's bulk connection for one optimizer; one call at a time (a lock orders them)."""
 
-    def __init__(self, transport: Any, optimizer: str, worker_id: str, *, mode: BulkMode = "auto") -> None:
+    def __init__(self, transport: Any, optimizer: str, worker_id: str, *, mode: BulkMode = "auto",
+                 open_ticket: Callable[[float], Any] | None = None) -> None:
+        """``open_ticket(timeout)`` returns an ``OpenBulkChannelResponse`` (default: the
+        ``OpenBulkChannel`` call of ``transport``; a shard answers it on its ``ShardService``)."""
         if mode not in BULK_MODES or mode == "off":
             raise ValueError(f"`mode` must be one of {BULK_MODES[:3]}. Received: mode={mode!r}")
+        self._open_ticket = open_ticket
         self._transport = transport
         self.optimizer = optimizer
         self.worker_id = worker_id
@@ -128,11 +132,14 @@ class BulkChannel:
 
     def _connect(self, timeout: float) -> socket.socket:
         try:
-            response = self._transport.unary(
-                "OpenBulkChannel",
-                pb.OpenBulkChannelRequest(optimizer=self.optimizer, worker_id=self.worker_id),
-                timeout=timeout,
-            )
+            if self._open_ticket is not None:
+                response = self._open_ticket(timeout)
+            else:
+                response = self._transport.unary(
+                    "OpenBulkChannel",
+                    pb.OpenBulkChannelRequest(optimizer=self.optimizer, worker_id=self.worker_id),
+                    timeout=timeout,
+                )
         except UnimplementedError as exc:  # an older server without the bulk channel
             raise BulkUnavailable(str(exc)) from exc
         if not response.available:

@@ -14,8 +14,10 @@ every call talks to all shards at once, each with its own share of the bytes:
 * ``save_own_variables`` / ``load_own_variables`` / ``set_weights``: the whole job's Keras
   store, assembled from or cut into the shards' stores.
 
-``gradient_wire_dtype`` and the bulk channel are not used by sharded jobs yet: gradients travel
-in their own dtype over gRPC streams, to all shards in parallel.
+``gradient_wire_dtype`` narrows the staged slices on the wire as on a single server (each shard
+widens them to its variables' dtype on arrival). Staging and pulls use each shard's bulk channel
+where it is offered (``bulk="auto"``, TCP; ``adamax_client.shard_bulk``) and gRPC streams
+otherwise, to all shards in parallel; the commit at the leader and everything else is gRPC.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import grpc
 import numpy as np
 
 from adamax_wire import shard_codec as codec
+from adamax_wire.checkpoints import Files, Progress
 from adamax_wire import tensors as _wire
 from adamax_wire.placement import Placement, assemble, assemble_store, place, split_gradients, split_store, split_values
 from adamax_wire import pb
@@ -38,6 +41,8 @@ from adamax_client.errors import InvalidArgumentError, NotFoundError, Unavailabl
 import adamax_client.checkpoints as _checkpoints
 import adamax_client.remote as _remote
 from adamax_client.remote import _KERAS_DEFAULTS, PushResult, RemoteAdamax, _default_worker_id, _policy_proto, _readonly, _serialize_learning_rate
+from adamax_client.bulk import BULK_MODES
+from adamax_client.shard_bulk import ShardChannels
 from adamax_client.transport import RetryPolicy, Transport
 
 CALL_PATH = "/adamax.v1.ShardService/Call"
@@ -64,14 +69,15 @@ class ShardCaller:
             response_deserializer=_wire.frame_deserializer(pb.ShardCallFrame),
         )
 
-    def __call__(self, key: str, method: str, *args: Any, timeout: float | None = None) -> Any:
+    def __call__(self, key: str, method: str, *args: Any, timeout: float | None = None, wire: str | None = None) -> Any:
+        """``wire`` narrows every float tensor of the call on the wire (gradients being staged)."""
         doc, tensors = codec.encode(list(args))
         header = pb.ShardCallHeader(optimizer=key, method=method, args_json=doc, num_tensors=len(tensors))
 
         def frames() -> Iterable[bytes]:
             yield _wire.header_frame(header)
             for name, value in tensors:
-                yield from _wire.tensor_frames(name, value)
+                yield from _wire.tensor_frames(name, value, wire=wire)
 
         def attempt(remaining: float) -> Any:
             head, decoded = _wire.decode_stream(self._call(frames(), timeout=remaining))
@@ -106,7 +112,15 @@ class ShardedRemoteAdamax(RemoteAdamax):
         sharded: bool | None = None,
         **kwargs: Any,
     ) -> None:
-        for ignored in ("chunk_bytes", "gradient_wire_dtype", "bulk", "device"):
+        gradient_wire_dtype = kwargs.pop("gradient_wire_dtype", None)
+        if gradient_wire_dtype is not None and gradient_wire_dtype not in _wire.FLOAT_WIRE_DTYPES:
+            raise ValueError(
+                f"`gradient_wire_dtype` must be one of {list(_wire.FLOAT_WIRE_DTYPES)} or None. "
+                f"Received: gradient_wire_dtype={gradient_wire_dtype!r}"
+            )
+        self._gradient_wire = gradient_wire_dtype
+        bulk = kwargs.pop("bulk", "auto")
+        for ignored in ("chunk_bytes", "device"):
             kwargs.pop(ignored, None)
         unknown = sorted(set(kwargs) - set(_KERAS_DEFAULTS) - {"name"})
         if unknown:
@@ -125,8 +139,11 @@ class ShardedRemoteAdamax(RemoteAdamax):
             "round_timeout": round_timeout, "round_timeout_policy": round_timeout_policy,
             "max_staleness": max_staleness, "non_finite": non_finite,
         }  # fmt: skip
-        self._bulk_mode = "off"
+        if bulk not in BULK_MODES:
+            raise ValueError(f"`bulk` must be one of {list(BULK_MODES)}. Received: bulk={bulk!r}")
+        self._bulk_mode = bulk
         self._bulk = None
+        self._channels: ShardChannels | None = None
         self._specs = []
         self._version = 0
         self._expect_version = 0
@@ -140,6 +157,7 @@ class ShardedRemoteAdamax(RemoteAdamax):
             for t in self.targets
         ]  # fmt: skip
         self._callers = [ShardCaller(t) for t in self._transports]
+        self._channels = ShardChannels(self._transports, self._callers, self.key, self.worker_id, bulk)
         self._pool = ThreadPoolExecutor(max_workers=len(self.targets), thread_name_prefix="adamax-shards")
         try:
             self._all("create", lambda i: (config, self._policy_dict))
@@ -154,12 +172,17 @@ class ShardedRemoteAdamax(RemoteAdamax):
     def num_shards(self) -> int:
         return len(self.targets)
 
-    def _one(self, shard: int, method: str, *args: Any, timeout: float | None = None) -> Any:
-        return self._callers[shard](self.key, method, *args, timeout=timeout)
+    def _one(self, shard: int, method: str, *args: Any, timeout: float | None = None, wire: str | None = None) -> Any:
+        return self._callers[shard](self.key, method, *args, timeout=timeout, wire=wire)
 
-    def _all(self, method: str, args_for: Callable[[int], tuple[Any, ...]], *, timeout: float | None = None) -> list[Any]:
+    def _all(self, method: str, args_for: Callable[[int], tuple[Any, ...]], *, timeout: float | None = None,
+             wire: str | None = None) -> list[Any]:
         """``method`` on every shard in parallel; the first shard's error is raised after all returned."""
-        futures = [self._pool.submit(self._one, i, method, *args_for(i), timeout=timeout) for i in range(self.num_shards)]
+        return self._each(lambda i: self._one(i, method, *args_for(i), timeout=timeout, wire=wire))
+
+    def _each(self, call: Callable[[int], Any]) -> list[Any]:
+        """``call(shard)`` for every shard in parallel; the first shard's error is raised after all returned."""
+        futures = [self._pool.submit(call, i) for i in range(self.num_shards)]
         results, first_error = [], None
         for f in futures:
             try:
@@ -293,7 +316,15 @@ class ShardedRemoteAdamax(RemoteAdamax):
         step = self._version if step is None else int(step)
         request_id = request_id or uuid.uuid4().hex
         slices = split_gradients(placement, gradients)
-        self._all("stage", lambda i: (self.worker_id, request_id, slices[i]), timeout=timeout)
+        deadline = timeout or self.timeout
+        channels = self._channels
+        assert channels is not None
+
+        def stage(i: int) -> None:  # over the shard's bulk channel where offered, else gRPC
+            if not channels.stage(i, request_id, step, slices[i], wire=self._gradient_wire, timeout=deadline):
+                self._one(i, "stage", self.worker_id, request_id, slices[i], timeout=timeout, wire=self._gradient_wire)
+
+        self._each(stage)
         result = self._one(0, "push", self.worker_id, request_id, step, timeout=timeout)
         if result.outcome in ("accepted", "round_closed"):
             self._expect_version = max(self._expect_version, step + 1)
@@ -313,8 +344,15 @@ class ShardedRemoteAdamax(RemoteAdamax):
             raise NotFoundError(f"optimizer '{self.key}' has no variable(s) {unknown}. Known variables: {[v.name for v in placement.variables]}")
         target = self._expect_version if min_version is None else int(min_version)
         wait = timeout or self.timeout
+        channels = self._channels
+        assert channels is not None
+
+        def pull_from(i: int) -> Any:  # over the shard's bulk channel where offered, else gRPC
+            got = channels.pull(i, key, target, wait)
+            return got if got is not None else self._one(i, "pull", list(key), target, wait, timeout=timeout)
+
         for _ in range(16):
-            replies = self._all("pull", lambda i: (list(key), target, wait), timeout=timeout)
+            replies = self._each(pull_from)
             versions = {int(r[0]) for r in replies}
             if len(versions) == 1:
                 break
@@ -331,7 +369,8 @@ class ShardedRemoteAdamax(RemoteAdamax):
 
     @property
     def transfer_path(self) -> str:
-        return "grpc"
+        """"tcp" (every shard's bulk channel), "grpc", "mixed" (some shards each way) or "unknown"."""
+        return self._channels.path if self._channels is not None else "grpc"
 
     # -------------------------------------------------------------- the rest of the Keras API
 
@@ -393,8 +432,23 @@ class ShardedRemoteAdamax(RemoteAdamax):
     def set_weights(self, weights: Sequence[Any]) -> None:
         self.load_own_variables({str(i): w for i, w in enumerate(weights)})
 
-    def stateless_apply(self, optimizer_variables: Sequence[Any], grads: Sequence[Any], trainable_variables: Sequence[Any]) -> Any:
-        raise UnimplementedError("stateless_apply is not available on a sharded job; use a single server")
+    def stateless_apply(
+        self, optimizer_variables: Sequence[Any], grads: Sequence[Any], trainable_variables: Sequence[Any]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Apply ``grads`` to the given values with the job's config; the job's state is untouched.
+
+        A pure function of the config and the values sent, computed by the leader with a
+        whole-job engine (the same results as a single server; every value goes to shard 0).
+        """
+
+        def value(v: Any) -> Any:
+            return None if v is None else (v if isinstance(v, _wire.RowSparse) else np.asarray(v))
+
+        new_trainable, new_optimizer = self._one(
+            0, "stateless_apply", [value(v) for v in optimizer_variables], [value(g) for g in grads],
+            [value(v) for v in trainable_variables],
+        )  # fmt: skip
+        return list(new_trainable), list(new_optimizer)
 
     # -------------------------------------------------------------- job-wide operations
 
@@ -420,6 +474,8 @@ class ShardedRemoteAdamax(RemoteAdamax):
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=False)
+        if getattr(self, "_channels", None) is not None:
+            self._channels.close()
         for transport in self._transports:
             transport.close()
 
@@ -436,8 +492,9 @@ class ShardedCheckpointClient:
     ``save`` takes one consistent cut of every optimizer (the leader holds the job still, every
     shard writes its part under one id), ``list`` shows the cuts every shard holds, ``restore``
     brings every shard back to one cut. ``download`` / ``upload`` of the assembled job (the
-    single-server format) are done by ``adamax-ps checkpoint download|upload --target A0,A1,...``,
-    which assembles and re-splits with the server package.
+    single-server format) are done by the job's leader, which assembles and re-splits
+    (``adamax_server.sharding.assembled``, also behind ``adamax-ps checkpoint download|upload
+    --target A0,A1,...``).
     """
 
     def __init__(self, target: str | Sequence[str], *, timeout: float = 600.0, retry: RetryPolicy | None = None,
@@ -490,11 +547,53 @@ class ShardedCheckpointClient:
     def inspect(self, *args: Any, **kwargs: Any) -> Any:
         raise UnimplementedError("inspect a sharded job's cuts with list(); each shard verifies its part on load")
 
-    def download(self, *args: Any, **kwargs: Any) -> Any:
-        raise UnimplementedError("download a sharded job with `adamax-ps checkpoint download --target A0,A1,...` (assembled)")
+    def download(
+        self, checkpoint_id: str = "", optimizers: Sequence[str] = (), *, progress: Progress | None = None
+    ) -> tuple[str, dict[str, Any], Files]:
+        """(id, manifest, files) of the assembled job, in the single-server checkpoint format.
 
-    def upload(self, *args: Any, **kwargs: Any) -> Any:
-        raise UnimplementedError("upload onto a sharded job with `adamax-ps checkpoint upload --target A0,A1,...` (re-split)")
+        ``checkpoint_id`` empty: the live state (one consistent in-memory cut); ``"latest"`` or
+        an id: a stored cut every shard holds. The leader assembles it; the manifest and files are
+        what a single server running the unsharded job would send (same Keras store, bit for bit).
+        ``progress(done, total)`` is called once, when the whole checkpoint has arrived.
+        """
+        used, manifest, files = self._callers[0]("", "download", checkpoint_id, list(optimizers))
+        files = {name: tensors for name, tensors in files.items() if tensors}  # as a single server's stream
+        if progress is not None:
+            total = sum(np.asarray(a).nbytes for tensors in files.values() for a in tensors.values())
+            progress(total, total)
+        return used, manifest, files
+
+    def upload(
+        self,
+        manifest: Mapping[str, Any],
+        files: Mapping[str, Mapping[str, np.ndarray]],
+        *,
+        save: bool = True,
+        restore: bool = False,
+        progress: Progress | None = None,
+    ) -> tuple[Any, list[Any]]:
+        """Send a single-server checkpoint (or an assembled cut) to the job's leader.
+
+        The leader verifies every checksum, re-splits each optimizer onto this job's shard count,
+        then ``save``s it as a cut on every shard and/or ``restore``s every shard to it.
+        ``progress(done, total)`` is called once, after the checkpoint was sent.
+        """
+        from adamax_client.checkpoints import CheckpointSummary, RestoredOptimizer
+
+        payload = {f: dict(t) for f, t in files.items()}
+        got = self._callers[0]("", "upload", dict(manifest), payload, bool(save), bool(restore))
+        if progress is not None:
+            total = sum(np.asarray(a).nbytes for tensors in files.values() for a in tensors.values())
+            progress(total, total)
+        summary = None
+        if save:
+            summary = CheckpointSummary(
+                checkpoint_id=got["checkpoint_id"], created_unix=0.0, reason="upload", nbytes=0,
+                optimizers=[{**o, "checkpoint_id": got["checkpoint_id"]} for o in got["optimizers"]],
+                valid=True, error="", format_version=1,
+            )  # fmt: skip
+        return summary, [RestoredOptimizer(str(k), int(v), int(it)) for k, v, it in got["restored"]]
 
     def close(self) -> None:
         for t in self._transports:

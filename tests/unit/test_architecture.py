@@ -129,8 +129,9 @@ FORBIDDEN = {
     "server.storage": {"grpc", "adamax_client", "server.transport", "server.cli"},
     "server.transport": {"adamax_client", "server.cli"},
     # Sharded jobs: shard engine, pairwise norms, hosts and leader over coordination and optim;
-    # rpc/server are its transport (grpc and the wire package, never the client).
-    "server.sharding": {"adamax_client", "server.cli", "server.storage"},
+    # rpc/server are its transport (grpc and the wire package, never the client); the leader
+    # encodes the assembled job in storage's single-server checkpoint format (sharding.assembled).
+    "server.sharding": {"adamax_client", "server.cli"},
 }
 
 def _layers_of(imported: str) -> set[str]:

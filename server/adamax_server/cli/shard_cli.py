@@ -22,7 +22,6 @@ import logging
 import os
 import sys
 import threading
-import uuid
 from typing import Any
 
 import grpc
@@ -82,6 +81,7 @@ def serve_sharded(args: argparse.Namespace) -> int:
             credentials=hardening.get("credentials"), device=args.device, checkpoint_dir=args.checkpoint_dir,
             keep_cuts=int(args.keep), min_piece_bytes=int(args.min_piece_bytes), staging_ttl=float(args.staging_ttl), call_timeout=float(args.shard_call_timeout),
             link_credentials=link_credentials, link_token=token, metrics=metrics,
+            bulk=hardening.get("bulk"), bulk_port=int(hardening.get("bulk_port", 0)), call_limits=hardening.get("call_limits"),
         )  # fmt: skip
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -101,6 +101,8 @@ def serve_sharded(args: argparse.Namespace) -> int:
     shutdown.install()
     server.start()
     _log.info("adamax-ps shard %d of %d listening on %s:%d (leader %s)", index, len(shards), args.host, port, shards[0])
+    if server.bulk is not None:
+        _log.info("bulk channel on %s:%d (staging and pulls; TCP)", args.host, server.bulk.port)
     print(f"listening on {args.host}:{port}", flush=True)
     if args.metrics_port is not None:
         metrics_port = metrics.serve_http(args.metrics_port, args.metrics_host)
@@ -217,8 +219,7 @@ def _common_cuts(job: _Job, key: str) -> list[str]:
 
 
 def _checkpoint(args: argparse.Namespace, job: _Job) -> int:
-    from adamax_server.sharding.job import JobCheckpoint, assemble_checkpoint, split_checkpoint
-    from adamax_server.storage.checkpoint import LATEST, CheckpointStore
+    from adamax_server.storage.checkpoint import LATEST, CheckpointStore, verify_tensors
 
     out: Any
     if args.action == "save":
@@ -231,37 +232,20 @@ def _checkpoint(args: argparse.Namespace, job: _Job) -> int:
         keys = args.optimizer or job.keys()
         out = [{"optimizer": k, **job.call(0, k, "restore", args.checkpoint_id or LATEST)} for k in keys]
         text = "\n".join(f"restored {o['optimizer']} to cut {o['id']} (version {o['version']})" for o in out)
-    elif args.action == "download":
-        snaps = []
-        for key in args.optimizer or job.keys():
-            cuts = _common_cuts(job, key)
-            wanted = cuts[-1] if args.checkpoint_id in ("", LATEST) and cuts else args.checkpoint_id
-            if wanted not in cuts:
-                raise ValueError(f"optimizer '{key}': no cut {wanted or 'at all'} is held by every shard")
-            parts = [job.call(i, key, "read_cut", wanted) for i in range(len(job.targets))]
-            leader_state = parts[0][1]
-            ckpt = JobCheckpoint(key, leader_state["version"], parts[0][0].config, parts[0][0].policy,
-                                 parts[0][0].placement, leader_state, [p[0] for p in parts])
-            snaps.append(assemble_checkpoint(ckpt))
-        info = CheckpointStore(args.output).write(snaps, reason=f"download of a sharded job from {args.target}")
-        out = {"checkpoint_id": info.checkpoint_id, "optimizers": [s.key for s in snaps]}
+    elif args.action == "download":  # assembled by the leader (sharding.assembled)
+        used, manifest, files = job.call(0, "", "download", args.checkpoint_id,
+                                         list(args.optimizer or []))  # fmt: skip
+        for opt in manifest["optimizers"]:  # end to end: what arrived is what the leader hashed
+            verify_tensors(opt, files.get(opt["file"], {}), f"downloaded checkpoint, optimizer '{opt['key']}'")
+        info = CheckpointStore(args.output).write_encoded(dict(manifest, reason=f"download of {used} from {args.target}"), files)
+        out = {"checkpoint_id": info.checkpoint_id, "optimizers": [o["key"] for o in manifest["optimizers"]]}
         text = f"downloaded {', '.join(out['optimizers'])} assembled to {args.output}/{info.checkpoint_id}"
-    else:  # upload
+    else:  # upload: re-split onto this job's shard count by the leader, saved as a cut and restored
         store = CheckpointStore(args.input)
         checkpoint_id = store.load_latest()[0] if args.id == LATEST else args.id
-        out = []
-        for snap in store.load(checkpoint_id):
-            info = None
-            try:
-                info = job.call(0, snap.key, "describe")
-            except Exception:  # noqa: BLE001 - a new optimizer on this job
-                pass
-            min_piece = int(info["min_piece_bytes"]) if info else 256 << 10
-            ckpt = split_checkpoint(snap, len(job.targets), min_piece)
-            cut_id = f"upload-{uuid.uuid4().hex[:8]}"
-            for i, part in enumerate(ckpt.shards):
-                job.call(i, snap.key, "write_cut", cut_id, part, ckpt.leader if i == 0 else None)
-            out.append({"optimizer": snap.key, **job.call(0, snap.key, "restore", cut_id)})
-        text = "\n".join(f"uploaded and restored {o['optimizer']}: cut {o['id']} (version {o['version']})" for o in out)
+        manifest, files = store.read(checkpoint_id)
+        got = job.call(0, "", "upload", manifest, files, not getattr(args, "no_save", False), True)
+        out = [{"optimizer": k, "id": got["checkpoint_id"], "version": v} for k, v, _ in got["restored"]]
+        text = "\n".join(f"uploaded and restored {o['optimizer']}: cut {o['id'] or '(not saved)'} (version {o['version']})" for o in out)
     print(json.dumps(out, indent=2, default=str) if args.json else text)
     return 0

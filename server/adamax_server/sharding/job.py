@@ -261,6 +261,7 @@ def assemble_checkpoint(ckpt: JobCheckpoint) -> OptimizerSnapshot:
         version=ckpt.version,
         iterations=ckpt.shards[0].iterations,
         dedup={w: [tuple(e) for e in entries] for w, entries in ckpt.leader.get("dedup", {}).items()},
+        workers={w: dict(v) for w, v in ckpt.leader.get("workers", {}).items()},
         round=round_,
         last_closed=ckpt.leader.get("last_closed", ""),
         last_abort=ckpt.leader.get("last_abort", ""),
@@ -297,6 +298,7 @@ def split_checkpoint(snap: OptimizerSnapshot, num_shards: int, min_piece_bytes: 
         "round": {c.worker_id: [c.request_id, snap.version] for c in snap.round},
         "last_closed": snap.last_closed,
         "last_abort": snap.last_abort,
+        "workers": {w: dict(v) for w, v in snap.workers.items()},
     }
     return JobCheckpoint(snap.key, snap.version, dict(snap.config), dict(snap.policy), placement.to_json(), leader, shards)
 

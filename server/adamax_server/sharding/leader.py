@@ -115,6 +115,7 @@ class Leader:
         self._round_started = 0.0
         self._last_closed = ""
         self._last_abort = ""
+        self._workers: dict[str, dict[str, int]] = {}
         self._lagging: dict[int, _Lag] = {}
         self._incarnations: dict[int, str] = {}
         self._broken = ""  # why the job needs a restore, if it does
@@ -208,14 +209,22 @@ class Leader:
             except DecidedUnconfirmed as exc:
                 if exc.result is not None:  # final: a retry is answered with it once confirmed
                     self._dedup.finish(worker_id, request_id, exc.result)
+                    self._count_push(worker_id, step)
                 self._cond.notify_all()
                 raise
             except BaseException:
                 if self._dedup.get(worker_id, request_id) is not None and self._dedup.get(worker_id, request_id).result is None:
                     self._dedup.discard(worker_id, request_id)
                 raise
+            self._count_push(worker_id, step)
             self._cond.notify_all()
             return result
+
+    def _count_push(self, worker_id: str, step: int) -> None:
+        """Per-worker push counts, as a single server keeps them (status, checkpoints)."""
+        record = self._workers.setdefault(worker_id, {"last_step": -1, "pushes": 0})
+        record["pushes"] += 1
+        record["last_step"] = int(step)
 
     def _forget_restaged(self, key: tuple[str, str]) -> None:
         """A retry re-staged a push that is already decided: free those slices (best effort)."""
@@ -508,6 +517,7 @@ class Leader:
                 "round": {w: [r, s] for w, (r, s) in self._round.items()},
                 "last_closed": self._last_closed,
                 "last_abort": self._last_abort,
+                "workers": {w: dict(v) for w, v in self._workers.items()},
             }
 
     def restore_state(self, state: dict[str, Any]) -> None:
@@ -522,6 +532,8 @@ class Leader:
                 self._start_round_timer()
             self._last_closed = state.get("last_closed", "")
             self._last_abort = state.get("last_abort", "")
+            self._workers = {w: {"last_step": int(v["last_step"]), "pushes": int(v["pushes"])}
+                             for w, v in state.get("workers", {}).items()}  # fmt: skip
             self._lagging.clear()
             self._broken = ""
             self._cond.notify_all()

@@ -52,7 +52,7 @@ from adamax_server.errors import (
     Unavailable,
     status_for,
 )
-from adamax_server.sharding import pairwise
+from adamax_server.sharding import assembled, pairwise
 from adamax_server.sharding.leader import Leader, ShardUnavailable
 from adamax_server.sharding.placement import DEFAULT_MIN_PIECE_BYTES
 from adamax_server.sharding.shard import PrepareReply, ShardHost, ShardSnapshot
@@ -70,10 +70,10 @@ RECORDS = codec.Records(ClipDecision, PrepareReply, ShardSnapshot, PushResult, p
 # sends to shards (any authenticated peer may, like every other call of the server).
 _PUBLIC = {
     "create", "describe", "build", "stage", "pull", "save_own_variables", "status", "delete", "list_cuts",
-    "exclude_from_weight_decay", "read_cut", "write_cut",
+    "exclude_from_weight_decay", "read_cut", "write_cut", "open_bulk",
 }  # fmt: skip
-_LEADER = {"push", "mutate_job", "checkpoint", "restore"}
-_INTERNAL = {"prepare", "commit", "abort", "drop", "check", "mutate", "save_cut", "load_cut"}
+_LEADER = {"push", "mutate_job", "checkpoint", "restore"} | assembled.LEADER_METHODS
+_INTERNAL = {"prepare", "commit", "abort", "drop", "check", "mutate", "save_cut", "load_cut"} | assembled.INTERNAL_METHODS
 _HOST_METHODS = {
     "build", "stage", "pull", "save_own_variables", "prepare", "commit", "abort", "drop", "check", "mutate",
     "exclude_from_weight_decay",
@@ -207,6 +207,7 @@ class ShardRegistry:
         self._leaders: dict[str, Leader] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._closed = False
+        self.bulk: Any = None  # this shard's bulk channel (transport.bulk.BulkServer), if open
 
     @property
     def num_shards(self) -> int:
@@ -356,6 +357,14 @@ class ShardRegistry:
             return self.create(key, *args)
         if method == "describe":
             return self.describe(key)
+        if method == "open_bulk":  # a ticket for this shard's bulk channel (sharding.bulk)
+            self.host(key)  # NOT_FOUND before a ticket is spent on it
+            if self.bulk is None:
+                return {"available": False}
+            if not args or not args[0]:
+                raise InvalidArgument("open_bulk needs the `worker_id` the connection will stage as")
+            ticket = self.bulk.issue_ticket(key, str(args[0]))
+            return {"available": True, "port": self.bulk.port, "ticket": ticket.hex(), "ttl": self.bulk.ticket_ttl}
         if method == "status":
             return self.status()
         if method == "delete":
@@ -371,6 +380,8 @@ class ShardRegistry:
             if len(per_shard) != self.num_shards:
                 raise InvalidArgument(f"mutation carries parts for {len(per_shard)} shards; the job has {self.num_shards}")
             return self.leader(key).mutate(op, lambda i: per_shard[i])
+        if method in assembled.LEADER_METHODS | assembled.INTERNAL_METHODS:
+            return assembled.dispatch(self, key, method, args)
         if method == "checkpoint":
             return self.checkpoint(key)
         if method == "restore":

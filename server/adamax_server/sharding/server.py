@@ -14,7 +14,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from adamax_server.sharding.bulk import ShardBulkHosts
 from adamax_server.sharding.rpc import SERVICE, ShardRegistry, ShardServicer, add_shard_service
+from adamax_server.transport.budget import CallLimits
+from adamax_server.transport.bulk import BulkServer
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -28,13 +31,23 @@ def create_shard_server(
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
     options: Sequence[tuple[str, Any]] = (),
+    bulk: bool | None = None,
+    bulk_port: int = 0,
+    call_limits: CallLimits | None = None,
     **registry_kwargs: Any,
 ) -> tuple[grpc.Server, int]:
     """Create (not start) a shard server; returns it and the bound port.
 
     ``registry_kwargs`` go to ``ShardRegistry`` (device, checkpoint_dir, staging_ttl,
     call_timeout, min_piece_bytes, link_credentials, link_token, auto_heal).
+    ``bulk`` opens this shard's bulk channel (``sharding.bulk``: staging and pulls over TCP on
+    ``bulk_port`` of the same host): ``None`` (default) on without TLS, off with TLS, as on a
+    single server; ``bulk=True`` with TLS credentials is refused (the channel is unencrypted).
     """
+    if bulk is None:
+        bulk = credentials is None
+    elif bulk and credentials is not None:
+        raise ValueError("the bulk channel is unencrypted; it cannot be combined with TLS (use --no-bulk)")
     registry = ShardRegistry(shard_index, shards, **registry_kwargs)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"adamax-shard{shard_index}"),
@@ -55,6 +68,13 @@ def create_shard_server(
     port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {address}")
+    if bulk:
+        host = address.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+        registry.bulk = BulkServer(
+            ShardBulkHosts(registry), host=host, port=bulk_port, shared_memory=False, limits=call_limits,  # type: ignore[arg-type]
+            max_tensor_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+        ).start()  # fmt: skip
+    server.bulk = registry.bulk  # type: ignore[attr-defined]
     server.shard_registry = registry  # type: ignore[attr-defined]
     server.health = health_servicer  # type: ignore[attr-defined]
     return server, port
@@ -64,3 +84,5 @@ def stop_shard_server(server: grpc.Server, grace: float | None = 1.0) -> None:
     server.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
     server.shard_registry.close()  # type: ignore[attr-defined]
     server.stop(grace).wait()
+    if server.bulk is not None:  # type: ignore[attr-defined]
+        server.bulk.close()  # type: ignore[attr-defined]

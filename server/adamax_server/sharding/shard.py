@@ -80,6 +80,21 @@ class ShardSnapshot:
     store_names: list[str] = field(default_factory=list)  # this shard's optimizer variables, store order
 
 
+def _widened(g: Gradient, dtype: np.dtype) -> Gradient:
+    """A gradient sent narrower than its variable (float16, bfloat16 -> float32) in the variable's
+    dtype, as a single server receives it into its staging buffer; others as they are."""
+    if isinstance(g, RowSparseGradient):
+        values = np.asarray(g.values)
+        if values.dtype.kind == "f" and values.dtype.itemsize < dtype.itemsize:
+            return RowSparseGradient(g.indices, values.astype(dtype))
+        return g
+    if g is not None:
+        array = np.asarray(g)
+        if array.dtype.kind == "f" and array.dtype.itemsize < dtype.itemsize:
+            return array.astype(dtype)
+    return g
+
+
 class ShardHost:
     """See the module docstring. Thread safe; every engine call is under ``_cond``."""
 
@@ -192,6 +207,8 @@ class ShardHost:
                     raise InvalidArgument(f"slice of '{name}' has shape {np.shape(g)}; this shard's piece is {shape}")
                 out[name] = g
             counts = _non_finite_counts(_gradient_stats({n: g for n, g in out.items() if g is not None}))
+            for name, g in out.items():  # narrowed on the wire (gradient_wire_dtype): widen, exactly
+                out[name] = _widened(g, shapes[name][1])
             self._staged[(worker_id, request_id)] = StagedPush(out, counts, self._clock() + self.staging_ttl)
             return counts
 
@@ -385,6 +402,16 @@ class ShardHost:
                 "bytes": sizes[self.shard_index] if sizes else 0,
                 "staged": len(self._staged),
             }
+
+    def piece_names(self) -> set[str] | None:
+        """Names of the variables this shard holds a piece of (None before build)."""
+        with self._cond:
+            return {n for n, _, _ in self._engine.variable_specs} if self._engine.built else None
+
+    def engine_settings(self) -> tuple[dict[str, Any], dict[str, list[str]]]:
+        """(the engine's current Keras config, its weight-decay exclusions): the job's, on every shard."""
+        with self._cond:
+            return self._engine.get_config(), self._engine.weight_decay_exclusions
 
     # -------------------------------------------------------------- checkpoints
 

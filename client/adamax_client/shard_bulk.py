@@ -1,0 +1,114 @@
+"""A sharded job's bulk channels: one per shard, for staging slices and pulling pieces.
+
+Every shard server offers the single server's bulk channel (TCP; see
+``adamax_server.sharding.bulk``), with tickets from its ``ShardService`` (``open_bulk``). A
+sharded push stages each shard's slices over that shard's channel (phase 1; the commit at the
+leader stays a gRPC call), and a pull reads each shard's pieces over it, every shard in
+parallel. A shard whose channel is not offered, or fails now, is reached over gRPC for that
+call, exactly as ``RemoteAdamax`` falls back on a single server: the same request id, so
+nothing is staged twice differently and the commit is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from adamax_wire import pb
+from adamax_client.bulk import BULK_MODES, BulkChannel, BulkUnavailable
+
+_log = logging.getLogger("adamax_client")
+_BACKOFF, _BACKOFF_MAX = 5.0, 300.0  # seconds on gRPC after a transient bulk failure, doubling
+_NONE: Any = object()  # a shard that offers no bulk channel
+
+
+class ShardChannels:
+    """Bulk channels to every shard of one optimizer, for one worker."""
+
+    def __init__(self, transports: Sequence[Any], callers: Sequence[Callable[..., Any]], key: str, worker_id: str,
+                 mode: str = "auto") -> None:  # fmt: skip
+        if mode not in BULK_MODES:
+            raise ValueError(f"`bulk` must be one of {list(BULK_MODES)}. Received: bulk={mode!r}")
+        self.mode = mode
+        self._transports = list(transports)
+        self._callers = list(callers)
+        self.key = key
+        self.worker_id = worker_id
+        n = len(self._transports)
+        self._channels: list[Any] = [None] * n
+        self._retry_at = [0.0] * n
+        self._backoff = [0.0] * n
+
+    def _ticket(self, shard: int) -> Callable[[float], Any]:
+        def open_ticket(timeout: float) -> Any:
+            got = self._callers[shard](self.key, "open_bulk", self.worker_id, timeout=timeout)
+            if not got.get("available"):
+                return pb.OpenBulkChannelResponse(available=False)
+            return pb.OpenBulkChannelResponse(
+                available=True, port=int(got["port"]), ticket=bytes.fromhex(got["ticket"]),
+                ticket_ttl_seconds=float(got["ttl"]), shared_memory=False,
+            )  # fmt: skip
+
+        return open_ticket
+
+    def _via(self, shard: int, call: Callable[[BulkChannel], Any]) -> Any:
+        """``call(channel)`` over shard ``shard``'s bulk channel, or None: use gRPC for this call."""
+        if self.mode == "off" or self._channels[shard] is _NONE or time.monotonic() < self._retry_at[shard]:
+            return None
+        if self._channels[shard] is None:
+            mode = "tcp" if self.mode == "shm" else self.mode  # shards offer TCP only
+            self._channels[shard] = BulkChannel(self._transports[shard], self.key, self.worker_id, mode=mode,
+                                                open_ticket=self._ticket(shard))  # fmt: skip
+        try:
+            result = call(self._channels[shard])
+            self._backoff[shard] = 0.0
+            return result
+        except BulkUnavailable as exc:
+            if exc.transient:
+                self._backoff[shard] = min(_BACKOFF_MAX, max(self._backoff[shard] * 2, _BACKOFF))
+                self._retry_at[shard] = time.monotonic() + self._backoff[shard]
+                _log.warning("worker '%s': bulk channel of shard %d failed (%s); gRPC to it for %.3g s",
+                             self.worker_id, shard, exc, self._backoff[shard])  # fmt: skip
+                return None
+            level = logging.INFO if self.mode == "auto" and not exc.offered else logging.WARNING
+            _log.log(level, "worker '%s': shard %d has no usable bulk channel (%s); using gRPC", self.worker_id, shard, exc)
+            self._channels[shard].close()
+            self._channels[shard] = _NONE
+            return None
+
+    def stage(self, shard: int, request_id: str, step: int, items: list[tuple[str, Any]], *, wire: str | None,
+              timeout: float) -> bool:  # fmt: skip
+        """Stage ``items`` on ``shard`` over its bulk channel; False: not sent, use gRPC."""
+        if not items:  # a bulk push carries at least one tensor; an empty stage goes over gRPC
+            return False
+        header = pb.PushHeader(optimizer=self.key, worker_id=self.worker_id, step=step, request_id=request_id,
+                               num_tensors=len(items))  # fmt: skip
+        return self._via(shard, lambda ch: ch.push(header, items, wire=wire, timeout=timeout)) is not None
+
+    def pull(self, shard: int, names: Sequence[str], min_version: int, timeout: float) -> tuple[int, int, dict[str, np.ndarray]] | None:
+        """(version, iterations, this shard's pieces) over its bulk channel; None: use gRPC."""
+        request = pb.PullRequest(optimizer=self.key, names=list(names), min_version=int(min_version), worker_id=self.worker_id)
+        got = self._via(shard, lambda ch: ch.pull(request, timeout=timeout))
+        if got is None:
+            return None
+        head, items = got
+        return int(head.version), int(head.iterations), dict(items)
+
+    @property
+    def path(self) -> str:
+        """"tcp" when every shard's channel is in use, "grpc" when none is, else "mixed"/"unknown"."""
+        if self.mode == "off":
+            return "grpc"
+        now = time.monotonic()
+        states = ["unknown" if c is None else "grpc" if c is _NONE or now < r else "tcp"
+                  for c, r in zip(self._channels, self._retry_at)]  # fmt: skip
+        return states[0] if len(set(states)) == 1 else "mixed"
+
+    def close(self) -> None:
+        for c in self._channels:
+            if c is not None and c is not _NONE:
+                c.close()

@@ -1,0 +1,154 @@
+"""Sharded pushes and pulls over each shard's bulk channel, against a single server.
+
+Every shard server offers the bulk channel (TCP) by default; a sharded client stages its slices
+and pulls its pieces over it, shard by shard, and only the commit (and the job's control calls)
+go over gRPC. Weights and store stay bit-identical to a single server; a shard without a bulk
+channel is reached over gRPC in the same job ("mixed"), and ``bulk="off"`` uses gRPC only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _ps_helpers import running_server
+
+from adamax_client import RemoteAdamax
+from adamax_client import errors as client_errors
+from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.server import create_shard_server, stop_shard_server
+from _sharding_helpers import REMOTE_CONFIG, remote_grads, remote_values, start_shard_servers
+
+CONFIG = REMOTE_CONFIG
+_values, _grads = remote_values, remote_grads
+
+
+def start_shards(n, bulk_for=lambda i: None):
+    return start_shard_servers(n, bulk_for=bulk_for)
+
+
+class _Recorder:
+    """Wraps a shard caller: which shard-protocol methods went over gRPC."""
+
+    def __init__(self, caller, calls):
+        self._caller, self._calls = caller, calls
+
+    def __call__(self, key, method, *args, **kwargs):
+        self._calls.append(method)
+        return self._caller(key, method, *args, **kwargs)
+
+
+def _record(opt):
+    calls = [[] for _ in opt._callers]
+    opt._callers = [_Recorder(c, calls[i]) for i, c in enumerate(opt._callers)]
+    opt._channels._callers = opt._callers  # tickets too
+    return calls
+
+
+def _train_and_compare(opt, ref_opt, values, steps=5):
+    opt.build(values)
+    ref_opt.build(values)
+    for k in range(steps):
+        g = _grads(values, k)
+        got, ref = opt.push(g, step=k, request_id=f"r{k}"), ref_opt.push(g, step=k, request_id=f"r{k}")
+        assert (got.outcome, got.version, got.iterations) == (ref.outcome, ref.version, ref.iterations)
+        pulled, ref_pulled = opt.pull(), ref_opt.pull()
+        for n in values:
+            assert pulled[n].tobytes() == ref_pulled[n].tobytes(), (k, n)
+    again = opt.push(_grads(values, steps - 1), step=steps - 1, request_id=f"r{steps - 1}")
+    assert again.duplicate  # exactly once: the retry re-staged over bulk and was answered from the table
+    store, ref_store = {}, {}
+    opt.save_own_variables(store)
+    ref_opt.save_own_variables(ref_store)
+    for key in ref_store:
+        assert np.asarray(store[key]).tobytes() == np.asarray(ref_store[key]).tobytes(), key
+
+
+@pytest.fixture
+def single():
+    with running_server(coordinator=Coordinator(device="numba")) as (target, _):
+        yield target
+
+
+@pytest.mark.parametrize("wire", [None, "bfloat16"])
+def test_staging_and_pulls_over_every_shards_bulk_channel(single, wire):
+    values = _values(5)
+    servers, targets = start_shards(3)
+    try:
+        assert all(s.bulk is not None for s in servers)
+        with RemoteAdamax(single, worker_id="w", optimizer="job", timeout=60, gradient_wire_dtype=wire, **CONFIG) as ref_opt, \
+                RemoteAdamax(targets, worker_id="w", optimizer="job", timeout=60, gradient_wire_dtype=wire, **CONFIG) as opt:  # fmt: skip
+            assert opt.transfer_path == "unknown"
+            calls = _record(opt)
+            _train_and_compare(opt, ref_opt, values)
+            assert opt.transfer_path == "tcp"
+            for i, methods in enumerate(calls):
+                # Slices and pieces travelled over the bulk channel: gRPC only opened it (a
+                # ticket per shard) and carried the commit and the control calls.
+                assert "stage" not in methods and "pull" not in methods, (i, methods)
+                assert methods.count("open_bulk") == 1, (i, methods)
+            assert "push" in calls[0]
+            # Errors over the bulk channel are the same as over gRPC.
+            with pytest.raises(client_errors.InvalidArgumentError, match="shape"):
+                bad = _grads(values, 0)
+                bad["w"] = np.zeros((64, 63), np.float32)
+                opt.push(bad)
+    finally:
+        for s in servers:
+            stop_shard_server(s, grace=0)
+
+
+def test_a_shard_without_bulk_is_reached_over_grpc(single):
+    values = _values(6)
+    servers, targets = start_shards(3, bulk_for=lambda i: False if i == 1 else None)
+    try:
+        assert servers[1].bulk is None
+        with RemoteAdamax(single, worker_id="w", optimizer="job", timeout=60, **CONFIG) as ref_opt, \
+                RemoteAdamax(targets, worker_id="w", optimizer="job", timeout=60, **CONFIG) as opt:  # fmt: skip
+            calls = _record(opt)
+            _train_and_compare(opt, ref_opt, values)
+            assert opt.transfer_path == "mixed"
+            assert "stage" in calls[1] and "pull" in calls[1]
+            assert "stage" not in calls[0] and "stage" not in calls[2]
+        with RemoteAdamax(targets, worker_id="w2", optimizer="job", timeout=60, bulk="off", **CONFIG) as off:
+            calls = _record(off)
+            off.pull()
+            assert off.transfer_path == "grpc" and all("pull" in c and "open_bulk" not in c for c in calls)
+        with pytest.raises(ValueError, match="bulk"):
+            RemoteAdamax(targets, worker_id="w", optimizer="job", bulk="udp", **CONFIG)
+    finally:
+        for s in servers:
+            stop_shard_server(s, grace=0)
+
+
+def test_bulk_with_tls_is_refused():
+    import grpc
+
+    with pytest.raises(ValueError, match="unencrypted"):
+        create_shard_server("127.0.0.1:0", 0, ["127.0.0.1:1"], bulk=True,
+                            credentials=grpc.ssl_server_credentials([(b"k", b"c")]))  # fmt: skip
+
+
+def test_a_bulk_channel_lost_mid_job_falls_back_to_grpc_exactly_once(single):
+    """Shard 1's bulk listener goes away between two pushes: the stage goes over gRPC instead
+    (the same request id), nothing is applied twice, and the job stays equal to one server."""
+    values = _values(7)
+    servers, targets = start_shards(3)
+    try:
+        with RemoteAdamax(single, worker_id="w", optimizer="job", timeout=60, **CONFIG) as ref_opt, \
+                RemoteAdamax(targets, worker_id="w", optimizer="job", timeout=60, **CONFIG) as opt:  # fmt: skip
+            opt.build(values)
+            ref_opt.build(values)
+            for k in range(4):
+                if k == 2:
+                    servers[1].bulk.close()  # open connections dropped, the port closed
+                g = _grads(values, k)
+                got, ref = opt.push(g, step=k, request_id=f"r{k}"), ref_opt.push(g, step=k, request_id=f"r{k}")
+                assert (got.outcome, got.version, got.duplicate) == (ref.outcome, ref.version, False)
+                pulled, ref_pulled = opt.pull(), ref_opt.pull()
+                for n in values:
+                    assert pulled[n].tobytes() == ref_pulled[n].tobytes(), (k, n)
+            assert opt.transfer_path == "mixed"
+            assert opt.status()["version"] == 4
+    finally:
+        for s in servers:
+            stop_shard_server(s, grace=0)
