@@ -145,7 +145,7 @@ def test_two_shards_two_workers_survive_a_killed_shard(shard_image: str, tmp_pat
         shards = [project.container("adamax-ps-0"), project.container("adamax-ps-1")]
         workers = project.containers("worker")
         assert len(workers) == 2, workers
-        target = ",".join(f"127.0.0.1:{project.host_port(c)}" for c in shards)
+        target = ",".join(f"127.0.0.1:{project.host_port(c)}" for c in shards)  # "127.0.0.1:": random ports
         logs = project.logs()
         for i in (0, 1):  # the index came from the hostname
             assert f"shard {i} of 2 listening" in logs, logs[-4000:]
@@ -162,6 +162,7 @@ def test_two_shards_two_workers_survive_a_killed_shard(shard_image: str, tmp_pat
         _run(["docker", "start", shards[1]])
         _wait("shard 1 is healthy again",
               lambda: (project.state(shards[1]).get("Health") or {}).get("Status") == "healthy", 120, project.logs)
+        target = ",".join(f"127.0.0.1:{project.host_port(c)}" for c in shards)  # a restart publishes a new port
 
         # every worker finishes
         def finished() -> bool:

@@ -104,9 +104,10 @@ def serve_sharded(args: argparse.Namespace) -> int:
     _log.info("adamax-ps shard %d of %d listening on %s:%d (leader %s)", index, len(shards), args.host, port, shards[0])
     print(f"listening on {args.host}:{port}", flush=True)
     if args.metrics_port is not None:
-        metrics_port = metrics.serve_http(args.metrics_port, args.metrics_host, labels={"shard": str(index)})
-        _log.info("metrics on http://%s:%d/metrics", args.metrics_host, metrics_port)
-        print(f"metrics on {args.metrics_host}:{metrics_port}", flush=True)
+        metrics_host = args.metrics_host or args.host  # as reachable as the shard itself, as on one server
+        metrics_port = metrics.serve_http(args.metrics_port, metrics_host, labels={"shard": str(index)})
+        _log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
+        print(f"metrics on {metrics_host}:{metrics_port}", flush=True)
     return shutdown.run()
 
 
