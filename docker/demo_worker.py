@@ -1,10 +1,12 @@
-"""Demo worker for docker/compose.yaml: fits y = X @ w_true + b_true through the parameter server.
+"""Demo worker for docker/compose*.yaml: fits y = X @ w_true + b_true through the parameter server.
 
 Only the client package and NumPy are used, as on a real worker. Settings come from the
-environment: ADAMAX_PS_TARGET (host:port), ADAMAX_PS_TOKEN, ADAMAX_PS_TLS_CA, DEMO_STEPS.
-Workers of one job share the optimizer "demo" (async); each pushes gradients of its own
-synthetic batches and prints its loss now and then. UNAVAILABLE (a restarting server) is
-retried with backoff by the client.
+environment: ADAMAX_PS_TARGET (host:port, or a sharded job's shard list host0:port,host1:port),
+ADAMAX_PS_TOKEN, ADAMAX_PS_TLS_CA, DEMO_STEPS. Workers of one job share the optimizer "demo"
+(async); each pushes gradients of its own synthetic batches and prints its loss now and then.
+UNAVAILABLE (a restarting server or shard) is retried with backoff by the client. A push that
+finds the job restored from a checkpoint (a shard came back after a crash) was not applied
+(ABORTED): the worker pulls the restored weights and goes on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import socket
 import numpy as np
 
 from adamax_client import RemoteAdamax, RetryPolicy, tls_channel_credentials
+from adamax_client.errors import AbortedError
 
 
 def main() -> int:
@@ -35,7 +38,10 @@ def main() -> int:
             x = rng.standard_normal((64, 8)).astype(np.float32)
             y = x @ w_true + np.float32(0.5)
             err = x @ weights["w"] + weights["b"][0] - y
-            opt.push({"w": (x.T @ err) * np.float32(2 / len(x)), "b": np.array([2 * err.mean()], np.float32)})
+            try:
+                opt.push({"w": (x.T @ err) * np.float32(2 / len(x)), "b": np.array([2 * err.mean()], np.float32)})
+            except AbortedError as exc:  # not applied: the job was restored (or the push came too late)
+                print(f"{opt.worker_id} step {step}: push not applied ({exc}); pulling again", flush=True)
             if step % 50 == 0 or step == steps - 1:
                 print(f"{opt.worker_id} step {step}: loss {float((err ** 2).mean()):.5f} version {opt.version}", flush=True)
     return 0

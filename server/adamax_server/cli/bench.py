@@ -2,6 +2,7 @@
 
     adamax-ps bench transport [--quick] [--json t.json] [--png t.png]
     adamax-ps bench all --quick --out-dir results/       (each benchmark: NAME.json, NAME.png)
+    adamax-ps bench shards --net netns loopback          (shard scaling; netns needs root)
 
 Each benchmark runs as its own ``python benchmarks/bench_NAME.py`` process (they spawn
 servers and workers of their own); arguments after the name are passed on.
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-BENCHMARKS = ("transport", "overlap", "scaling", "memory", "wire", "adapters", "datapath")
+BENCHMARKS = ("transport", "overlap", "scaling", "memory", "wire", "adapters", "datapath", "shards")
 
 
 def benchmarks_dir() -> Path | None:

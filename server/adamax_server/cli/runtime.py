@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -252,6 +254,28 @@ def server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     out["bulk_port"] = int(args.bulk_port)
     out["shared_memory"] = not args.no_shared_memory
     return out
+
+
+# ---------------------------------------------------------------- shard index
+
+_ORDINAL = re.compile(r"(?P<base>.+)-(?P<ordinal>0|[1-9][0-9]*)")
+
+
+def shard_index_from_hostname(hostname: str | None = None) -> int:
+    """The shard index of a StatefulSet pod: the ordinal its hostname ends with.
+
+    Kubernetes names pod ``i`` of a StatefulSet ``<name>-<i>`` and makes that its hostname, so
+    ``adamax-ps-2`` (or ``adamax-ps-2.adamax-ps.ml.svc.cluster.local``) is shard 2. Raises
+    ``ValueError`` for a hostname without a trailing ``-<ordinal>``.
+    """
+    name = socket.gethostname() if hostname is None else hostname
+    match = _ORDINAL.fullmatch(name.split(".", 1)[0])
+    if match is None:
+        raise ValueError(
+            "`--shard-index-from-hostname` needs a hostname that ends with -<ordinal>, as a StatefulSet's "
+            f"pods have (adamax-ps-0, adamax-ps-1, ...). Received: hostname={name!r}"
+        )
+    return int(match.group("ordinal"))
 
 
 # ---------------------------------------------------------------- health check

@@ -20,13 +20,14 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 from typing import Any
 
 import grpc
 
-from adamax_server.cli.runtime import ENV_PREFIX, _flag
+from adamax_server.cli.runtime import ENV_PREFIX, _flag, _switch, shard_index_from_hostname
 
 _log = logging.getLogger("adamax_server")
 
@@ -34,6 +35,8 @@ _log = logging.getLogger("adamax_server")
 def add_shard_arguments(serve: argparse.ArgumentParser) -> None:
     group = serve.add_argument_group("sharded jobs")
     _flag(group, "--shard-index", type=int, help="this server's index in --shards (0 is the job's leader)")
+    _switch(group, "--shard-index-from-hostname",
+            "take the index from the ordinal the hostname ends with (a StatefulSet's pod adamax-ps-2 is shard 2)")
     _flag(group, "--shards", help="every shard's host:port, in index order, comma-separated")
     _flag(group, "--shard-token", help="bearer token this shard presents to the others (default: ADAMAX_PS_TOKEN)")
     _flag(group, "--staging-ttl", 300.0, type=float, help="seconds a staged, uncommitted push is kept")
@@ -55,9 +58,7 @@ def serve_sharded(args: argparse.Namespace) -> int:
     try:
         hardening = server_kwargs(args)
         shards = parse_shards(args.shards)
-        if args.shard_index is None:
-            raise ValueError("--shards needs --shard-index (env ADAMAX_PS_SHARD_INDEX)")
-        index = int(args.shard_index)
+        index = _shard_index(args, shards)
     except (SecurityConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -105,10 +106,28 @@ def serve_sharded(args: argparse.Namespace) -> int:
         _log.info("bulk channel on %s:%d (staging and pulls; TCP)", args.host, server.bulk.port)
     print(f"listening on {args.host}:{port}", flush=True)
     if args.metrics_port is not None:
-        metrics_port = metrics.serve_http(args.metrics_port, args.metrics_host)
-        _log.info("metrics on http://%s:%d/metrics", args.metrics_host, metrics_port)
-        print(f"metrics on {args.metrics_host}:{metrics_port}", flush=True)
+        metrics_host = args.metrics_host or args.host  # as reachable as the shard itself, as on one server
+        metrics_port = metrics.serve_http(args.metrics_port, metrics_host, labels={"shard": str(index)})
+        _log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
+        print(f"metrics on {metrics_host}:{metrics_port}", flush=True)
     return shutdown.run()
+
+
+def _shard_index(args: argparse.Namespace, shards: list[str]) -> int:
+    """``--shard-index``, or the hostname's ordinal with ``--shard-index-from-hostname``."""
+    if not args.shard_index_from_hostname:
+        if args.shard_index is None:
+            raise ValueError("--shards needs --shard-index or --shard-index-from-hostname (env ADAMAX_PS_SHARD_INDEX)")
+        return int(args.shard_index)
+    index = shard_index_from_hostname()
+    if args.shard_index is not None and int(args.shard_index) != index:
+        raise ValueError(f"--shard-index {args.shard_index} contradicts --shard-index-from-hostname ({index})")
+    if index < len(shards):
+        own = socket.gethostname().split(".", 1)[0]
+        listed = shards[index].rsplit(":", 1)[0].split(".", 1)[0]
+        if listed != own:  # an IP address, or another name for this host: allowed, but worth a look
+            _log.warning("shard %d: the shard list names %s, this host is %s", index, shards[index], own)
+    return index
 
 
 def _cut_loop(registry: Any, args: argparse.Namespace, stop: threading.Event) -> None:
@@ -166,38 +185,72 @@ class _Job:
             c.close()
 
 
+def _health(targets: list[str], timeout: float, connection: dict[str, Any]) -> list[str]:
+    """Each shard's health status name (SERVING, NOT_SERVING), or UNREACHABLE."""
+    from adamax_server.cli.runtime import check_health
+
+    out = []
+    for target in targets:
+        try:
+            out.append(check_health(target, timeout=min(timeout, 5.0), connection=connection))
+        except (grpc.RpcError, ValueError, OSError):
+            out.append("UNREACHABLE")
+    return out
+
+
 def run_sharded_status(args: argparse.Namespace) -> int:
+    """Every optimizer of the job with each shard's health, version, bytes and staged pushes.
+
+    A shard that does not answer is shown as such (the others still are); the exit status is 1
+    when any shard is not SERVING or the leader cannot describe the job.
+    """
     from adamax_server.cli.runtime import client_connection
 
-    job = _Job(args.target, args.timeout, client_connection(args))
+    connection = client_connection(args)
+    job = _Job(args.target, args.timeout, connection)
+    health = _health(job.targets, args.timeout, connection)
     try:
-        per_shard = [job.call(i, "", "status") for i in range(len(job.targets))]
+        per_shard: list[list[dict[str, Any]] | None] = []
+        for i in range(len(job.targets)):
+            try:
+                per_shard.append(job.call(i, "", "status") if health[i] != "UNREACHABLE" else None)
+            except Exception as exc:  # noqa: BLE001 - shown as this shard's state
+                _log.debug("shard %d status: %s", i, exc)
+                per_shard.append(None)
         rows = []
-        for key in [r["optimizer"] for r in per_shard[0]]:
+        for key in [r["optimizer"] for r in per_shard[0] or []]:
             info = job.call(0, key, "describe")
             rows.append({
                 "optimizer": key, "built": info["built"], "version": info.get("leader", {}).get("version", info["version"]),
                 "iterations": info["iterations"], "lagging": info.get("leader", {}).get("lagging", []),
                 "shards": [
-                    {"index": i, "target": job.targets[i], **next((r for r in per_shard[i] if r["optimizer"] == key), {})}
+                    {"index": i, "target": job.targets[i], "health": health[i],
+                     **next((r for r in per_shard[i] or [] if r["optimizer"] == key), {})}
                     for i in range(len(job.targets))
                 ],
             })  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - a CLI reports and exits
         print(f"error: {args.target}: {exc}", file=sys.stderr)
+        for i, target in enumerate(job.targets):
+            print(f"  shard {i} {target}: {health[i]}", file=sys.stderr)
         return 1
     finally:
         job.close()
+    status = 0 if all(h == "SERVING" for h in health) and per_shard[0] is not None else 1
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
-        return 0
+        return status
+    if per_shard[0] is None or not rows:
+        print(f"{args.target}: " + ("the leader (shard 0) did not answer" if per_shard[0] is None else "no optimizers"))
+        for i, target in enumerate(job.targets):
+            print(f"  shard {i} {target}: {health[i]}")
     for row in rows:
         print(f"{row['optimizer']}: built={row['built']} version={row['version']} iterations={row['iterations']}"
               + (f" lagging={row['lagging']}" if row["lagging"] else ""))
         for s in row["shards"]:
-            print(f"  shard {s['index']} {s['target']}: version={s.get('version')} bytes={s.get('bytes')} "
-                  f"staged={s.get('staged')}")
-    return 0
+            print(f"  shard {s['index']} {s['target']}: {s['health']} version={s.get('version')} "
+                  f"bytes={s.get('bytes')} staged={s.get('staged')}")
+    return status
 
 
 def run_sharded_checkpoint(args: argparse.Namespace) -> int:

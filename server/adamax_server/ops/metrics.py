@@ -125,9 +125,17 @@ class ServerMetrics:
 
     # -------------------------------------------------------------- exposition
 
-    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve ``/metrics`` on ``host:port`` from a daemon thread; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, port: int, host: str = "127.0.0.1", labels: Mapping[str, str] | None = None) -> int:
+        """Serve ``/metrics`` on ``host:port`` from a daemon thread; returns the bound port.
+
+        ``labels`` are added to every series (a shard of a sharded job serves ``shard="<i>"``, so
+        the same metric from every shard of a job stays apart after scraping).
+        """
+        registry = self.registry
+        if labels:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_Labelled(self.registry, dict(labels)))
+        server, _thread = start_http_server(port, addr=host, registry=registry)
         self._http = server
         return int(server.server_address[1])
 
@@ -209,6 +217,19 @@ def _counting_serializer(fn: Any, counter: Any) -> Any:
         return raw
 
     return serialize
+
+
+class _Labelled:
+    """A collector that yields another registry's series with extra labels (kept where a series has them)."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
+        self._registry = registry
+        self._labels = labels
+
+    def collect(self) -> Any:
+        for family in self._registry.collect():
+            family.samples = [s._replace(labels={**self._labels, **s.labels}) for s in family.samples]
+            yield family
 
 
 class _PushSpy:
