@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,3 +73,54 @@ def host_weights(host) -> dict[str, np.ndarray]:
     """The model variables a hosted optimizer holds now (bypassing the pull cache)."""
     with host._cond:
         return host._engine.trainable_variables
+
+
+def json_log_events(proc, wanted: tuple[str, ...], timeout: float = 60.0) -> tuple[dict[str, dict], list[str]]:
+    """Read a server's JSON log lines (stderr) until every event in ``wanted`` appeared, within ``timeout``.
+
+    With ``--log-format json`` a server prints no plain "listening on" line: the port is a field of
+    its "listening" record. Returns ``({event: record}, lines read)``; a reader thread keeps this bounded.
+    """
+    import json
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stderr:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    found: dict[str, dict] = {}
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while set(wanted) - set(found):
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"no {sorted(set(wanted) - set(found))} record within {timeout}s: {seen}") from None
+        if line is None:
+            raise AssertionError(f"the server exited before logging {sorted(set(wanted) - set(found))}: {seen}")
+        seen.append(line)
+        record = json.loads(line)
+        if record.get("event") in wanted:
+            found.setdefault(record["event"], record)
+    proc._json_log_lines = lines  # the rest of the log, for callers that read it later
+    return found, seen
+
+
+def drain_json_log(proc, timeout: float = 15.0) -> list[str]:
+    """The remaining lines of a log started by ``json_log_events`` (after the process exited)."""
+    out: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = proc._json_log_lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception:
+            break
+        if line is None:
+            break
+        out.append(line)
+    return out

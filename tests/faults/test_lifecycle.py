@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from _ps_helpers import REPO_ROOT, assert_same_state, running_server, snapshot
+from _ps_helpers import REPO_ROOT, assert_same_state, drain_json_log, json_log_events, running_server, snapshot
 
 from adamax_client import RemoteAdamax
 from adamax_wire import tensors as _wire
@@ -102,9 +102,8 @@ def test_sigterm_finishes_calls_in_flight_reports_not_serving_and_exits_0(tmp_pa
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("listening on 127.0.0.1:"), line
-        target = line.split()[-1]
+        events, _ = json_log_events(proc, ("listening",))  # JSON logs: the port is a field, no plain line
+        target = f"127.0.0.1:{events['listening']['port']}"
         with RemoteAdamax(target, name="m", worker_id="w0") as remote:
             remote.build({"w": np.zeros(3, np.float32)})
         channel = grpc.insecure_channel(target)
@@ -128,7 +127,7 @@ def test_sigterm_finishes_calls_in_flight_reports_not_serving_and_exits_0(tmp_pa
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    logs = [json.loads(line) for line in drain_json_log(proc) if line.startswith("{")]
     messages = [entry["message"] for entry in logs]
     assert any(m.startswith("shutting down (SIGTERM)") for m in messages), messages
     assert any(m.startswith("stopped after") for m in messages), messages

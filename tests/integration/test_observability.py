@@ -13,7 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from _ps_helpers import REPO_ROOT, running_server
+from _ps_helpers import REPO_ROOT, drain_json_log, json_log_events, running_server
 
 from adamax_client import InvalidArgumentError, RemoteAdamax, StaleGradientError
 from adamax_server.cli import commands as cli
@@ -143,8 +143,9 @@ def test_health_command_and_configuration_from_the_environment():
     proc = subprocess.Popen([sys.executable, "-m", "adamax_server.cli", "serve", "--host", "127.0.0.1"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        target = proc.stdout.readline().split()[-1]
-        metrics_address = proc.stdout.readline().split()[-1]
+        events, early = json_log_events(proc, ("listening", "metrics"))  # JSON logs: no plain lines
+        target = f"127.0.0.1:{events['listening']['port']}"
+        metrics_address = f"{events['metrics']['host']}:{events['metrics']['port']}"
         health = subprocess.run([sys.executable, "-m", "adamax_server.cli", "health", "--address", target],
                                 env=_env(), capture_output=True, text=True, timeout=30)
         assert health.returncode == 0 and health.stdout.strip() == "SERVING", health.stderr
@@ -152,7 +153,7 @@ def test_health_command_and_configuration_from_the_environment():
     finally:
         proc.terminate()
         assert proc.wait(15) == 0
-    stderr = proc.stderr.read()
+    stderr = "".join(early + drain_json_log(proc))
     assert "ADAMAX_PS_BOGUS is not a setting" in stderr
     assert all(json.loads(line) for line in stderr.splitlines() if line.strip())  # every log line is JSON
     down = subprocess.run([sys.executable, "-m", "adamax_server.cli", "health", "--address", target, "--timeout", "1"],
