@@ -82,7 +82,7 @@ _WORKER = textwrap.dedent(
 
 # How a series of rows reaches the servers: a sharded job (its client over S shard servers), or
 # one plain server over the bulk channel's TCP or over gRPC streams (the references).
-CLIENTS = {"sharded": "grpc", "tcp": "tcp", "grpc": "grpc"}  # client -> transfer path it must report
+CLIENTS = {"sharded": "tcp", "tcp": "tcp", "grpc": "grpc"}  # client -> transfer path it must report (sharded: each shard's bulk channel)
 
 
 def sharding_available() -> bool:

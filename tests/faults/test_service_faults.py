@@ -106,9 +106,9 @@ def test_lost_reply_is_retried_with_the_same_request_id_and_applied_once():
 
 
 class SlowAdamax(Adamax):
-    def apply(self, grads, trainable_variables=None):
+    def apply(self, grads, trainable_variables=None, **kwargs):
         time.sleep(0.5)
-        return super().apply(grads, trainable_variables)
+        return super().apply(grads, trainable_variables, **kwargs)
 
 
 def test_retry_arriving_while_the_first_copy_is_applied_is_not_applied_twice():

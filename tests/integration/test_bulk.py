@@ -419,7 +419,7 @@ def test_docker_images_publish_the_bulk_port(monkeypatch):
         monkeypatch.setenv("ADAMAX_PS_BULK_PORT", port)
         assert cli.build_parser().parse_args(["serve"]).bulk_port == int(port)
     compose = (root / "docker" / "compose.yaml").read_text()
-    assert f'"{port}:{port}"' in compose
+    assert re.search(rf'"(\$\{{PS_BULK_PUBLISH:-{port}\}}|{port}):{port}"', compose), compose
 
 
 @pytest.mark.parametrize("path", ["tcp", "shm"])
@@ -588,9 +588,9 @@ def test_shared_memory_gradients_are_copied_before_they_are_checked():
             host = coordinator.get("raw")
             original = host._engine.apply
 
-            def poisoning_apply(grads):  # the worker scribbles NaN after the check
+            def poisoning_apply(grads, **kwargs):  # the worker scribbles NaN after the check
                 view[:] = np.nan
-                return original(grads)
+                return original(grads, **kwargs)
 
             host._engine.apply = poisoning_apply
             _bulk.send_frame(sock, _push_header("p", num_tensors=2))
