@@ -234,8 +234,12 @@ class StepMixin:
         self._run_step(flags)
         self._raw_iterations += 1
 
-    def _run_step(self, present: list[bool]) -> None:
-        """One Keras ``_backend_apply_gradients`` over every dtype group."""
+    def _step_modes(self) -> tuple[int, int, int, Any, bool]:
+        """What the next step does: (accumulation mode, clip mode, iterations, learning rate, EMA overwrite).
+
+        Decided from the step counter and the config alone, so every shard of a sharded job
+        decides the same (``sharding.shard_engine`` calls this too).
+        """
         steps = self.gradient_accumulation_steps
         if steps:
             acc_mode = ACC_UPDATE if (self._raw_iterations + 1) % steps == 0 else ACC_ONLY
@@ -243,7 +247,6 @@ class StepMixin:
             acc_mode = ACC_NONE
         iterations = self.iterations
         lr = self._current_learning_rate()
-
         clip_mode = CLIP_NONE
         if acc_mode != ACC_ONLY:
             if self.clipnorm and self.clipnorm > 0:
@@ -252,12 +255,14 @@ class StepMixin:
                 clip_mode = CLIP_GLOBAL
             elif self.clipvalue and self.clipvalue > 0:
                 clip_mode = CLIP_VALUE
-
         overwrite = bool(
-            self.use_ema
-            and self.ema_overwrite_frequency
-            and (iterations + 1) % self.ema_overwrite_frequency == 0
+            self.use_ema and self.ema_overwrite_frequency and (iterations + 1) % self.ema_overwrite_frequency == 0
         )
+        return acc_mode, clip_mode, iterations, lr, overwrite
+
+    def _run_step(self, present: list[bool]) -> None:
+        """One Keras ``_backend_apply_gradients`` over every dtype group."""
+        acc_mode, clip_mode, iterations, lr, overwrite = self._step_modes()
         present_arr = np.asarray(present, dtype=np.uint8)
         plans: dict[str, GroupStep] = {}
         for gname, group in self._groups.items():

@@ -31,13 +31,9 @@ import numpy as np
 from adamax_server.optim.engine import Adamax
 from adamax_server.optim.variables import _keras_global_scale
 from adamax_server.optim.kernels.base import (
-    ACC_NONE,
-    ACC_ONLY,
     ACC_UPDATE,
     CLIP_GLOBAL,
-    CLIP_NONE,
     CLIP_NORM,
-    CLIP_VALUE,
     GroupStep,
     PairwisePlan,
 )
@@ -135,24 +131,7 @@ class ShardEngine(Adamax):
         self._backend.finish_staging()
         present = np.asarray([v.name in prepared for v in self._vars], dtype=np.uint8)
 
-        steps = self.gradient_accumulation_steps
-        if steps:
-            acc_mode = ACC_UPDATE if (self._raw_iterations + 1) % steps == 0 else ACC_ONLY
-        else:
-            acc_mode = ACC_NONE
-        iterations = self.iterations
-        lr = self._current_learning_rate()
-        clip_mode = CLIP_NONE
-        if acc_mode != ACC_ONLY:
-            if self.clipnorm and self.clipnorm > 0:
-                clip_mode = CLIP_NORM
-            elif self.global_clipnorm and self.global_clipnorm > 0:
-                clip_mode = CLIP_GLOBAL
-            elif self.clipvalue and self.clipvalue > 0:
-                clip_mode = CLIP_VALUE
-        overwrite = bool(
-            self.use_ema and self.ema_overwrite_frequency and (iterations + 1) % self.ema_overwrite_frequency == 0
-        )
+        acc_mode, clip_mode, iterations, lr, overwrite = self._step_modes()
         plans = {
             gname: self._group_step(group, present, acc_mode, clip_mode, iterations, lr, overwrite)
             for gname, group in self._groups.items()
