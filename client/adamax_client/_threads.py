@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 _log = logging.getLogger("adamax_client")
@@ -36,9 +37,14 @@ def _host_of(target: str) -> str:
     return host or "127.0.0.1"
 
 
-def is_local_target(target: str) -> bool:
-    """True when ``target`` ("host:port") names this machine (loopback or one of its addresses)."""
-    host = _host_of(target)
+def is_local_target(target: str | Sequence[str]) -> bool:
+    """True when ``target`` ("host:port") names this machine (loopback or one of its addresses);
+    for a sharded job's list (or ``"h0:p,h1:p"``), when any of its shards does."""
+    targets = target.split(",") if isinstance(target, str) else [str(t) for t in target]
+    targets = [t.strip() for t in targets if t.strip()] or ["127.0.0.1"]
+    if len(targets) > 1:
+        return any(is_local_target(t) for t in targets)
+    host = _host_of(targets[0])
     if host in ("localhost", "0.0.0.0", "::"):
         return True
     try:
@@ -74,7 +80,7 @@ class ThreadPlan:
         return self.local_workers > self.cores
 
 
-def plan_threads(target: str, local_workers: int) -> ThreadPlan:
+def plan_threads(target: str | Sequence[str], local_workers: int) -> ThreadPlan:
     """Threads per worker: the host's cores split over the workers training on it.
 
     ``local_workers``: worker processes on this host (for a one-host job: all of them). A local
@@ -86,7 +92,7 @@ def plan_threads(target: str, local_workers: int) -> ThreadPlan:
     return ThreadPlan(max(1, cores // workers), cores, workers, is_local_target(target))
 
 
-def apply_torch_threads(target: str, local_workers: int, setting: int | str | None) -> int | None:
+def apply_torch_threads(target: str | Sequence[str], local_workers: int, setting: int | str | None) -> int | None:
     """Apply ``setting`` ("auto", a number, or None = leave alone) to torch; returns the count set."""
     import torch
 
@@ -118,7 +124,7 @@ def apply_torch_threads(target: str, local_workers: int, setting: int | str | No
     return None
 
 
-def warn_xla_threads(target: str, local_workers: int) -> None:
+def warn_xla_threads(target: str | Sequence[str], local_workers: int) -> None:
     """JAX's CPU thread pool is fixed at start-up: say when co-located workers oversubscribe it."""
     plan = plan_threads(target, local_workers)
     if plan.local_workers > 1:

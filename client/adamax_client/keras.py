@@ -85,7 +85,8 @@ class RemoteAdamax(keras.optimizers.Optimizer):
     """Keras Adamax on an adamax-ps server (see the module docs).
 
     Args:
-        target: ``"host:port"`` of the server.
+        target: ``"host:port"`` of the server, or a sharded job's shard list (``["h0:p", "h1:p"]``
+            or ``"h0:p,h1:p"``): the same results, each push and pull spread over the shards.
         optimizer: the job's name on the server (default ``"job"``).
         worker_id: this worker's id (default: host-pid-random); give stable ids in sync mode.
         mode, num_workers: ``"async"`` or ``"sync"``, and the workers in the job.
@@ -100,7 +101,7 @@ class RemoteAdamax(keras.optimizers.Optimizer):
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         optimizer: str = "job",
         worker_id: str | None = None,
         mode: str = "async",

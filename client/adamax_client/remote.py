@@ -44,7 +44,7 @@ from adamax_client._settings import serialize_learning_rate as _serialize_learni
 from adamax_client._settings import variable_name
 from adamax_client._settings import OUTCOME_NAMES as _OUTCOME_NAMES
 from adamax_client._settings import PushResult, VariableSpec
-from adamax_client.errors import InvalidArgumentError
+from adamax_client.errors import InvalidArgumentError, UnimplementedError
 from adamax_client.transport import RetryPolicy, Transport
 
 _log = logging.getLogger(__name__)
@@ -92,6 +92,10 @@ class RemoteAdamax:
                 if _SHARDED_CLASS is None:  # adamax_client/__init__ imports adamax_client.sharded
                     raise ImportError("import adamax_client (it registers the sharded client)")
                 return super().__new__(_SHARDED_CLASS)
+            if sharded is None:  # one target: a server, or the only shard of a sharded job
+                instance = super().__new__(cls)
+                instance._as_shard_args = (target, args, kwargs)
+                return instance
         return super().__new__(cls)
 
     def __init__(
@@ -182,9 +186,15 @@ class RemoteAdamax:
                     if_exists=_IF_EXISTS[if_exists],
                 ),
             )
+        except UnimplementedError:  # no AdamaxService there: the only shard of a sharded job?
+            self.close()
+            if _SHARDED_CLASS is not None and _SHARDED_CLASS.adopt(self, self.__dict__.pop("_as_shard_args", None)):
+                return
+            raise
         except BaseException:
             self.close()
             raise
+        self.__dict__.pop("_as_shard_args", None)
         self._absorb_info(response.info)
         self.created = bool(response.created)  # False: the job existed and this worker resumes it
         if not self.created and response.info.iterations:

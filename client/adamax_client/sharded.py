@@ -43,6 +43,7 @@ import adamax_client.remote as _remote
 from adamax_client.remote import _KERAS_DEFAULTS, PushResult, RemoteAdamax, _default_worker_id, _policy_proto, _readonly, _serialize_learning_rate
 from adamax_client.bulk import BULK_MODES
 from adamax_client.shard_bulk import ShardChannels
+from adamax_client.sharded_calls import ShardedAdapterCalls
 from adamax_client.transport import RetryPolicy, Transport
 
 CALL_PATH = "/adamax.v1.ShardService/Call"
@@ -86,7 +87,7 @@ class ShardCaller:
         return self.transport._with_retries(attempt, timeout)
 
 
-class ShardedRemoteAdamax(RemoteAdamax):
+class ShardedRemoteAdamax(ShardedAdapterCalls, RemoteAdamax):
     """See the module docstring; constructed through ``RemoteAdamax(targets, ...)``."""
 
     def __init__(  # noqa: PLR0913 - the RemoteAdamax signature
@@ -120,6 +121,7 @@ class ShardedRemoteAdamax(RemoteAdamax):
             )
         self._gradient_wire = gradient_wire_dtype
         bulk = kwargs.pop("bulk", "auto")
+        if_exists = kwargs.pop("if_exists", "resume")
         for ignored in ("chunk_bytes", "device"):
             kwargs.pop(ignored, None)
         unknown = sorted(set(kwargs) - set(_KERAS_DEFAULTS) - {"name"})
@@ -150,6 +152,7 @@ class ShardedRemoteAdamax(RemoteAdamax):
         self._cache = {}
         self._closed = False
         self._placement: Placement | None = None
+        self.last_iterations = 0  # the job's Keras iterations at this worker's last pull
         self._describe_cache: dict[str, Any] | None = None
         self._transports = [
             Transport(t, timeout=timeout, retry=retry, credentials=credentials, channel_options=channel_options,
@@ -160,7 +163,7 @@ class ShardedRemoteAdamax(RemoteAdamax):
         self._channels = ShardChannels(self._transports, self._callers, self.key, self.worker_id, bulk)
         self._pool = ThreadPoolExecutor(max_workers=len(self.targets), thread_name_prefix="adamax-shards")
         try:
-            self._all("create", lambda i: (config, self._policy_dict))
+            self._create_job(config, self._policy_dict, if_exists)
             self._refresh()
         except BaseException:
             self.close()
@@ -240,11 +243,8 @@ class ShardedRemoteAdamax(RemoteAdamax):
 
     @property
     def learning_rate(self) -> np.float32:
-        config = self._refresh()["config"]
-        lr = config["learning_rate"]
-        if isinstance(lr, dict):
-            raise TypeError("the learning rate is a schedule; read get_config() instead")
-        return np.float32(lr)
+        """The job's current learning rate (a schedule's value at the current step), as on one server."""
+        return np.float32(self._refresh()["learning_rate"])
 
     @learning_rate.setter
     def learning_rate(self, value: float) -> None:
@@ -359,6 +359,7 @@ class ShardedRemoteAdamax(RemoteAdamax):
             target = max(versions)  # an event is being committed: wait for the shards behind
         else:
             raise UnavailableError(f"the shards of optimizer '{self.key}' did not settle on one version")
+        self.last_iterations = int(replies[0][1])
         values = assemble(placement, [r[2] for r in replies], key)
         out = OrderedDict((n, _readonly(v)) for n, v in values.items())
         version = int(replies[0][0])

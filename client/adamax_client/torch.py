@@ -60,7 +60,7 @@ import queue
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -108,6 +108,11 @@ def _as_groups(params: Any) -> list[dict[str, Any]]:
     return [{"params": items}]
 
 
+def _targets(remote: Any) -> list[str]:
+    """The server address, or a sharded job's shard list."""
+    return list(getattr(remote, "targets", None) or [remote._transport.target])
+
+
 def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
@@ -146,7 +151,8 @@ class RemoteAdamax(torch.optim.Optimizer):
 
     Args:
         params: ``model.named_parameters()``, parameters, or param groups (dicts).
-        target: ``"host:port"`` of the server.
+        target: ``"host:port"`` of the server, or a sharded job's shard list (``["h0:p", "h1:p"]``
+            or ``"h0:p,h1:p"``): the same results, each push and pull spread over the shards.
         optimizer: the job's name on the server (default ``"job"``).
         worker_id: this worker's id (default: host-pid-random). Give stable ids in sync mode.
         mode, num_workers: ``"async"`` or ``"sync"``; workers in the job (sync rounds need N, or
@@ -175,7 +181,7 @@ class RemoteAdamax(torch.optim.Optimizer):
     def __init__(
         self,
         params: Any,
-        target: str,
+        target: str | Sequence[str],
         optimizer: str = "job",
         worker_id: str | None = None,
         mode: str = "async",
@@ -547,6 +553,6 @@ class RemoteAdamax(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return (
-            f"<adamax_client.torch.RemoteAdamax {self.remote.key!r} at {self.remote._transport.target} "
+            f"<adamax_client.torch.RemoteAdamax {self.remote.key!r} at {','.join(_targets(self.remote))} "
             f"worker={self.remote.worker_id!r} mode={self.remote.mode} params={len(self._params)}>"
         )
