@@ -107,6 +107,9 @@ class Leader:
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self._links)), thread_name_prefix=f"leader-{key}")
         self.version = 0
         self.iterations = 0
+        # The learning rate last set on the job (None: the config's). Setting it is not an event
+        # (a single server's version does not move either); every step event carries it instead.
+        self.learning_rate: float | None = None
         self._dedup = _DedupTable(dedup_capacity)
         self._dedup_capacity = dedup_capacity
         self._round: dict[str, tuple[str, int]] = {}  # worker -> (request id, step)
@@ -322,7 +325,7 @@ class Leader:
         version = self.version + 1
         aggregation = self.policy.aggregation
         try:
-            prepared = self._fan("prepare", lambda i: (version, keys, combine, aggregation))
+            prepared = self._fan("prepare", lambda i: (version, keys, combine, aggregation, self.learning_rate))
         except _PartialFailure as exc:
             self._abort_everywhere(version, exc.results)
             self._note_restarted(exc.errors)
@@ -470,6 +473,8 @@ class Leader:
 
     def mutate(self, op: str, args_for: Callable[[int], dict[str, Any]]) -> tuple[int, int]:
         """An ordered change outside a step on every shard (``args_for(shard)``: its part)."""
+        if op == "learning_rate":
+            return self.set_learning_rate(float(args_for(0)["value"]))
         with self._cond:
             self._require_healthy()
             if self._round:
@@ -482,6 +487,26 @@ class Leader:
             # the client against the job's placement before they are sent.
             self._deliver_mutation(version, op, args_for)
             self._cond.notify_all()
+            return self.version, self.iterations
+
+    def set_learning_rate(self, value: float) -> tuple[int, int]:
+        """Set the job's learning rate, as a single server does: at once, without a new version.
+
+        Every shard sets it now (so stores and status show it), and every later step event
+        carries it to each shard before the step is prepared, so a shard that missed this call
+        still steps with it. A refusal everywhere (a schedule's rate is not settable) changes
+        nothing.
+        """
+        with self._cond:
+            self._require_healthy()
+            try:
+                self._fan("set_learning_rate", lambda i: (value,))
+            except _PartialFailure as exc:
+                if not exc.results and all(not isinstance(e, ShardUnavailable) for e in exc.errors.values()):
+                    raise next(iter(exc.errors.values())) from None
+                _log.warning("shard(s) %s of '%s' missed a learning-rate change; the next step carries it",
+                             sorted(exc.errors), self.key)  # fmt: skip
+            self.learning_rate = value
             return self.version, self.iterations
 
     def _deliver_mutation(self, version: int, op: str, args_for: Callable[[int], dict[str, Any]]) -> None:
@@ -518,6 +543,7 @@ class Leader:
                 "last_closed": self._last_closed,
                 "last_abort": self._last_abort,
                 "workers": {w: dict(v) for w, v in self._workers.items()},
+                "learning_rate": self.learning_rate,
             }
 
     def restore_state(self, state: dict[str, Any]) -> None:
@@ -534,6 +560,8 @@ class Leader:
             self._last_abort = state.get("last_abort", "")
             self._workers = {w: {"last_step": int(v["last_step"]), "pushes": int(v["pushes"])}
                              for w, v in state.get("workers", {}).items()}  # fmt: skip
+            lr = state.get("learning_rate")
+            self.learning_rate = None if lr is None else float(lr)
             self._lagging.clear()
             self._broken = ""
             self._cond.notify_all()

@@ -73,10 +73,10 @@ _PUBLIC = {
     "exclude_from_weight_decay", "read_cut", "write_cut", "open_bulk",
 }  # fmt: skip
 _LEADER = {"push", "mutate_job", "checkpoint", "restore"} | assembled.LEADER_METHODS
-_INTERNAL = {"prepare", "commit", "abort", "drop", "check", "mutate", "save_cut", "load_cut"} | assembled.INTERNAL_METHODS
+_INTERNAL = {"prepare", "commit", "abort", "drop", "check", "mutate", "set_learning_rate", "save_cut", "load_cut"} | assembled.INTERNAL_METHODS
 _HOST_METHODS = {
     "build", "stage", "pull", "save_own_variables", "prepare", "commit", "abort", "drop", "check", "mutate",
-    "exclude_from_weight_decay",
+    "set_learning_rate", "exclude_from_weight_decay",
 }  # fmt: skip
 
 _ERROR_TYPES: dict[str, type[BaseException]] = {
@@ -318,6 +318,7 @@ class ShardRegistry:
             "built": host.built,
             "version": status["version"],
             "iterations": status["iterations"],
+            "learning_rate": status["learning_rate"],
             "bytes": status["bytes"],
             "min_piece_bytes": self.min_piece_bytes,
             "placement": placement.to_json() if placement else None,

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from adamax_server.coordination.host import describe_specs, spec_mismatch
 from adamax_server.coordination.stats import non_finite_counts as _non_finite_counts
 from adamax_server.coordination.stats import push_stats as _gradient_stats
 
@@ -147,8 +148,10 @@ class ShardHost:
             if self._engine.built:
                 if norm != self._specs:
                     raise FailedPrecondition(
-                        f"optimizer '{self.key}' is already built with different variables; attach without "
-                        "variables to use the existing ones, or create a new optimizer."
+                        f"optimizer '{self.key}' is already built with different variables "
+                        f"({spec_mismatch(self._specs, norm)}): existing {describe_specs(self._specs)}, received "
+                        f"{describe_specs(norm)}. Attach without variables to use the existing ones, or use "
+                        "another name (or if_exists='replace')."
                     )
                 assert self.placement is not None
                 return self.placement
@@ -260,10 +263,14 @@ class ShardHost:
                 current_version=self.version,
             )
 
-    def prepare(self, version: int, keys: Sequence[PushKey], combine: bool, aggregation: str) -> PrepareReply:
+    def prepare(self, version: int, keys: Sequence[PushKey], combine: bool, aggregation: str,
+                learning_rate: float | None = None) -> PrepareReply:
+        """``learning_rate``: the job's, when one was set (the leader's; see ``set_learning_rate``)."""
         with self._cond:
             self._require_built()
             self._require_next(version)
+            if learning_rate is not None and float(self._engine.learning_rate) != float(learning_rate):
+                self._engine.learning_rate = learning_rate
             keys = [(k[0], k[1]) for k in keys]
             pushes = [self._staged_push(k) for k in keys]
             if combine:
@@ -313,6 +320,11 @@ class ShardHost:
             self._last_commit = (version, action, reply)
             self._cond.notify_all()
             return reply
+
+    def set_learning_rate(self, value: float) -> None:
+        """The job's learning rate, set by the leader at once (not an event: no version)."""
+        with self._cond:
+            self._engine.learning_rate = value
 
     def mutate(self, version: int, op: str, args: Mapping[str, Any]) -> tuple[int, int]:
         """An ordered change of state outside a step (see the module docstring)."""
@@ -401,6 +413,7 @@ class ShardHost:
                 "built": self._engine.built,
                 "bytes": sizes[self.shard_index] if sizes else 0,
                 "staged": len(self._staged),
+                "learning_rate": float(self._engine.learning_rate),
             }
 
     def piece_names(self) -> set[str] | None:
