@@ -119,6 +119,7 @@ class Leader:
         self._lagging: dict[int, _Lag] = {}
         self._incarnations: dict[int, str] = {}
         self._broken = ""  # why the job needs a restore, if it does
+        self._verify = False  # a restarted leader compares every shard's version before it decides
         self._closed = False
 
     # -------------------------------------------------------------- fan-out
@@ -171,6 +172,44 @@ class Leader:
                 raise FailedPrecondition(self._broken, current_version=self.version) from exc
             del self._lagging[i]
             _log.info("shard %d of '%s' caught up to version %d", i, self.key, version)
+        if self._verify:
+            self._verify_shards()
+
+    def verify_shards_first(self) -> None:
+        """This leader restarted from a checkpoint: check the other shards before deciding anything."""
+        with self._cond:
+            self._verify = True
+
+    def _verify_shards(self) -> None:
+        """Every shard at the leader's version, or the job is broken (it needs one cut everywhere).
+
+        A leader restarted with ``--restore latest`` is at its newest cut; shards that kept
+        running may be ahead of it (pushes acknowledged after that cut), or one event apart
+        (killed between two commits). Deciding the next event on top of that would diverge the
+        shards, so the job is marked broken and healed to the newest common cut instead.
+        """
+        try:
+            got = self._fan("state_version", lambda i: ())
+        except _PartialFailure as exc:
+            raise exc.as_service_error(
+                self.key, "the restarted leader has not yet seen every shard; nothing was applied, retry later", self.version
+            ) from exc
+        self._verify = False
+        others = {i: int(r[0]) for i, r in sorted(got.items()) if int(r[0]) != self.version}
+        if others:
+            self._broken = (
+                f"the leader (shard 0) of optimizer '{self.key}' restarted at version {self.version} (its newest "
+                f"checkpoint) while shard(s) {sorted(others)} are at version(s) {sorted(set(others.values()))}; "
+                "restore one checkpoint on every shard (adamax-ps checkpoint restore) to make the job consistent again"
+            )
+            _log.error("%s", self._broken)
+            raise FailedPrecondition(self._broken, current_version=self.version)
+
+    def mark_broken(self, why: str) -> None:
+        """Refuse every push, change and checkpoint until a restore completes on every shard."""
+        with self._cond:
+            self._broken = why
+            self._cond.notify_all()
 
     def _note_restarted(self, errors: dict[int, BaseException]) -> None:
         """A shard at another version than the leader restarted (from a checkpoint, or empty)."""
@@ -536,6 +575,7 @@ class Leader:
                              for w, v in state.get("workers", {}).items()}  # fmt: skip
             self._lagging.clear()
             self._broken = ""
+            self._verify = False
             self._cond.notify_all()
 
     @property
