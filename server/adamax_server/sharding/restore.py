@@ -136,10 +136,11 @@ def restore_job(registry: Any, key: str, source: Source, leader_state: dict[str,
                 except Exception:  # noqa: BLE001 - a later restore replaces it anyway
                     _log.debug("shard %d kept staged restore %s of '%s'", j, token, key)
             broken = leader.status()["broken"]
-            state = (f"the job is still refused ({broken})" if broken
-                     else f"nothing changed on any shard (the job stays at version {leader.version})")  # fmt: skip
+            state = (f"the job is still refused: {broken}" if broken
+                     else f"nothing changed on any shard (the job stays at version {leader.version}). Bring shard {i} "
+                          f"back and {again}")  # fmt: skip
             raise _shard_error(exc, f"restore of optimizer '{key}' to {label} was not applied: shard {i} could not "
-                                    f"load its part ({_message(exc)}); {state}. Bring shard {i} back and {again}")
+                                    f"load its part ({_message(exc)}); {state}")
         staged.append(i)
     with leader.lock:
         done, failed = [], {}

@@ -73,7 +73,7 @@ _PUBLIC = {
     "exclude_from_weight_decay", "read_cut", "write_cut", "open_bulk",
 }  # fmt: skip
 _LEADER = {"push", "mutate_job", "checkpoint", "restore"} | assembled.LEADER_METHODS
-_INTERNAL = {"prepare", "commit", "abort", "drop", "check", "mutate", "save_cut"} | assembled.INTERNAL_METHODS | job_restore.INTERNAL_METHODS
+_INTERNAL = {"prepare", "commit", "abort", "drop", "check", "mutate", "save_cut", "state_version"} | assembled.INTERNAL_METHODS | job_restore.INTERNAL_METHODS
 _HOST_METHODS = {
     "build", "stage", "pull", "save_own_variables", "prepare", "commit", "abort", "drop", "check", "mutate",
     "exclude_from_weight_decay", "state_version",
