@@ -15,7 +15,8 @@ and re-splitting in one place:
   first; each optimizer is then re-split onto this job's shard count (``job.split_checkpoint``,
   placement recomputed for it); ``save`` writes it as a cut on every shard (shard 0 last, as a
   cut is written), ``restore`` loads it on every shard under the leader's lock (from memory,
-  so a job without ``--checkpoint-dir`` can restore an upload too).
+  so a job without ``--checkpoint-dir`` can restore an upload too), every shard or none
+  (``sharding.restore``).
 * ``stateless_apply``: a pure function of the job's config and exclusions and of the values
   the caller sends (the job's own state is not used and not changed), so the leader computes
   it with a whole-job engine built for the call, the same engine a single server runs.
@@ -33,6 +34,7 @@ import numpy as np
 from adamax_server.coordination.snapshot import OptimizerSnapshot
 from adamax_server.errors import FailedPrecondition, InvalidArgument, NotFound
 from adamax_server.optim.engine import Adamax
+from adamax_server.sharding import restore as job_restore
 from adamax_server.sharding.job import JobCheckpoint, assemble_checkpoint, split_checkpoint
 from adamax_server.sharding.placement import Placement
 from adamax_server.sharding.shard import ShardSnapshot
@@ -46,7 +48,7 @@ _SECONDS_PER_BYTE = 1 / 50e6
 
 #: Methods of ``ShardService.Call`` served here (``rpc.ShardRegistry.dispatch``).
 LEADER_METHODS = {"download", "upload", "stateless_apply"}
-INTERNAL_METHODS = {"snapshot", "load_snapshot"}
+INTERNAL_METHODS = {"snapshot"}
 
 
 def dispatch(registry: Any, key: str, method: str, args: list[Any]) -> Any:
@@ -58,11 +60,6 @@ def dispatch(registry: Any, key: str, method: str, args: list[Any]) -> Any:
         return stateless_apply(registry, key, *args)
     if method == "snapshot":  # this shard's part of a live cut
         return registry.host(key).snapshot([tuple(k) for k in args[0]])
-    if method == "load_snapshot":  # this shard's part of an uploaded job
-        snap = args[0]
-        if not isinstance(snap, ShardSnapshot) or snap.shard_index != registry.shard_index:
-            raise InvalidArgument(f"this is shard {registry.shard_index}; the part does not fit")
-        return registry._load_snapshot(key, snap)
     raise InvalidArgument(f"unknown shard method {method!r}")  # pragma: no cover
 
 
@@ -186,15 +183,17 @@ def upload(
                 links[i].call("write_cut", cut_id, ckpt.shards[i], ckpt.leader if i == 0 else None,
                               timeout=_part_timeout(registry, placement, i))  # fmt: skip
             saved.append({"optimizer": snap.key, "version": snap.version, "iterations": snap.iterations})
-        if restore:
-            if snap.key not in {row["optimizer"] for row in registry.status()}:
-                registry._load_snapshot(snap.key, ckpt.shards[0])  # creates the host and the leader
-            leader = registry.leader(snap.key)
-            with leader.lock:
-                for i, link in enumerate(links):
-                    link.call("load_snapshot", ckpt.shards[i], timeout=_part_timeout(registry, placement, i))
-                leader.restore_state(ckpt.leader)
-            restored.append([snap.key, leader.version, snap.iterations])
+        if restore:  # every shard or none (``sharding.restore``)
+            parts = ckpt.shards
+            got = job_restore.restore_job(
+                registry, snap.key, lambda i: ("snapshot", parts[i]), ckpt.leader,
+                f"the uploaded checkpoint (version {snap.version})" + (f", saved as cut {cut_id}" if save else ""),
+                timeout_for=lambda i: _part_timeout(registry, placement, i), config=dict(snap.config),
+                policy=dict(snap.policy),
+                again=(f"restore cut {cut_id} (adamax-ps checkpoint restore {cut_id} --target <every shard>) or "
+                       "upload the checkpoint again" if save else "upload the checkpoint again"),
+            )  # fmt: skip
+            restored.append([snap.key, got["version"], snap.iterations])
     return {"checkpoint_id": cut_id if save else "", "optimizers": saved, "restored": restored}
 
 

@@ -211,8 +211,9 @@ class ShardedJob:
         """Every shard to ``ckpt`` (re-split first when it was taken on another shard count)."""
         if ckpt.num_shards != self.num_shards:
             ckpt = resplit(ckpt, self.num_shards, self.min_piece_bytes)
+        prepared = self._all("prepare_restore", lambda i: (ckpt.shards[i],))  # all or none (``sharding.restore``)
         with self.leader.lock:
-            self._all("restore", lambda i: (ckpt.shards[i],))
+            self._all("activate_restore", lambda i: (prepared[i],))
             self.leader.restore_state(ckpt.leader)
         self._layout = None
         return ckpt.version, ckpt.shards[0].iterations

@@ -38,41 +38,19 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
-
-import numpy as np
+from typing import Any
 
 from adamax_server.coordination.dedup import DedupTable as _DedupTable
 from adamax_server.coordination.policy import Policy, PushResult
 from adamax_server.coordination.stats import non_finite_message as _non_finite_message
 from adamax_server.errors import FailedPrecondition, InvalidArgument, ServiceError, StaleGradient, Unavailable, WaitTimeout
 from adamax_server.sharding import pairwise
+from adamax_server.sharding.links import DecidedUnconfirmed, ShardLink, ShardUnavailable
+from adamax_server.sharding.links import PartialFailure as _PartialFailure
 from adamax_server.sharding.placement import Placement
 from adamax_server.sharding.shard_engine import CLIP_GLOBAL, CLIP_NORM, ClipDecision, decide_clipping
 
 _log = logging.getLogger(__name__)
-
-
-class ShardLink(Protocol):
-    """How the leader reaches one shard's host of this optimizer (in process, or over gRPC)."""
-
-    index: int
-
-    def call(self, method: str, *args: Any, timeout: float) -> Any:
-        """Run ``ShardHost.<method>(*args)`` on the shard; raise ``Unavailable`` when unreachable."""
-        ...
-
-
-class ShardUnavailable(Unavailable):
-    """A shard did not answer (down, cut off, or past the deadline)."""
-
-
-class DecidedUnconfirmed(ShardUnavailable):
-    """The event is decided (its outcome is final) but a shard has not confirmed it yet."""
-
-    def __init__(self, message: str, *, current_version: int | None = None, result: PushResult | None = None) -> None:
-        super().__init__(message, current_version=current_version)
-        self.result = result
 
 
 @dataclass
@@ -122,6 +100,7 @@ class Leader:
         self._lagging: dict[int, _Lag] = {}
         self._incarnations: dict[int, str] = {}
         self._broken = ""  # why the job needs a restore, if it does
+        self._verify = False  # a restarted leader compares every shard's version before it decides
         self._closed = False
 
     # -------------------------------------------------------------- fan-out
@@ -174,6 +153,44 @@ class Leader:
                 raise FailedPrecondition(self._broken, current_version=self.version) from exc
             del self._lagging[i]
             _log.info("shard %d of '%s' caught up to version %d", i, self.key, version)
+        if self._verify:
+            self._verify_shards()
+
+    def verify_shards_first(self) -> None:
+        """This leader restarted from a checkpoint: check the other shards before deciding anything."""
+        with self._cond:
+            self._verify = True
+
+    def _verify_shards(self) -> None:
+        """Every shard at the leader's version, or the job is broken (it needs one cut everywhere).
+
+        A leader restarted with ``--restore latest`` is at its newest cut; shards that kept
+        running may be ahead of it (pushes acknowledged after that cut), or one event apart
+        (killed between two commits). Deciding the next event on top of that would diverge the
+        shards, so the job is marked broken and healed to the newest common cut instead.
+        """
+        try:
+            got = self._fan("state_version", lambda i: ())
+        except _PartialFailure as exc:
+            raise exc.as_service_error(
+                self.key, "the restarted leader has not yet seen every shard; nothing was applied, retry later", self.version
+            ) from exc
+        self._verify = False
+        others = {i: int(r[0]) for i, r in sorted(got.items()) if int(r[0]) != self.version}
+        if others:
+            self._broken = (
+                f"the leader (shard 0) of optimizer '{self.key}' restarted at version {self.version} (its newest "
+                f"checkpoint) while shard(s) {sorted(others)} are at version(s) {sorted(set(others.values()))}; "
+                "restore one checkpoint on every shard (adamax-ps checkpoint restore) to make the job consistent again"
+            )
+            _log.error("%s", self._broken)
+            raise FailedPrecondition(self._broken, current_version=self.version)
+
+    def mark_broken(self, why: str) -> None:
+        """Refuse every push, change and checkpoint until a restore completes on every shard."""
+        with self._cond:
+            self._broken = why
+            self._cond.notify_all()
 
     def _note_restarted(self, errors: dict[int, BaseException]) -> None:
         """A shard at another version than the leader restarted (from a checkpoint, or empty)."""
@@ -564,6 +581,7 @@ class Leader:
             self.learning_rate = None if lr is None else float(lr)
             self._lagging.clear()
             self._broken = ""
+            self._verify = False
             self._cond.notify_all()
 
     @property
@@ -597,25 +615,3 @@ class Leader:
             self._reset_round()
             self._cond.notify_all()
         self._pool.shutdown(wait=False)
-
-
-class _PartialFailure(Exception):
-    """Some shards failed a fanned-out call; ``results`` holds the others' replies."""
-
-    def __init__(self, results: dict[int, Any], errors: dict[int, BaseException]) -> None:
-        super().__init__(f"shard(s) {sorted(errors)} failed")
-        self.results = results
-        self.errors = errors
-
-    def as_service_error(self, key: str, consequence: str, version: int) -> BaseException:
-        i = min(self.errors)
-        err = self.errors[i]
-        if isinstance(err, ShardUnavailable):
-            return ShardUnavailable(f"shard {i} of optimizer '{key}' is unavailable ({err.message}); {consequence}", current_version=version)
-        if isinstance(err, ServiceError):
-            return type(err)(f"shard {i}: {err.message}", current_version=err.current_version)
-        return err
-
-
-def numpy_scalar(value: Any, dtype: str) -> Any:
-    return np.asarray(value, dtype=dtype)[()]

@@ -52,7 +52,7 @@ from adamax_server.errors import (
     Unavailable,
     status_for,
 )
-from adamax_server.sharding import assembled, pairwise
+from adamax_server.sharding import assembled, pairwise, restore as job_restore
 from adamax_server.sharding.leader import Leader, ShardUnavailable
 from adamax_server.sharding.placement import DEFAULT_MIN_PIECE_BYTES
 from adamax_server.sharding.shard import PrepareReply, ShardHost, ShardSnapshot
@@ -73,10 +73,10 @@ _PUBLIC = {
     "exclude_from_weight_decay", "read_cut", "write_cut", "open_bulk",
 }  # fmt: skip
 _LEADER = {"push", "mutate_job", "checkpoint", "restore"} | assembled.LEADER_METHODS
-_INTERNAL = {"prepare", "commit", "abort", "drop", "check", "mutate", "set_learning_rate", "save_cut", "load_cut"} | assembled.INTERNAL_METHODS
+_INTERNAL = {"prepare", "commit", "abort", "drop", "check", "mutate", "set_learning_rate", "save_cut", "state_version"} | assembled.INTERNAL_METHODS | job_restore.INTERNAL_METHODS
 _HOST_METHODS = {
     "build", "stage", "pull", "save_own_variables", "prepare", "commit", "abort", "drop", "check", "mutate",
-    "set_learning_rate", "exclude_from_weight_decay",
+    "set_learning_rate", "exclude_from_weight_decay", "state_version",
 }  # fmt: skip
 
 _ERROR_TYPES: dict[str, type[BaseException]] = {
@@ -338,7 +338,7 @@ class ShardRegistry:
 
     def dispatch(self, key: str, method: str, args: list[Any]) -> Any:
         result = self._dispatch(key, method, args)
-        if self.metrics is not None and method in ("build", "commit", "mutate", "load_cut", "stage", "push"):
+        if self.metrics is not None and method in ("build", "commit", "mutate", "activate_restore", "stage", "push"):
             self._observe(key)
         return result
 
@@ -383,6 +383,8 @@ class ShardRegistry:
             return self.leader(key).mutate(op, lambda i: per_shard[i])
         if method in assembled.LEADER_METHODS | assembled.INTERNAL_METHODS:
             return assembled.dispatch(self, key, method, args)
+        if method in job_restore.INTERNAL_METHODS:
+            return job_restore.dispatch(self, key, method, args)
         if method == "checkpoint":
             return self.checkpoint(key)
         if method == "restore":
@@ -391,10 +393,8 @@ class ShardRegistry:
             return self.list_cuts(key)
         if method == "save_cut":
             return self.save_cut(key, *args)
-        if method == "load_cut":
-            return self.load_cut(key, *args)
         if method == "read_cut":  # download: this shard's part of a cut
-            return list(read_cut(self._cut_dir(key, args[0]), self.shard_index))
+            return list(self.read_part(key, args[0]))
         if method == "write_cut":  # upload: this shard's part of a re-split cut
             cut_id, snap, state = args
             if not isinstance(snap, ShardSnapshot) or snap.shard_index != self.shard_index or snap.num_shards != self.num_shards:
@@ -408,22 +408,22 @@ class ShardRegistry:
         try:
             return leader.push(worker_id, request_id, int(step))
         except FailedPrecondition:
-            if not (self.auto_heal and leader.status()["broken"] and self.checkpoint_dir is not None):
+            if not (self.auto_heal and leader.status()["broken"] and (self.checkpoint_dir or job_restore.resumable(self, key))):
                 raise
             cut, version = self._heal(key)
             raise StateRestored(
-                f"shard restart detected: optimizer '{key}' was restored on every shard to checkpoint {cut} "
+                f"shard restart detected: optimizer '{key}' was restored on every shard to {cut} "
                 f"(version {version}); pushes acknowledged after it are lost. Pull and push again.",
                 current_version=version,
             ) from None
 
     def _heal(self, key: str) -> tuple[str, int]:
         leader = self.leader(key)
+        resumed = job_restore.resume(self, key)  # an interrupted restore first: what was asked for
+        if resumed is not None:
+            return resumed["id"], leader.version
         links = self._links(key)
-        common: set[str] | None = None
-        for link in links:
-            cuts = set(link.call("list_cuts", timeout=self.call_timeout))
-            common = cuts if common is None else common & cuts
+        common = job_restore.common_cuts(self, key, links)
         if not common:
             raise FailedPrecondition(
                 f"optimizer '{key}' needs a restore but no checkpoint is held by every shard; "
@@ -432,7 +432,7 @@ class ShardRegistry:
         cut = max(common)
         self.restore(key, cut)
         _log.warning("optimizer '%s' restored to cut %s on every shard after a shard restart", key, cut)
-        return cut, leader.version
+        return f"checkpoint {cut}", leader.version
 
     # -------------------------------------------------------------- cuts
 
@@ -466,6 +466,9 @@ class ShardRegistry:
         self._prune(key)
         return snap.version
 
+    def read_part(self, key: str, cut_id: str) -> tuple[ShardSnapshot, dict[str, Any] | None]:
+        return read_cut(self._cut_dir(key, cut_id), self.shard_index)
+
     def list_cuts(self, key: str) -> list[str]:
         """Cut ids this shard holds for ``key``, oldest first."""
         if self.checkpoint_dir is None:
@@ -486,10 +489,6 @@ class ShardRegistry:
             except OSError:
                 pass
 
-    def load_cut(self, key: str, cut_id: str) -> tuple[int, int]:
-        snap, _ = read_cut(self._cut_dir(key, cut_id), self.shard_index)
-        return self._load_snapshot(key, snap)
-
     def _load_snapshot(self, key: str, snap: ShardSnapshot) -> tuple[int, int]:
         if snap.num_shards != self.num_shards:
             raise FailedPrecondition(
@@ -507,19 +506,14 @@ class ShardRegistry:
         leader = self.leader(key)
         links = self._links(key)
         if cut_id == "latest":
-            common: set[str] | None = None
-            for link in links:
-                cuts = set(link.call("list_cuts", timeout=self.call_timeout))
-                common = cuts if common is None else common & cuts
+            common = job_restore.common_cuts(self, key, links)
             if not common:
                 raise NotFound(f"no checkpoint of optimizer '{key}' is held by every shard")
             cut_id = max(common)
         _, state = read_cut(self._cut_dir(key, cut_id), self.shard_index)
         assert state is not None
-        with leader.lock:
-            for i, link in enumerate(links):
-                link.call("load_cut", cut_id, timeout=self.call_timeout)
-            leader.restore_state(state)
+        again = f"run `adamax-ps checkpoint restore {cut_id} --target <every shard>` again"
+        job_restore.restore_job(self, key, lambda i: ("cut", cut_id), state, f"checkpoint {cut_id}", again=again)
         return {"id": cut_id, "version": leader.version}
 
     def restore_latest_on_start(self) -> list[tuple[str, str]]:
@@ -536,6 +530,7 @@ class ShardRegistry:
             self._load_snapshot(key_dir.name, snap)
             if self.is_leader and state is not None:
                 self._leaders[key_dir.name].restore_state(state)
+                self._leaders[key_dir.name].verify_shards_first()  # the others may have moved on
             out.append((key_dir.name, cuts[-1]))
         return out
 

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from adamax_server.sharding.bulk import ShardBulkHosts
 from adamax_server.sharding.rpc import SERVICE, ShardRegistry, ShardServicer, add_shard_service
+from adamax_server.sharding.warmup import warm_up
 from adamax_server.transport.budget import CallLimits
 from adamax_server.transport.bulk import BulkServer
 
@@ -34,6 +35,7 @@ def create_shard_server(
     bulk: bool | None = None,
     bulk_port: int = 0,
     call_limits: CallLimits | None = None,
+    warm: bool = True,
     **registry_kwargs: Any,
 ) -> tuple[grpc.Server, int]:
     """Create (not start) a shard server; returns it and the bound port.
@@ -43,12 +45,16 @@ def create_shard_server(
     ``bulk`` opens this shard's bulk channel (``sharding.bulk``: staging and pulls over TCP on
     ``bulk_port`` of the same host): ``None`` (default) on without TLS, off with TLS, as on a
     single server; ``bulk=True`` with TLS credentials is refused (the channel is unencrypted).
+    ``warm`` loads the step kernels first (``sharding.warmup``), so that the first event the
+    leader sends is not held up past ``call_timeout`` by a kernel compile or cache load.
     """
     if bulk is None:
         bulk = credentials is None
     elif bulk and credentials is not None:
         raise ValueError("the bulk channel is unencrypted; it cannot be combined with TLS (use --no-bulk)")
     registry = ShardRegistry(shard_index, shards, **registry_kwargs)
+    if warm:
+        warm_up(registry.device)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"adamax-shard{shard_index}"),
         interceptors=list(interceptors),

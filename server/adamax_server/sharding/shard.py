@@ -63,6 +63,16 @@ class PrepareReply:
 
 
 @dataclass
+class PreparedRestore:
+    """A shard's restore, built and checked but not swapped in (``ShardHost.prepare_restore``)."""
+
+    snap: ShardSnapshot
+    engine: ShardEngine
+    placement: Placement | None
+    staged: dict[PushKey, tuple[dict[str, Gradient], dict[str, int]]]
+
+
+@dataclass
 class ShardSnapshot:
     """A shard's part of a consistent cut (see ``sharding.checkpoints``)."""
 
@@ -454,6 +464,14 @@ class ShardHost:
 
     def restore(self, snap: ShardSnapshot) -> tuple[int, int]:
         """Replace all state with ``snap`` (this shard's part of one cut)."""
+        return self.activate_restore(self.prepare_restore(snap))
+
+    def prepare_restore(self, snap: ShardSnapshot) -> PreparedRestore:
+        """Phase 1 of a restore: check ``snap`` and build its engine; nothing of this host changes.
+
+        Everything that can fail (a part that does not fit, a store that does not load) fails
+        here, so a job-wide restore can stop before any shard changed (``sharding.restore``).
+        """
         if snap.shard_index != self.shard_index or snap.num_shards != self.num_shards:
             raise InvalidArgument(
                 f"snapshot is shard {snap.shard_index} of {snap.num_shards}; this is shard "
@@ -471,6 +489,15 @@ class ShardHost:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 engine.load_own_variables(snap.store)
+        staged = {
+            tuple(k.split("\x00", 1)): (g, _non_finite_counts(_gradient_stats({n: x for n, x in g.items() if x is not None})))
+            for k, g in snap.staged.items()
+        }
+        return PreparedRestore(snap, engine, placement, staged)  # type: ignore[arg-type]
+
+    def activate_restore(self, prepared: PreparedRestore) -> tuple[int, int]:
+        """Phase 2 of a restore: swap the prepared state in (nothing left that can fail)."""
+        snap, engine, placement = prepared.snap, prepared.engine, prepared.placement
         with self._cond:
             self._engine = engine
             self.placement = placement
@@ -480,16 +507,18 @@ class ShardHost:
             self.version = snap.version
             self.incarnation = uuid.uuid4().hex
             now = self._clock()
-            self._staged = {
-                tuple(k.split("\x00", 1)): StagedPush(g, _non_finite_counts(_gradient_stats({n: x for n, x in g.items() if x is not None})), now + self.staging_ttl)  # type: ignore[misc]
-                for k, g in snap.staged.items()
-            }
+            self._staged = {k: StagedPush(g, c, now + self.staging_ttl) for k, (g, c) in prepared.staged.items()}
             self._prepared = None
             self._last_commit = None
             self._aborts += 1
             self._last_abort = f"optimizer '{self.key}' was restored from a checkpoint"
             self._cond.notify_all()
             return self.version, engine.iterations
+
+    def state_version(self) -> tuple[int, int, str]:
+        """(version, iterations, incarnation): what the leader compares when it (re)starts."""
+        with self._cond:
+            return self.version, self._engine.iterations, self.incarnation
 
     def close(self) -> None:
         with self._cond:
