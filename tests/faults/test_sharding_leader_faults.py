@@ -210,3 +210,63 @@ def test_kill_9_of_the_leader_then_restore_latest_brings_the_job_to_one_cut(job)
     finally:
         opt.close()
         coord.close()
+
+
+def test_kill_9_of_the_leader_while_a_worker_pushes(job):
+    """Killed at any point of a push (staging, prepare, between two commits): afterwards every
+    shard is at one cut again and the worker's failed push is simply pushed again."""
+    import threading
+
+    shards, procs, tmp_path = job
+    rng = np.random.default_rng(9)
+    values = _values(rng)
+    grads = [_grads(rng, values) for _ in range(4)]
+    opt = RemoteAdamax(shards, worker_id="w", optimizer="job", timeout=6, **CONFIG)
+    watcher = RemoteAdamax(shards, worker_id="watch", optimizer="job", timeout=6, **CONFIG)
+    outcome: dict[str, BaseException] = {}
+    applied = []
+
+    def train():
+        for k in range(10_000):  # bounded; ends at the first error (the leader is gone)
+            try:
+                opt.push(grads[k % 4], step=opt._version, request_id=f"t{k}")
+                opt.pull()
+                applied.append(k)
+            except Exception as exc:  # noqa: BLE001 - inspected below
+                outcome["error"] = exc
+                return
+
+    try:
+        opt.build(values)
+        opt.push(grads[0], request_id="r0")
+        assert cli.main(["checkpoint", "save", "--target", ",".join(shards)]) == 0  # the cut: version 1
+        worker = threading.Thread(target=train, daemon=True)
+        worker.start()
+        deadline = time.monotonic() + 60
+        while len(applied) < 3:
+            assert time.monotonic() < deadline and worker.is_alive(), outcome
+            time.sleep(0.01)
+        procs[0].send_signal(signal.SIGKILL)  # mid-push, most likely
+        procs[0].wait(10)
+        worker.join(30)
+        assert not worker.is_alive()
+        assert isinstance(outcome["error"], (client_errors.UnavailableError, client_errors.DeadlineExceededError)), outcome
+        v1, v2 = _versions(watcher, (1, 2))
+        assert abs(v1 - v2) <= 1  # at most the one event the leader was delivering when it died
+
+        procs[0] = _start(0, shards, tmp_path / "s0", restore=True)
+
+        def push_again():
+            with pytest.raises(client_errors.AbortedError, match="restored on every shard"):
+                opt.push(grads[1], step=max(v1, v2), request_id="again")
+
+        _until_reachable(push_again)
+        assert _versions(watcher, (0, 1, 2)) == [1, 1, 1]
+        opt.pull(min_version=0)
+        result = opt.push(grads[1], request_id="after")
+        assert result.outcome == "applied" and result.version == 2
+        assert _versions(watcher, (0, 1, 2)) == [2, 2, 2]
+        assert {s["version"] for s in watcher.status()["shards"]} == {2}
+    finally:
+        watcher.close()
+        opt.close()
