@@ -75,6 +75,11 @@ class FailedPreconditionError(AdamaxError):
     code = "FAILED_PRECONDITION"
 
 
+class NotStagedError(FailedPreconditionError):
+    """A sharded push was not staged on a shard when committed (the shard restarted, or the staged
+    push expired); nothing was applied. ``RemoteAdamax.push`` stages it again by itself."""
+
+
 class AbortedError(AdamaxError):
     code = "ABORTED"
 
@@ -140,6 +145,7 @@ _BY_SERVER_TYPE: dict[str, type[AdamaxError]] = {
     "TypeError": InvalidArgumentTypeError,
     "StaleGradient": StaleGradientError,
     "RoundAborted": RoundAbortedError,
+    "NotStaged": NotStagedError,
 }
 
 

@@ -37,7 +37,7 @@ from adamax_wire.checkpoints import Files, Progress
 from adamax_wire import tensors as _wire
 from adamax_wire.placement import Placement, assemble, assemble_store, place, split_gradients, split_store, split_values
 from adamax_wire import pb
-from adamax_client.errors import InvalidArgumentError, NotFoundError, UnavailableError, UnimplementedError
+from adamax_client.errors import InvalidArgumentError, NotFoundError, NotStagedError, UnavailableError, UnimplementedError
 import adamax_client.checkpoints as _checkpoints
 import adamax_client.remote as _remote
 from adamax_client.remote import _KERAS_DEFAULTS, PushResult, RemoteAdamax, _default_worker_id, _policy_proto, _readonly, _serialize_learning_rate
@@ -48,6 +48,7 @@ from adamax_client.transport import RetryPolicy, Transport
 
 CALL_PATH = "/adamax.v1.ShardService/Call"
 _RECORDS = codec.Records(PushResult)
+_RESTAGE_ATTEMPTS = 3  # a push found unstaged at commit (a shard restarted) is staged and committed again
 
 
 def parse_targets(target: str | Sequence[str]) -> list[str]:
@@ -324,8 +325,14 @@ class ShardedRemoteAdamax(ShardedAdapterCalls, RemoteAdamax):
             if not channels.stage(i, request_id, step, slices[i], wire=self._gradient_wire, timeout=deadline):
                 self._one(i, "stage", self.worker_id, request_id, slices[i], timeout=timeout, wire=self._gradient_wire)
 
-        self._each(stage)
-        result = self._one(0, "push", self.worker_id, request_id, step, timeout=timeout)
+        for attempt in range(_RESTAGE_ATTEMPTS):
+            self._each(stage)
+            try:
+                result = self._one(0, "push", self.worker_id, request_id, step, timeout=timeout)
+                break
+            except NotStagedError:  # a shard restarted (or the staged push expired): nothing was applied
+                if attempt == _RESTAGE_ATTEMPTS - 1:
+                    raise
         if result.outcome in ("accepted", "round_closed"):
             self._expect_version = max(self._expect_version, step + 1)
         elif result.outcome == "dropped_late":

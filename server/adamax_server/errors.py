@@ -58,6 +58,11 @@ class FailedPrecondition(ServiceError):
     code = "FAILED_PRECONDITION"
 
 
+class NotStaged(FailedPrecondition):
+    """A sharded push being committed is not staged on a shard (never sent, expired, or the shard
+    restarted): nothing was applied; the worker stages it again and commits it again."""
+
+
 class StaleGradient(ServiceError):
     """A gradient computed on weights older than ``max_staleness`` versions allows."""
 

@@ -258,3 +258,52 @@ def test_checkpoint_client_takes_the_shard_list(tmp_path):
         opt.close()
         for s in servers:
             stop_shard_server(s, grace=0)
+
+
+def test_a_push_lost_on_a_restarted_shard_is_staged_again_by_the_client():
+    """Between stage and commit a shard loses the staged push (it restarted, or the staged copy
+    expired): the leader answers NotStaged with nothing applied, and ``push`` stages the same
+    request again and commits it once; a persistent loss surfaces as NotStagedError."""
+    servers, targets = start_shards(3)
+    rng = np.random.default_rng(4)
+    values = _values(rng)
+    coord = Coordinator(device="numba")
+    _, single = coord.create("job", {}, Policy())
+    single.build(list(values.items()))
+    opt = RemoteAdamax(targets, worker_id="w", optimizer="job", timeout=20)
+    commits = []
+    forward = opt._one
+
+    def losing(shard, method, *args, **kwargs):  # shard 2 forgets every staged push before the commit
+        if method == "push":
+            commits.append(args[1])
+            if len(commits) <= losses[0]:
+                servers[2].shard_registry._hosts["job"].drop([("w", args[1])])
+        return forward(shard, method, *args, **kwargs)
+
+    opt._one = losing
+    try:
+        opt.build(values)
+        for k, lost in enumerate([1, 0, 2]):
+            losses = [len(commits) + lost]
+            g = _grads(rng, values, k)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                single.push("w", f"r{k}", k, lambda staging: list(_engine_grads(g).items()))
+            got = opt.push(g, request_id=f"r{k}")
+            assert (got.outcome, got.version, got.duplicate) == ("applied", k + 1, False)
+            assert commits[-(lost + 1):] == [f"r{k}"] * (lost + 1)
+        weights = opt.pull()
+        ref = single.pull((), lambda v, it, arrays: dict(arrays)).payload
+        for n in values:
+            assert weights[n].tobytes() == ref[n].tobytes(), n
+        losses = [len(commits) + 10]
+        with pytest.raises(client_errors.NotStagedError, match="not staged on shard 2") as info:
+            opt.push(_grads(rng, values, 3), request_id="gone")
+        assert isinstance(info.value, client_errors.FailedPreconditionError)
+        assert opt.status()["version"] == 3  # nothing applied
+    finally:
+        opt.close()
+        coord.close()
+        for s in servers:
+            stop_shard_server(s, grace=0)

@@ -40,7 +40,7 @@ from adamax_server.coordination.stats import push_stats as _gradient_stats
 
 Gradient = Any  # np.ndarray | RowSparseGradient | None
 from adamax_server.optim.engine import RowSparseGradient
-from adamax_server.errors import FailedPrecondition, InvalidArgument, NotFound, RoundAborted, Unavailable, WaitTimeout
+from adamax_server.errors import FailedPrecondition, InvalidArgument, NotFound, NotStaged, RoundAborted, Unavailable, WaitTimeout
 from adamax_server.sharding.placement import DEFAULT_MIN_PIECE_BYTES, Placement, place
 from adamax_server.sharding.shard_engine import ClipDecision, PreparedStep, ShardEngine
 
@@ -252,7 +252,7 @@ class ShardHost:
     def _staged_push(self, key: Sequence[str]) -> StagedPush:
         staged = self._staged.get((key[0], key[1]))
         if staged is None:
-            raise FailedPrecondition(
+            raise NotStaged(
                 f"push {key[1]!r} of worker '{key[0]}' is not staged on shard {self.shard_index} "
                 "(never sent, expired, or the shard restarted); send it again"
             )
