@@ -424,6 +424,26 @@ def test_health_reads_the_port_serve_bound_from_its_health_file(tmp_path: Path) 
     assert proc.returncode == 1 and "health.json" in proc.stderr, proc.stderr
 
 
+def test_a_shard_writes_its_health_file_too(tmp_path: Path) -> None:
+    """The image's HEALTHCHECK (`adamax-ps health`, no flags) works for a shard of a sharded job."""
+    import socket
+
+    with socket.socket() as probe:  # a one-shard job needs its own address in the shard list
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    health_file = tmp_path / "health.json"
+    with serving("--shard-index", "0", "--shards", f"127.0.0.1:{port}", "--host", "127.0.0.1",
+                 "--port", str(port), ADAMAX_PS_HEALTH_FILE=str(health_file)):
+        deadline = time.monotonic() + 20
+        while not health_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        info = json.loads(health_file.read_text())
+        assert (info["port"], info["shard_index"], info["num_shards"]) == (port, 0, 1), info
+        proc = _cli("health", ADAMAX_PS_HEALTH_FILE=str(health_file))
+        assert proc.returncode == 0 and proc.stdout.strip() == "SERVING", proc
+    assert not health_file.exists()  # removed on a clean stop
+
+
 def test_health_with_tls_from_the_environment(tmp_path: Path) -> None:
     """The server's TLS variables (ADAMAX_PS_TLS_CA is the *client* CA there) do not break `health`."""
     sys.path.insert(0, str(REPO_ROOT / "tests"))

@@ -94,3 +94,43 @@ def start_local_health_server(health_servicer: Any) -> tuple[grpc.Server, int]:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port
+
+
+class HealthAnnouncement:
+    """What ``serve`` (one server or one shard) does for ``--health-file``, in one place.
+
+    ``prepare`` (before the server starts) opens the loopback plaintext health port when TLS is on
+    and returns the callbacks that undo everything on a stop; ``publish`` (once it listens) writes
+    the file. Without a health file both do nothing.
+    """
+
+    def __init__(self, path: str | None, health_servicer: Any, *, tls: bool) -> None:
+        self.path = path
+        self.tls = tls
+        self._servicer = health_servicer
+        self._local: tuple[grpc.Server, int] | None = None
+
+    def prepare(self) -> list[Any]:
+        if not self.path:
+            return []
+        stopped: list[Any] = []
+        if self.tls:  # plaintext health only, loopback only: HEALTHCHECK needs no certificates
+            self._local = start_local_health_server(self._servicer)
+            local = self._local[0]
+            stopped.append(lambda: local.stop(None))
+        path, pid = self.path, os.getpid()
+        stopped.append(lambda: remove_health_file(path, pid))
+        return stopped
+
+    def publish(self, host: str, port: int, **extra: Any) -> None:
+        if not self.path:
+            return
+        info = {"pid": os.getpid(), "host": host, "port": port, "tls": self.tls,
+                "local_health_port": self._local[1] if self._local else None, **extra}
+        try:
+            write_health_file(self.path, info)
+        except OSError as exc:
+            import logging
+
+            logging.getLogger("adamax_server").error(
+                "cannot write the health file %s: %s; `adamax-ps health` will not find this server", self.path, exc)

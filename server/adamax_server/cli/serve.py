@@ -152,17 +152,10 @@ def run_serve(args: argparse.Namespace) -> int:
             coordinator.close()
             return refuse(OSError(f"cannot serve metrics on {metrics_host}:{args.metrics_port}: {exc}"))
     tls = "credentials" in hardening
-    local_health = None
-    stopped = [metrics.close]
-    if args.health_file and tls:  # plaintext health only, loopback only: HEALTHCHECK needs no certificates
-        from adamax_server.cli.health_file import start_local_health_server
+    from adamax_server.cli.health_file import HealthAnnouncement
 
-        local_health = start_local_health_server(server.health)
-        stopped.insert(0, lambda: local_health[0].stop(None))
-    if args.health_file:
-        from adamax_server.cli.health_file import remove_health_file
-
-        stopped.append(lambda: remove_health_file(args.health_file, os.getpid()))
+    announce = HealthAnnouncement(args.health_file, server.health, tls=tls)
+    stopped = [*announce.prepare(), metrics.close]
     shutdown = GracefulShutdown(
         server,
         grace=args.grace,
@@ -174,18 +167,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if checkpoints is not None:
         checkpoints.start()
     bulk = getattr(server, "bulk", None)
-    if args.health_file:
-        from adamax_server.cli.health_file import write_health_file
-
-        try:
-            write_health_file(args.health_file, {
-                "pid": os.getpid(), "host": args.host, "port": port, "tls": tls,
-                "local_health_port": local_health[1] if local_health else None,
-                "bulk_port": bulk.port if bulk is not None else None, "metrics_port": metrics_port,
-            })
-        except OSError as exc:
-            _log.error("cannot write the health file %s: %s; `adamax-ps health` will not find this server",
-                       args.health_file, exc)
+    announce.publish(args.host, port, bulk_port=bulk.port if bulk is not None else None, metrics_port=metrics_port)
     # The line scripts and tests wait for; with --port 0 it is the only way to learn the port.
     # JSON logs carry it as fields of the "listening" record instead of a plain stdout line.
     _log.info("adamax-ps listening on %s:%d (device=%s, tls=%s, auth=%s)", args.host, port, device, tls,

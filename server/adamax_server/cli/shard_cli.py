@@ -98,18 +98,26 @@ def serve_sharded(args: argparse.Namespace) -> int:
     stop_cuts = threading.Event()
     if index == 0 and args.checkpoint_dir and (args.checkpoint_every_steps or args.checkpoint_every_seconds):
         threading.Thread(target=_cut_loop, args=(registry, args, stop_cuts), daemon=True, name="cuts").start()
-    shutdown = GracefulShutdown(server, grace=float(args.grace), on_stopped=[stop_cuts.set, registry.close, metrics.close])
+    from adamax_server.cli.health_file import HealthAnnouncement
+
+    announce = HealthAnnouncement(getattr(args, "health_file", None), server.health, tls="credentials" in hardening)
+    stopped = [*announce.prepare(), stop_cuts.set, registry.close, metrics.close]
+    shutdown = GracefulShutdown(server, grace=float(args.grace), on_stopped=stopped)
     shutdown.install()
     server.start()
     _log.info("adamax-ps shard %d of %d listening on %s:%d (leader %s)", index, len(shards), args.host, port, shards[0])
     if server.bulk is not None:
         _log.info("bulk channel on %s:%d (staging and pulls; TCP)", args.host, server.bulk.port)
     print(f"listening on {args.host}:{port}", flush=True)
+    metrics_port = None
     if args.metrics_port is not None:
         metrics_host = args.metrics_host or args.host  # as reachable as the shard itself, as on one server
         metrics_port = metrics.serve_http(args.metrics_port, metrics_host, labels={"shard": str(index)})
         _log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
         print(f"metrics on {metrics_host}:{metrics_port}", flush=True)
+    announce.publish(args.host, port, shard_index=index, num_shards=len(shards),
+                     bulk_port=server.bulk.port if server.bulk is not None else None,
+                     metrics_port=metrics_port)
     return shutdown.run()
 
 
