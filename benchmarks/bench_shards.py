@@ -19,8 +19,8 @@ Each worker process runs the README loop (``pull``, then ``push`` one float32 gr
 compute) in one job (``mode="sync"``: ``num_workers=W``). After warm-up rounds all workers start
 together; step time = the slowest worker's wall time / rounds. The sharded series uses the
 sharded client for every S, one shard included (``RemoteAdamax([...], sharded=True)``: the same
-code path for every row; sharded jobs move tensors over gRPC streams to all shards in
-parallel). Two single-server references run alongside (``--reference``): the bulk channel's TCP
+code path for every row; a sharded job stages and pulls over every shard's bulk channel (TCP),
+all shards in parallel). Two single-server references run alongside (``--reference``): the bulk channel's TCP
 and gRPC streams (shared memory is off everywhere: the namespaces share one kernel, and the
 point is the network).
 

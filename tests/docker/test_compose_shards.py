@@ -38,11 +38,6 @@ STEPS = 400
 
 pytestmark = [
     pytest.mark.docker,
-    # Known open gap of issue 14 (stated in the closing note, not hidden): on the last real runs
-    # `compose up` of the two shards exited 1 and, before that, a worker died with
-    # FailedPrecondition "push ... is not staged on shard 0 (the shard restarted)", which the
-    # sharded client raises instead of re-sending. Kept running so the day it passes shows.
-    pytest.mark.xfail(reason="issue 14: the compose kill-a-shard run does not pass yet", strict=False),
 ]
 
 
@@ -210,7 +205,7 @@ def test_two_shards_two_workers_survive_a_killed_shard(shard_image: str, tmp_pat
 
         store = CheckpointStore(out_dir)
         (snapshot,) = store.load(store.list()[-1].checkpoint_id)
-        with RemoteAdamax(target, optimizer="demo", name="demo", token=TOKEN, timeout=30) as opt:
+        with RemoteAdamax(target, optimizer="demo", name="demo", learning_rate=0.05, token=TOKEN, timeout=30) as opt:  # the demo worker's config
             weights = opt.pull()
             assert opt.version == snapshot.version == status["version"]
         assert sorted(weights) == sorted(snapshot.variables)
