@@ -26,6 +26,7 @@ from adamax_server.optim.kernels.base import (
     GroupStep,
     SegmentTable,
 )
+from adamax_server.optim.kernels.parallel_gate import parallel_call
 
 try:  # numba is a hard dependency of the package, but keep the module importable without it.
     import numba
@@ -288,8 +289,8 @@ class NumbaBackend(_HostBackendBase):
         acc, _ = self._aux(group, step)
         dt = group.dtype.type
         acc_mode = step.acc_mode if step.acc_mode == ACC_UPDATE else 0
-        leaf = _leaf_sums(
-            group.buffers["g"], acc, plan.leaf_start, plan.leaf_len,
+        leaf = parallel_call(
+            _leaf_sums, group.buffers["g"], acc, plan.leaf_start, plan.leaf_len,
             bool(step.use_loss_scale), dt(step.loss_scale), acc_mode, dt(step.acc_steps),
         )  # fmt: skip
         out = np.zeros(len(group.table.sizes), dtype=group.dtype)
@@ -309,8 +310,8 @@ class NumbaBackend(_HostBackendBase):
             denom = group.cache.get("zero_denom")
             if denom is None or denom.shape[0] != len(t.sizes):
                 denom = group.cache["zero_denom"] = np.zeros(len(t.sizes), dtype=group.dtype)
-        _fused_step(
-            group.buffers["w"], group.buffers["m"], group.buffers["u"], group.buffers["g"], acc, avg,
+        parallel_call(
+            _fused_step, group.buffers["w"], group.buffers["m"], group.buffers["u"], group.buffers["g"], acc, avg,
             t.task_seg, t.task_start, t.task_end, step.has_grad, step.decay, denom,
             bool(step.use_loss_scale), dt(step.loss_scale), int(step.acc_mode), dt(step.acc_steps),
             int(step.clip_mode), dt(step.clip_value), dt(step.clip_norm),

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from adamax_server.optim.kernels.parallel_gate import parallel_call
+
 try:
     from numba import njit, prange
 
@@ -149,7 +151,7 @@ def gradient_stats(values: np.ndarray) -> GradientStats:
         bits = flat.view(itype)
         if flat.size < _PARALLEL_MIN:
             return _result(flat.dtype, *_block_stats(flat, bits, mask, limit))
-        return _result(flat.dtype, *_stats_blocks(flat, bits, mask, limit))
+        return _result(flat.dtype, *parallel_call(_stats_blocks, flat, bits, mask, limit))
     finite = flat[np.isfinite(flat)].astype(np.float64)
     return GradientStats(float(np.dot(finite, finite)), float(np.max(np.abs(finite), initial=0.0)),
                          int(flat.size - finite.size))
@@ -169,7 +171,7 @@ def copy_with_stats(dst: np.ndarray, src: np.ndarray) -> GradientStats:
         np.copyto(d, s)
         return gradient_stats(d)
     itype, mask, limit = _INT_VIEW[d.dtype]
-    return _result(d.dtype, *_copy_blocks(d, s, d.view(itype), mask, limit))
+    return _result(d.dtype, *parallel_call(_copy_blocks, d, s, d.view(itype), mask, limit))
 
 
 def sum_with_stats(total: np.ndarray, parts: Sequence[np.ndarray], divisor: int | None) -> GradientStats:
@@ -187,7 +189,7 @@ def sum_with_stats(total: np.ndarray, parts: Sequence[np.ndarray], divisor: int 
     if fused and views and flat.size:
         divide = divisor is not None
         itype, mask, limit = _INT_VIEW[dtype]
-        return _result(dtype, *_sum_blocks(flat, views, divide, dtype.type(divisor if divide else 1),
+        return _result(dtype, *parallel_call(_sum_blocks, flat, views, divide, dtype.type(divisor if divide else 1),
                                            flat.view(itype), mask, limit))
     flat[...] = 0
     for v in views:
