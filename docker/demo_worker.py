@@ -6,7 +6,8 @@ ADAMAX_PS_TOKEN, ADAMAX_PS_TLS_CA, DEMO_STEPS. Workers of one job share the opti
 (async); each pushes gradients of its own synthetic batches and prints its loss now and then.
 UNAVAILABLE (a restarting server or shard) is retried with backoff by the client. A push that
 finds the job restored from a checkpoint (a shard came back after a crash) was not applied
-(ABORTED): the worker pulls the restored weights and goes on.
+(ABORTED; a pull waiting for a version the restore took back fails the same way): the worker
+pulls the restored weights and goes on.
 """
 
 from __future__ import annotations
@@ -33,10 +34,17 @@ def main() -> int:
         credentials=tls_channel_credentials(ca) if ca else None,
     ) as opt:
         opt.build({"w": np.zeros(8, np.float32), "b": np.zeros(1, np.float32)})  # or attach to the existing
-        for step in range(steps):
-            weights = opt.pull()
+        step = 0
+        for _ in range(10 * steps):  # bounded: a pull the restore aborted repeats its step
+            if step == steps:
+                break
             x = rng.standard_normal((64, 8)).astype(np.float32)
             y = x @ w_true + np.float32(0.5)
+            try:
+                weights = opt.pull()
+            except AbortedError as exc:  # it waited for this worker's last push, which a restore took back
+                print(f"{opt.worker_id} step {step}: pull aborted ({exc}); pulling again", flush=True)
+                continue
             err = x @ weights["w"] + weights["b"][0] - y
             try:
                 opt.push({"w": (x.T @ err) * np.float32(2 / len(x)), "b": np.array([2 * err.mean()], np.float32)})
@@ -44,6 +52,7 @@ def main() -> int:
                 print(f"{opt.worker_id} step {step}: push not applied ({exc}); pulling again", flush=True)
             if step % 50 == 0 or step == steps - 1:
                 print(f"{opt.worker_id} step {step}: loss {float((err ** 2).mean()):.5f} version {opt.version}", flush=True)
+            step += 1
     return 0
 
 
