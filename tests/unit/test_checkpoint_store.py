@@ -284,6 +284,29 @@ def test_policy_thread_saves_every_n_steps(manager: CheckpointManager) -> None:
     assert versions[0] == 5 and 7 in versions and versions[-1] == 9
 
 
+def test_every_n_steps_counts_steps_from_version_0(tmp_path: Path) -> None:
+    """every_steps=3 on a job never saved: due at version 3 (not 2), then 3 steps after each save."""
+    coordinator = Coordinator(device="cpu")
+    _, host = coordinator.create("job", {"learning_rate": 0.01}, Policy())
+    host.build(list(VALUES.items()))
+    manager = CheckpointManager(coordinator, CheckpointStore(tmp_path / "ckpts"), CheckpointPolicy(every_steps=3))
+    due = []
+    for step in range(7):
+        due.append((host.version, manager._due()))
+        if due[-1][1]:
+            manager.save_all()
+        push(host, "w0", f"r{step}", step, grads_for(step))
+    assert due == [(0, False), (1, False), (2, False), (3, True), (4, False), (5, False), (6, True)]
+    # A new optimizer is a change of its own: a time policy saves it before its first step.
+    seconds = CheckpointManager(coordinator, CheckpointStore(tmp_path / "other"), CheckpointPolicy(every_seconds=0.001))
+    time.sleep(0.01)
+    assert seconds._due()
+    seconds.save_all()
+    time.sleep(0.01)
+    assert not seconds._due()  # nothing changed since
+    coordinator.close()
+
+
 @pytest.mark.parametrize("bad", [dict(every_steps=0), dict(every_seconds=-1.0), dict(keep=0), dict(keep_every=0)])
 def test_policy_validation(bad: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgument, match="must be"):

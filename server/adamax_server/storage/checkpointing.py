@@ -140,18 +140,24 @@ class CheckpointManager:
                 _log.info("automatic checkpoints work again")
                 logged = ""
 
-    def _progress(self) -> int:
-        """Most weights versions any optimizer moved since the last save (0: nothing changed)."""
-        progress = 0
+    def _progress(self) -> tuple[bool, int]:
+        """Whether anything changed since the last save, and the most steps any optimizer took.
+
+        An optimizer never saved counts as a change (its creation), and its steps count from
+        version 0: ``every_steps=3`` saves at version 3, 6, ... as the name says.
+        """
+        changed, steps = False, 0
         for host in self.coordinator.hosts():
-            progress = max(progress, abs(host.version - self._saved_versions.get(host.key, -1)))
-        return progress
+            saved = self._saved_versions.get(host.key)
+            changed = changed or saved is None or host.version != saved
+            steps = max(steps, abs(host.version - (saved or 0)))
+        return changed, steps
 
     def _due(self) -> bool:
-        progress = self._progress()
-        if not progress:
+        changed, steps = self._progress()
+        if not changed:
             return False
-        if self.policy.every_steps is not None and progress >= self.policy.every_steps:
+        if self.policy.every_steps is not None and steps >= self.policy.every_steps:
             return True
         seconds = self.policy.every_seconds
         return seconds is not None and time.monotonic() - self._last_save >= seconds
