@@ -37,7 +37,6 @@ from adamax_server.optim.engine import Adamax
 from adamax_server.sharding import restore as job_restore
 from adamax_server.sharding.job import JobCheckpoint, assemble_checkpoint, split_checkpoint
 from adamax_server.sharding.placement import Placement
-from adamax_server.sharding.shard import ShardSnapshot
 from adamax_server.storage.checkpoint import LATEST, check_manifest, decode, encode, verify_tensors
 
 #: A leader-to-shard call that moves a shard's whole part gets ``--shard-call-timeout`` plus
