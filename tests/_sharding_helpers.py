@@ -128,14 +128,14 @@ REMOTE_CONFIG = {"learning_rate": 0.01, "global_clipnorm": 0.5, "use_ema": True,
                  "weight_decay": 0.01}  # fmt: skip
 
 
-def start_shard_servers(n, tmp_path=None, bulk_for=lambda i: None, **kwargs):
+def start_shard_servers(n, tmp_path=None, bulk_for=lambda i: None, min_piece=MIN_PIECE, **kwargs):
     """``n`` shard servers (bound to port 0, then told each other's addresses); (servers, targets)."""
     from adamax_server.sharding.server import create_shard_server
 
     servers, ports = [], []
     for i in range(n):
         server, port = create_shard_server(
-            "127.0.0.1:0", i, ["127.0.0.1:1"] * n, device="numba", min_piece_bytes=MIN_PIECE, call_timeout=5.0,
+            "127.0.0.1:0", i, ["127.0.0.1:1"] * n, device="numba", min_piece_bytes=min_piece, call_timeout=5.0,
             checkpoint_dir=None if tmp_path is None else tmp_path / f"shard{i}", bulk=bulk_for(i), **kwargs,
         )  # fmt: skip
         servers.append(server)

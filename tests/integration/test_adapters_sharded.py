@@ -23,40 +23,27 @@ from fidelity.test_adapter_torch import CONFIGS, KerasTwin, batches, grads_of, l
 from adamax_client import errors as client_errors  # noqa: E402
 from adamax_client.sharded import ShardedRemoteAdamax  # noqa: E402
 from adamax_client.torch import RemoteAdamax  # noqa: E402
-from adamax_server.sharding.server import create_shard_server, stop_shard_server  # noqa: E402
+from _sharding_helpers import start_shard_servers, stop_shard_servers  # noqa: E402
 
 MIN_PIECE = 256  # bytes: the 32x12 and 16x32 weights are split over the shards
 
 
-def start_shards(n: int, min_piece: int = MIN_PIECE):
-    servers, ports = [], []
-    for i in range(n):
-        server, port = create_shard_server(
-            "127.0.0.1:0", i, ["127.0.0.1:1"] * n, device="numba", min_piece_bytes=min_piece, call_timeout=5.0
-        )
-        servers.append(server)
-        ports.append(port)
-    targets = [f"127.0.0.1:{p}" for p in ports]
-    for s in servers:
-        s.shard_registry.set_shards(targets)
-        s.start()
-    return servers, targets
+def start_shards(n: int):
+    return start_shard_servers(n, min_piece=MIN_PIECE)
 
 
 @pytest.fixture(params=[1, 3], ids=["1shard", "3shards"])
 def shards(request):
     servers, targets = start_shards(request.param)
     yield targets
-    for s in servers:
-        stop_shard_server(s, grace=0)
+    stop_shard_servers(servers)
 
 
 @pytest.fixture
 def shards3():
     servers, targets = start_shards(3)
     yield targets
-    for s in servers:
-        stop_shard_server(s, grace=0)
+    stop_shard_servers(servers)
 
 
 @pytest.mark.parametrize("config", ["plain", "clipnorm", "global_clipnorm_weight_decay", "ema", "accumulation"])
@@ -156,8 +143,7 @@ def test_jitted_keras_fit_on_two_shards_matches_local_adamax(tmp_path):
     try:
         out = run_fit("jax", ",".join(targets), tmp_path, jit=True)
     finally:
-        for s in servers:
-            stop_shard_server(s, grace=0)
+        stop_shard_servers(servers)
     assert out["jit_compile"] is True
     assert out["names"] == out["expected_names"]
     assert out["fit_max_diff"] < 1e-5, out
@@ -244,5 +230,4 @@ def test_one_target_that_is_a_shard_server_is_driven_as_a_one_shard_job():
         finally:
             plain.close()
     finally:
-        for s in servers:
-            stop_shard_server(s, grace=0)
+        stop_shard_servers(servers)
