@@ -120,6 +120,9 @@ def test_kill_9_then_restore_latest_brings_the_job_to_one_cut(job, capsys):
         opt.pull()
         opt.push(grads[3], request_id="r3")  # acknowledged after the cut: lost by the restart below
         opt.pull()
+        late = RemoteAdamax(shards, worker_id="late", optimizer="job", timeout=6, **CONFIG)
+        late.build(values)  # attaches
+        assert late.pull() is not None and late.version == 4  # weights the restart below takes back
 
         procs[2].send_signal(signal.SIGKILL)
         procs[2].wait(10)
@@ -143,6 +146,19 @@ def test_kill_9_then_restore_latest_brings_the_job_to_one_cut(job, capsys):
                 assert time.monotonic() < deadline, "the restarted shard never became reachable"
                 time.sleep(0.5)
         assert opt.status()["version"] == 3 and {s["version"] for s in opt.status()["shards"]} == {3}
+        # A worker that pulled version 4 before the restart pushes after the restore took the job
+        # back to version 3: ABORTED (pull again), not "step ahead of the version" (a caller's bug).
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with pytest.raises(client_errors.AbortedError, match="took back"):
+                    late.push(grads[5], request_id="late-0")
+                break
+            except client_errors.UnavailableError:
+                assert time.monotonic() < deadline, "the restarted shard never became reachable"
+                time.sleep(0.5)
+        assert opt.status()["version"] == 3
+        late.close()
         opt.pull()
         for k in range(3, 6):  # the lost push is pushed again
             opt.push(grads[k], request_id=f"r{k}-again")

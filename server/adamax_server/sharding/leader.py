@@ -43,7 +43,9 @@ from typing import Any
 from adamax_server.coordination.dedup import DedupTable as _DedupTable
 from adamax_server.coordination.policy import Policy, PushResult
 from adamax_server.coordination.stats import non_finite_message as _non_finite_message
-from adamax_server.errors import FailedPrecondition, InvalidArgument, ServiceError, StaleGradient, Unavailable, WaitTimeout
+from adamax_server.errors import (
+    FailedPrecondition, InvalidArgument, ServiceError, StaleGradient, StateRestored, Unavailable, WaitTimeout,
+)
 from adamax_server.sharding import pairwise
 from adamax_server.sharding.links import DecidedUnconfirmed, ShardLink, ShardUnavailable
 from adamax_server.sharding.links import PartialFailure as _PartialFailure
@@ -100,6 +102,7 @@ class Leader:
         self._lagging: dict[int, _Lag] = {}
         self._incarnations: dict[int, str] = {}
         self._broken = ""  # why the job needs a restore, if it does
+        self._rewound: tuple[int, int] | None = None  # (highest version before, version after) a restore
         self._verify = False  # a restarted leader compares every shard's version before it decides
         self._closed = False
 
@@ -256,6 +259,12 @@ class Leader:
 
     def _check_step(self, step: int) -> None:
         version = self.version
+        if step > version and self._rewound is not None and step <= self._rewound[0]:
+            raise StateRestored(  # pulled before a restore took the job back: not the caller's bug
+                f"gradient step {step} was computed on weights of a version that the restore of optimizer "
+                f"'{self.key}' to version {self._rewound[1]} took back; pull the restored weights and push again",
+                current_version=version,
+            )
         if step > version:
             raise FailedPrecondition(
                 f"gradient step {step} is ahead of the current version {version} of optimizer "
@@ -567,7 +576,9 @@ class Leader:
         """Adopt a checkpoint's leader state (every shard restored the same cut)."""
         with self._cond:
             self._reset_round()
+            high = max(self.version, self._rewound[0] if self._rewound else -1)
             self.version = int(state["version"])
+            self._rewound = (high, self.version) if high > self.version else None
             self.iterations = int(state["iterations"])
             self._dedup = _DedupTable.from_finished(self._dedup_capacity, state.get("dedup", {}))
             self._round = {w: (r, int(s)) for w, (r, s) in state.get("round", {}).items()}
