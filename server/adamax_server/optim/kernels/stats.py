@@ -52,12 +52,25 @@ EMPTY = GradientStats(0.0, 0.0, 0)
 if HAVE_NUMBA:
 
     # Finite elements have a magnitude below the all-ones exponent; in the integer view with the
-    # sign bit cleared, magnitudes order as the floats do. Counting, the maximum and the sum are
-    # then branch-free and vectorise: only the float64 sum needs reassociation (``reassoc``), and
-    # it is a metric (the clipping norms are the engine's, in Keras's order). No other fast-math
-    # flag: NaN and infinities must stay visible to the integer test.
+    # sign bit cleared, magnitudes order as the floats do. The common case (every element finite)
+    # is one branch-free pass: the float64 sum of squares and the integer maximum, which
+    # vectorise and run at the memory's speed (about twice the speed of testing each element).
+    # Only when that maximum says a block holds a NaN or an infinity is the block read again,
+    # counting the non-finite elements and leaving them out. The float64 sum is reassociated
+    # (``reassoc``): it is a metric; the clipping norms are the engine's, in Keras's order. No
+    # other fast-math flag: NaN and infinities must stay visible to the integer test.
     @njit(nogil=True, cache=True, fastmath={"reassoc"})
-    def _block_stats(vals, bits, mask, limit):
+    def _block_all_finite(vals, bits, mask):
+        s = 0.0
+        mx = bits.dtype.type(0)
+        for i in range(vals.shape[0]):
+            x = np.float64(vals[i])
+            s += x * x
+            mx = max(mx, bits[i] & mask)
+        return s, mx
+
+    @njit(nogil=True, cache=True, fastmath={"reassoc"})
+    def _block_with_non_finite(vals, bits, mask, limit):
         s = 0.0
         mx = bits.dtype.type(0)
         nb = 0
@@ -70,6 +83,28 @@ if HAVE_NUMBA:
             mx = m if m > mx else mx
             nb += 0 if finite else 1
         return s, mx, nb
+
+    @njit(nogil=True, cache=True)
+    def _block_stats(vals, bits, mask, limit):
+        s, mx = _block_all_finite(vals, bits, mask)
+        if mx < limit:
+            return s, mx, 0
+        return _block_with_non_finite(vals, bits, mask, limit)
+
+    @njit(nogil=True, cache=True, fastmath={"reassoc"})
+    def _copy_block(dst, src, src_bits, mask, limit):
+        # The copy and the common case's statistics in one read of ``src``.
+        s = 0.0
+        mx = src_bits.dtype.type(0)
+        for i in range(src.shape[0]):
+            v = src[i]
+            dst[i] = v
+            x = np.float64(v)
+            s += x * x
+            mx = max(mx, src_bits[i] & mask)
+        if mx < limit:
+            return s, mx, 0
+        return _block_with_non_finite(src, src_bits, mask, limit)
 
     @njit(parallel=True, nogil=True, cache=True)
     def _stats_blocks(vals, bits, mask, limit):
@@ -86,7 +121,7 @@ if HAVE_NUMBA:
 
     @njit(parallel=True, nogil=True, cache=True)
     def _copy_blocks(dst, src, bits, mask, limit):
-        # ``bits``: the integer view of ``dst``; each block is counted while it is in L2.
+        # ``bits``: the integer view of ``src``; each block is counted as it is copied.
         n = src.shape[0]
         nblocks = (n + _BLOCK - 1) // _BLOCK
         sums = np.zeros(nblocks, dtype=np.float64)
@@ -95,8 +130,7 @@ if HAVE_NUMBA:
         for k in prange(nblocks):
             a = k * _BLOCK
             b = min(n, a + _BLOCK)
-            dst[a:b] = src[a:b]
-            sums[k], maxes[k], bad[k] = _block_stats(dst[a:b], bits[a:b], mask, limit)
+            sums[k], maxes[k], bad[k] = _copy_block(dst[a:b], src[a:b], bits[a:b], mask, limit)
         return sums.sum(), maxes.max(), bad.sum()
 
     @njit(parallel=True, nogil=True, cache=True)
@@ -171,7 +205,7 @@ def copy_with_stats(dst: np.ndarray, src: np.ndarray) -> GradientStats:
         np.copyto(d, s)
         return gradient_stats(d)
     itype, mask, limit = _INT_VIEW[d.dtype]
-    return _result(d.dtype, *parallel_call(_copy_blocks, d, s, d.view(itype), mask, limit))
+    return _result(d.dtype, *parallel_call(_copy_blocks, d, s, s.view(itype), mask, limit))
 
 
 def sum_with_stats(total: np.ndarray, parts: Sequence[np.ndarray], divisor: int | None) -> GradientStats:
