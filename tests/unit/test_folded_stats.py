@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
+from adamax_server.optim.kernels import stats as stats_kernels
 from adamax_server.optim.kernels.stats import copy_with_stats, gradient_stats, sum_with_stats
 from adamax_server.transport.common import FoldedStats, shm_copy
 
@@ -30,7 +31,10 @@ def _reference(values: np.ndarray):
 
 @pytest.mark.parametrize("n", [0, 1, 1000, 300_001])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_copy_with_stats_copies_and_counts(n: int, dtype: str) -> None:
+@pytest.mark.parametrize("pool", [False, True], ids=["serial", "pool"])
+def test_copy_with_stats_copies_and_counts(n: int, dtype: str, pool: bool, monkeypatch) -> None:
+    if pool:  # the pool's kernels, which only gradients of 16M elements and more reach
+        monkeypatch.setattr(stats_kernels, "_RECEIVE_PARALLEL_MIN", 1 << 10)
     src = _grad(n, dtype, seed=n)
     if n > 10:
         src[3], src[7], src[n - 1] = np.nan, np.inf, -np.inf
