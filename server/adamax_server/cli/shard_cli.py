@@ -74,15 +74,25 @@ def serve_sharded(args: argparse.Namespace) -> int:
     token = args.shard_token or os.environ.get(ENV_PREFIX + "TOKEN")
     link_credentials = None
     if "credentials" in hardening and args.tls_ca:
+        # The leader's calls to the other shards verify them by the CA; under mutual TLS they
+        # present this shard's own certificate, which the other shards trust by the same CA.
         with open(args.tls_ca, "rb") as f:
-            link_credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+            ca = f.read()
+        key = chain = None
+        if args.tls_require_client_cert:
+            with open(args.tls_key, "rb") as f:
+                key = f.read()
+            with open(args.tls_cert, "rb") as f:
+                chain = f.read()
+        link_credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=chain)
     try:
         server, port = create_shard_server(
             f"{args.host}:{args.port}", index, shards, max_workers=args.max_threads, interceptors=interceptors,
             credentials=hardening.get("credentials"), device=args.device, checkpoint_dir=args.checkpoint_dir,
             keep_cuts=int(args.keep), min_piece_bytes=int(args.min_piece_bytes), staging_ttl=float(args.staging_ttl), call_timeout=float(args.shard_call_timeout),
             link_credentials=link_credentials, link_token=token, metrics=metrics,
-            bulk=hardening.get("bulk"), bulk_port=int(hardening.get("bulk_port", 0)), call_limits=hardening.get("call_limits"),
+            bulk=hardening.get("bulk"), bulk_port=int(hardening.get("bulk_port", 0)), bulk_tls=hardening.get("bulk_tls"),
+            call_limits=hardening.get("call_limits"),
         )  # fmt: skip
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -107,7 +117,8 @@ def serve_sharded(args: argparse.Namespace) -> int:
     server.start()
     _log.info("adamax-ps shard %d of %d listening on %s:%d (leader %s)", index, len(shards), args.host, port, shards[0])
     if server.bulk is not None:
-        _log.info("bulk channel on %s:%d (staging and pulls; TCP)", args.host, server.bulk.port)
+        _log.info("bulk channel on %s:%d (staging and pulls; %s)", args.host, server.bulk.port,
+                  "TLS" if server.bulk.tls is not None else "TCP")
     print(f"listening on {args.host}:{port}", flush=True)
     metrics_port = None
     if args.metrics_port is not None:

@@ -12,7 +12,9 @@ stall and size limits), over ``ShardBulkHosts`` instead of a coordinator. On a s
 * a bulk *pull* returns this shard's pieces, waiting for ``min_version`` as the gRPC ``pull``.
 
 Tickets come from the ``ShardService`` (method ``open_bulk``, any authenticated caller, bound
-to one optimizer and worker id), since a shard serves no ``AdamaxService``. Shared memory is
+to one optimizer and worker id, and to the caller's client certificate under mutual TLS), since
+a shard serves no ``AdamaxService``. A shard whose gRPC port is TLS speaks TLS on its bulk
+channel too (``bulk_tls``, the single server's rules: ``transport.bulk_tls``). Shared memory is
 not offered by shards (TCP only): a pull's arena is per optimizer on a single server, and a
 shard's pieces would need one per shard process; same-host workers use TCP to each shard.
 Bulk calls are not counted in the push metrics (a stage is not a push; the leader counts it).
@@ -25,8 +27,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from adamax_server.coordination.policy import PushResult, TensorMeta
-from adamax_server.errors import NotFound
+from adamax_server.errors import InvalidArgument, NotFound
 from adamax_server.sharding.shard import ShardHost
+
+
+def open_bulk(registry: Any, key: str, args: Sequence[Any], identities: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """``open_bulk``: a ticket for this shard's bulk channel, or ``available: False``. Under
+    mutual TLS the ticket only opens a connection presenting one of ``identities``."""
+    registry.host(key)  # NOT_FOUND before a ticket is spent on it
+    if registry.bulk is None:
+        return {"available": False}
+    if not args or not args[0]:
+        raise InvalidArgument("open_bulk needs the `worker_id` the connection will stage as")
+    ticket = registry.bulk.issue_ticket(key, str(args[0]), identities)
+    return {"available": True, "port": registry.bulk.port, "ticket": ticket.hex(), "ttl": registry.bulk.ticket_ttl}
 
 
 @dataclass

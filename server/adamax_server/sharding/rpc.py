@@ -53,11 +53,13 @@ from adamax_server.errors import (
     status_for,
 )
 from adamax_server.sharding import assembled, pairwise, restore as job_restore
+from adamax_server.sharding import bulk as shard_bulk
 from adamax_server.sharding.leader import Leader, ShardUnavailable
 from adamax_server.sharding.placement import DEFAULT_MIN_PIECE_BYTES
 from adamax_server.sharding.shard import PrepareReply, ShardHost, ShardSnapshot
 from adamax_server.sharding.shard_engine import ClipDecision, ShardEngine
 from adamax_server.sharding.split import job_layout
+from adamax_server.transport.security import peer_identities
 
 _log = logging.getLogger(__name__)
 
@@ -359,13 +361,7 @@ class ShardRegistry:
         if method == "describe":
             return self.describe(key)
         if method == "open_bulk":  # a ticket for this shard's bulk channel (sharding.bulk)
-            self.host(key)  # NOT_FOUND before a ticket is spent on it
-            if self.bulk is None:
-                return {"available": False}
-            if not args or not args[0]:
-                raise InvalidArgument("open_bulk needs the `worker_id` the connection will stage as")
-            ticket = self.bulk.issue_ticket(key, str(args[0]))
-            return {"available": True, "port": self.bulk.port, "ticket": ticket.hex(), "ttl": self.bulk.ticket_ttl}
+            return shard_bulk.open_bulk(self, key, args)
         if method == "status":
             return self.status()
         if method == "delete":
@@ -611,7 +607,10 @@ class ShardServicer:
             head, args = _decode_call(request_iterator)
             if not isinstance(args, list):
                 raise InvalidArgument("shard call arguments must be a list")
-            result = self.registry.dispatch(head.optimizer, head.method, args)
+            if head.method == "open_bulk":  # the ticket is bound to the caller's certificate
+                result = shard_bulk.open_bulk(self.registry, head.optimizer, args, peer_identities(context))
+            else:
+                result = self.registry.dispatch(head.optimizer, head.method, args)
             frames = _call_frames(head.optimizer, "", result)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             info = status_for(exc)

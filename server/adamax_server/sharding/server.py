@@ -7,6 +7,7 @@ the real list (``server.shard_registry.set_shards``).
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from concurrent import futures
 from typing import Any
@@ -19,6 +20,7 @@ from adamax_server.sharding.rpc import SERVICE, ShardRegistry, ShardServicer, ad
 from adamax_server.sharding.warmup import warm_up
 from adamax_server.transport.budget import CallLimits
 from adamax_server.transport.bulk import BulkServer
+from adamax_server.transport.security import SecurityConfigError
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -34,6 +36,7 @@ def create_shard_server(
     options: Sequence[tuple[str, Any]] = (),
     bulk: bool | None = None,
     bulk_port: int = 0,
+    bulk_tls: ssl.SSLContext | None = None,
     call_limits: CallLimits | None = None,
     warm: bool = True,
     **registry_kwargs: Any,
@@ -43,15 +46,21 @@ def create_shard_server(
     ``registry_kwargs`` go to ``ShardRegistry`` (device, checkpoint_dir, staging_ttl,
     call_timeout, min_piece_bytes, link_credentials, link_token, auto_heal).
     ``bulk`` opens this shard's bulk channel (``sharding.bulk``: staging and pulls over TCP on
-    ``bulk_port`` of the same host): ``None`` (default) on without TLS, off with TLS, as on a
-    single server; ``bulk=True`` with TLS credentials is refused (the channel is unencrypted).
+    ``bulk_port`` of the same host), as on a single server: ``None`` (default) on, except with
+    TLS ``credentials`` but no ``bulk_tls`` (the channel's ``ssl.SSLContext``,
+    ``security.bulk_server_context``); a plaintext bulk port next to a TLS gRPC port is refused.
     ``warm`` loads the step kernels first (``sharding.warmup``), so that the first event the
     leader sends is not held up past ``call_timeout`` by a kernel compile or cache load.
     """
+    if bulk_tls is not None and credentials is None:
+        raise SecurityConfigError("`bulk_tls` needs TLS `credentials` for the gRPC port as well")
     if bulk is None:
-        bulk = credentials is None
-    elif bulk and credentials is not None:
-        raise ValueError("the bulk channel is unencrypted; it cannot be combined with TLS (use --no-bulk)")
+        bulk = credentials is None or bulk_tls is not None
+    elif bulk and credentials is not None and bulk_tls is None:
+        raise SecurityConfigError(
+            "a TLS shard's bulk channel needs its TLS context (bulk_tls=bulk_server_context(config)); "
+            "a plaintext bulk port next to TLS is refused (use --no-bulk)"
+        )
     registry = ShardRegistry(shard_index, shards, **registry_kwargs)
     if warm:
         warm_up(registry.device)
@@ -78,7 +87,7 @@ def create_shard_server(
         host = address.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
         registry.bulk = BulkServer(
             ShardBulkHosts(registry), host=host, port=bulk_port, shared_memory=False, limits=call_limits,  # type: ignore[arg-type]
-            max_tensor_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+            max_tensor_bytes=DEFAULT_MAX_MESSAGE_BYTES, tls=bulk_tls,
         ).start()  # fmt: skip
     server.bulk = registry.bulk  # type: ignore[attr-defined]
     server.shard_registry = registry  # type: ignore[attr-defined]

@@ -271,3 +271,12 @@ def _scoped(handler: grpc.RpcMethodHandler, grant: TokenGrant) -> grpc.RpcMethod
     if handler.unary_unary:
         return handler._replace(unary_unary=unary)
     return handler._replace(unary_stream=unary)
+
+
+def peer_identities(context: Any) -> frozenset[str]:
+    """A gRPC caller's client-certificate identities (empty without mutual TLS)."""
+    try:
+        found = context.peer_identities() or ()
+    except Exception:  # a context without an auth context (tests' fakes)
+        return frozenset()
+    return frozenset(i.decode("utf-8", "replace") if isinstance(i, bytes) else str(i) for i in found)

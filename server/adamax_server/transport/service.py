@@ -41,6 +41,7 @@ from adamax_server.transport.common import (
     tensor_meta,
 )
 from adamax_server.transport.budget import CallLimits, Watch, Watchdog
+from adamax_server.transport.security import peer_identities
 from adamax_server.transport.validation import ResourceLimits, require_finite_config, require_finite_float32
 
 if TYPE_CHECKING:
@@ -253,7 +254,7 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
                 available=True,
                 port=bulk.port,
                 # An mTLS caller's ticket only opens a bulk connection with the same certificate.
-                ticket=bulk.issue_ticket(request.optimizer, request.worker_id, _peer_identities(context)),
+                ticket=bulk.issue_ticket(request.optimizer, request.worker_id, peer_identities(context)),
                 ticket_ttl_seconds=bulk.ticket_ttl,
                 shared_memory=bulk.shared_memory,
             )
@@ -323,12 +324,3 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
         yield _wire.header_frame(pb.OptimizerRef(optimizer=header.optimizer))
         yield from self._tensor_frames([("", v) for v in new_trainable], pb.TRAINABLE_VARIABLES)
         yield from self._tensor_frames([("", v) for v in new_optimizer], pb.OPTIMIZER_VARIABLES)
-
-
-def _peer_identities(context: grpc.ServicerContext) -> frozenset[str]:
-    """The caller's client-certificate identities (empty without mutual TLS)."""
-    try:
-        found = context.peer_identities() or ()
-    except Exception:  # a context without an auth context (tests' fakes)
-        return frozenset()
-    return frozenset(i.decode("utf-8", "replace") if isinstance(i, bytes) else str(i) for i in found)
