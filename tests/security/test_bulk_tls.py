@@ -13,7 +13,7 @@ import pytest
 from _certs import _leaf, make_pki
 from _ps_helpers import assert_bitwise_equal, running_server
 
-from adamax_client import PermissionDeniedError, RemoteAdamax, tls_channel_credentials
+from adamax_client import RemoteAdamax, tls_channel_credentials
 from adamax_client.transport import Transport
 from adamax_wire import bulk_frames as _bulk
 from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
