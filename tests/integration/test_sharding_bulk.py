@@ -123,7 +123,7 @@ def test_a_shard_without_bulk_is_reached_over_grpc(single):
 def test_bulk_with_tls_is_refused():
     import grpc
 
-    with pytest.raises(ValueError, match="unencrypted"):
+    with pytest.raises(ValueError, match="plaintext bulk port next to TLS is refused"):  # SecurityConfigError
         create_shard_server("127.0.0.1:0", 0, ["127.0.0.1:1"], bulk=True,
                             credentials=grpc.ssl_server_credentials([(b"k", b"c")]))  # fmt: skip
 
