@@ -27,6 +27,8 @@ _HAMMER = textwrap.dedent(
     from adamax_server.optim.kernels import stats
     from adamax_server.optim.kernels.parallel_gate import threading_layer
 
+    stats._RECEIVE_PARALLEL_MIN = 1 << 10  # a push's statistics and copy through the pool too
+
     rng = np.random.default_rng(0)
     x = rng.standard_normal(1 << 21).astype(np.float32)
     parts = [rng.standard_normal(1 << 21).astype(np.float32) for _ in range(2)]
