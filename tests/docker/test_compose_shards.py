@@ -185,7 +185,7 @@ def test_two_shards_two_workers_survive_a_killed_shard(shard_image: str, tmp_pat
         status = _job_status(target)
         assert status is not None and status["built"], logs[-4000:]
         versions = {s["version"] for s in status["shards"]}
-        assert versions == {status["version"]} and not status["lagging"], status
+        assert versions == {status["version"]} and not status["lagging"], (json.dumps(status), project.logs()[-12000:])
         # The version counts every applied push once. Of the 2 x STEPS pushes, those answered
         # ABORTED were not applied (the workers said so), and those acknowledged after the cut the
         # job went back to are lost, as the README promises: at most the pushes of one cut

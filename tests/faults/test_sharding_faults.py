@@ -194,6 +194,46 @@ def test_kill_9_then_restore_latest_brings_the_job_to_one_cut(job, capsys):
         coord.close()
 
 
+def test_a_shard_restarted_between_pushes_is_healed_without_a_push(job):
+    """kill -9 of a shard after the last push, restart with --restore latest: the leader's watch
+    finds it behind (no push needed) and brings every shard to the newest common cut, so a pull
+    settles on one version instead of waiting for one the restarted shard no longer has."""
+    shards, procs, tmp_path = job
+    rng = np.random.default_rng(3)
+    values = _values(rng)
+    opt = RemoteAdamax(shards, worker_id="w", optimizer="job", timeout=6, **CONFIG)
+    try:
+        opt.build(values)
+        for k in range(2):
+            opt.push(_grads(rng, values), request_id=f"r{k}")
+        assert cli.main(["checkpoint", "save", "--target", ",".join(shards)]) == 0
+        at_cut = opt.pull()
+        opt.push(_grads(rng, values), request_id="r2")  # acknowledged after the cut: lost below
+        assert opt.pull() is not None and opt.version == 3
+        time.sleep(2.5)  # the watch has looked at every shard once (it compares incarnations)
+
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].wait(10)
+        procs[1] = _start(1, shards, tmp_path / "s1", restore=True)
+        deadline = time.monotonic() + 30
+        while True:  # no push: only the watch can notice
+            try:
+                st = opt.status()
+                if st["version"] == 2 and {s["version"] for s in st["shards"]} == {2} and not st["lagging"]:
+                    break
+            except client_errors.UnavailableError:
+                pass
+            assert time.monotonic() < deadline, "the restarted shard was not healed without a push"
+            time.sleep(0.5)
+        got = opt.pull(min_version=0)
+        for n in values:
+            assert got[n].tobytes() == at_cut[n].tobytes(), n
+        with pytest.raises(client_errors.AbortedError, match="restored on every shard"):
+            opt.push(_grads(rng, values), step=3, request_id="r3")  # on version 3, which the restore took back
+    finally:
+        opt.close()
+
+
 class _Proxy:
     """A TCP proxy that can be cut: every connection is dropped and new ones are refused."""
 

@@ -41,6 +41,8 @@ def add_shard_arguments(serve: argparse.ArgumentParser) -> None:
     _flag(group, "--shard-token", help="bearer token this shard presents to the others (default: ADAMAX_PS_TOKEN)")
     _flag(group, "--staging-ttl", 300.0, type=float, help="seconds a staged, uncommitted push is kept")
     _flag(group, "--shard-call-timeout", 10.0, type=float, help="deadline of one leader-to-shard call")
+    _flag(group, "--shard-watch-seconds", 2.0, type=float,
+          help="(shard 0) seconds between looks for a restarted shard, which heal the job at once (0: only pushes notice)")
     _flag(group, "--min-piece-bytes", 256 << 10, type=int,
           help="smallest row range a variable is split into (same on every shard)")
 
@@ -92,7 +94,7 @@ def serve_sharded(args: argparse.Namespace) -> int:
             keep_cuts=int(args.keep), min_piece_bytes=int(args.min_piece_bytes), staging_ttl=float(args.staging_ttl), call_timeout=float(args.shard_call_timeout),
             link_credentials=link_credentials, link_token=token, metrics=metrics,
             bulk=hardening.get("bulk"), bulk_port=int(hardening.get("bulk_port", 0)), bulk_tls=hardening.get("bulk_tls"),
-            call_limits=hardening.get("call_limits"),
+            call_limits=hardening.get("call_limits"), watch_interval=float(args.shard_watch_seconds) or None,
         )  # fmt: skip
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

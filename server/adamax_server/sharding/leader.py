@@ -261,8 +261,8 @@ class Leader:
         version = self.version
         if step > version and self._rewound is not None and step <= self._rewound[0]:
             raise StateRestored(  # pulled before a restore took the job back: not the caller's bug
-                f"gradient step {step} was computed on weights of a version that the restore of optimizer "
-                f"'{self.key}' to version {self._rewound[1]} took back; pull the restored weights and push again",
+                f"optimizer '{self.key}' was restored on every shard to version {self._rewound[1]}; gradient "
+                f"step {step} was computed on weights the restore took back: pull and push again",
                 current_version=version,
             )
         if step > version:
@@ -558,6 +558,14 @@ class Leader:
     @property
     def lock(self) -> threading.Condition:
         return self._cond
+
+    @property
+    def links(self) -> list[ShardLink]:
+        return self._links
+
+    @property
+    def built(self) -> bool:
+        return self._placement() is not None
 
     def leader_state(self) -> dict[str, Any]:
         with self._cond:

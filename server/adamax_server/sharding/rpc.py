@@ -54,6 +54,7 @@ from adamax_server.errors import (
 )
 from adamax_server.sharding import assembled, pairwise, restore as job_restore
 from adamax_server.sharding import bulk as shard_bulk
+from adamax_server.sharding.healing import Healer
 from adamax_server.sharding.leader import Leader, ShardUnavailable
 from adamax_server.sharding.placement import DEFAULT_MIN_PIECE_BYTES
 from adamax_server.sharding.shard import PrepareReply, ShardHost, ShardSnapshot
@@ -210,6 +211,7 @@ class ShardRegistry:
         self._channels: dict[str, grpc.Channel] = {}
         self._closed = False
         self.bulk: Any = None  # this shard's bulk channel (transport.bulk.BulkServer), if open
+        self.healer = Healer(self)  # the leader's heals after a shard restart (sharding.healing)
 
     @property
     def num_shards(self) -> int:
@@ -401,34 +403,28 @@ class ShardRegistry:
 
     def push(self, key: str, worker_id: str, request_id: str, step: int) -> PushResult:
         leader = self.leader(key)
+        seen = self.healer.last(key)
         try:
             return leader.push(worker_id, request_id, int(step))
         except FailedPrecondition:
-            if not (self.auto_heal and leader.status()["broken"] and (self.checkpoint_dir or job_restore.resumable(self, key))):
+            healed = self.healer.heal_if_broken(key, seen)  # by this push, or by another caller meanwhile
+            if healed is None:
                 raise
-            cut, version = self._heal(key)
+            what, version = healed
             raise StateRestored(
-                f"shard restart detected: optimizer '{key}' was restored on every shard to {cut} "
+                f"shard restart detected: optimizer '{key}' was restored on every shard to {what} "
                 f"(version {version}); pushes acknowledged after it are lost. Pull and push again.",
                 current_version=version,
             ) from None
 
-    def _heal(self, key: str) -> tuple[str, int]:
-        leader = self.leader(key)
-        resumed = job_restore.resume(self, key)  # an interrupted restore first: what was asked for
-        if resumed is not None:
-            return resumed["id"], leader.version
-        links = self._links(key)
-        common = job_restore.common_cuts(self, key, links)
-        if not common:
-            raise FailedPrecondition(
-                f"optimizer '{key}' needs a restore but no checkpoint is held by every shard; "
-                "restore one explicitly (adamax-ps checkpoint restore)"
-            )
-        cut = max(common)
-        self.restore(key, cut)
-        _log.warning("optimizer '%s' restored to cut %s on every shard after a shard restart", key, cut)
-        return f"checkpoint {cut}", leader.version
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def leaders(self) -> list[tuple[str, Leader]]:
+        """(key, leader) of every job this shard sequences (shard 0's)."""
+        with self._lock:
+            return list(self._leaders.items())
 
     # -------------------------------------------------------------- cuts
 

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from adamax_server.sharding.bulk import ShardBulkHosts
+from adamax_server.sharding.healing import ShardWatch
 from adamax_server.sharding.rpc import SERVICE, ShardRegistry, ShardServicer, add_shard_service
 from adamax_server.sharding.warmup import warm_up
 from adamax_server.transport.budget import CallLimits
@@ -39,6 +40,7 @@ def create_shard_server(
     bulk_tls: ssl.SSLContext | None = None,
     call_limits: CallLimits | None = None,
     warm: bool = True,
+    watch_interval: float | None = 2.0,
     **registry_kwargs: Any,
 ) -> tuple[grpc.Server, int]:
     """Create (not start) a shard server; returns it and the bound port.
@@ -49,7 +51,8 @@ def create_shard_server(
     ``bulk_port`` of the same host), as on a single server: ``None`` (default) on, except with
     TLS ``credentials`` but no ``bulk_tls`` (the channel's ``ssl.SSLContext``,
     ``security.bulk_server_context``); a plaintext bulk port next to a TLS gRPC port is refused.
-    ``warm`` loads the step kernels first (``sharding.warmup``), so that the first event the
+    ``watch_interval``: seconds between the leader's looks for a restarted shard
+    (``sharding.healing``; None: only a push notices one). ``warm`` loads the step kernels first (``sharding.warmup``), so that the first event the
     leader sends is not held up past ``call_timeout`` by a kernel compile or cache load.
     """
     if bulk_tls is not None and credentials is None:
@@ -90,6 +93,9 @@ def create_shard_server(
             max_tensor_bytes=DEFAULT_MAX_MESSAGE_BYTES, tls=bulk_tls,
         ).start()  # fmt: skip
     server.bulk = registry.bulk  # type: ignore[attr-defined]
+    server.shard_watch = None  # type: ignore[attr-defined]
+    if shard_index == 0 and watch_interval:
+        server.shard_watch = ShardWatch(registry, watch_interval).start()  # type: ignore[attr-defined]
     server.shard_registry = registry  # type: ignore[attr-defined]
     server.health = health_servicer  # type: ignore[attr-defined]
     return server, port
@@ -97,6 +103,8 @@ def create_shard_server(
 
 def stop_shard_server(server: grpc.Server, grace: float | None = 1.0) -> None:
     server.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
+    if server.shard_watch is not None:  # type: ignore[attr-defined]
+        server.shard_watch.close()  # type: ignore[attr-defined]
     server.shard_registry.close()  # type: ignore[attr-defined]
     server.stop(grace).wait()
     if server.bulk is not None:  # type: ignore[attr-defined]
