@@ -214,5 +214,9 @@ def test_two_shards_two_workers_survive_a_killed_shard(shard_image: str, tmp_pat
         print(f"compose shards: 2 shards + 2 workers x {STEPS} steps, shard 1 killed at version {version_at_kill}, "
               f"final version {status['version']} ({aborted} pushes refused, {lost} acknowledged and lost), "
               f"{time.monotonic() - started:.1f} s")
+    except BaseException:
+        if os.environ.get("COMPOSE_LOG_DIR"):
+            Path(os.environ["COMPOSE_LOG_DIR"], f"fail-{uuid.uuid4().hex[:6]}.log").write_text(project.logs())
+        raise
     finally:
         project.down()
