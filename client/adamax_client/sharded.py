@@ -37,7 +37,9 @@ from adamax_wire.checkpoints import Files, Progress
 from adamax_wire import tensors as _wire
 from adamax_wire.placement import Placement, assemble, assemble_store, place, split_gradients, split_store, split_values
 from adamax_wire import pb
-from adamax_client.errors import InvalidArgumentError, NotFoundError, NotStagedError, UnavailableError, UnimplementedError
+from adamax_client.errors import (
+    AbortedError, InvalidArgumentError, NotFoundError, NotStagedError, UnavailableError, UnimplementedError,
+)
 import adamax_client.checkpoints as _checkpoints
 import adamax_client.remote as _remote
 from adamax_client.remote import _KERAS_DEFAULTS, PushResult, RemoteAdamax, _default_worker_id, _policy_proto, _readonly, _serialize_learning_rate
@@ -333,11 +335,20 @@ class ShardedRemoteAdamax(ShardedAdapterCalls, RemoteAdamax):
             except NotStagedError:  # a shard restarted (or the staged push expired): nothing was applied
                 if attempt == _RESTAGE_ATTEMPTS - 1:
                     raise
+            except AbortedError as exc:
+                self._taken_back(exc)
+                raise
         if result.outcome in ("accepted", "round_closed"):
             self._expect_version = max(self._expect_version, step + 1)
         elif result.outcome == "dropped_late":
             warnings.warn(f"worker '{self.worker_id}': {result.detail}", stacklevel=3)
         return result
+
+    def _taken_back(self, exc: AbortedError) -> None:
+        """A restore took the job back below what ``pull()`` would wait for: wait for its version
+        instead (a sharded restore rewinds the version; the next push brings it forward again)."""
+        if exc.current_version is not None and exc.current_version < self._expect_version:
+            self._expect_version = int(exc.current_version)
 
     # -------------------------------------------------------------- pull
 
@@ -359,7 +370,11 @@ class ShardedRemoteAdamax(ShardedAdapterCalls, RemoteAdamax):
             return got if got is not None else self._one(i, "pull", list(key), target, wait, timeout=timeout)
 
         for _ in range(16):
-            replies = self._each(pull_from)
+            try:
+                replies = self._each(pull_from)
+            except AbortedError as exc:
+                self._taken_back(exc)
+                raise
             versions = {int(r[0]) for r in replies}
             if len(versions) == 1:
                 break
