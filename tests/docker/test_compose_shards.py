@@ -13,6 +13,9 @@ What it checks:
    (which retry UNAVAILABLE and pull again after an ABORTED "restored" push) finish, exit 0;
 4. the job ends consistent: every shard at the leader's version, none lagging; a pull through
    both shards from outside compose equals the assembled checkpoint of that version.
+
+With ``COMPOSE_LOG_DIR`` set, a failing run writes the whole compose log there (the assertion
+messages carry only its tail).
 """
 
 from __future__ import annotations
