@@ -158,7 +158,10 @@ def _cut_loop(registry: Any, args: argparse.Namespace, stop: threading.Event) ->
     every_steps = int(args.checkpoint_every_steps) if args.checkpoint_every_steps else None
     every_seconds = float(args.checkpoint_every_seconds) if args.checkpoint_every_seconds else None
     last: dict[str, tuple[int, float]] = {}
-    while not stop.wait(0.5):
+    # Every N versions is looked at 20 times a second (a fast job moves ~100 versions in the
+    # 0.5 s that is enough for a time policy), so a cut is rarely more than a few versions late.
+    tick = 0.05 if every_steps else 0.5
+    while not stop.wait(tick):
         for row in registry.status():
             key, version = row["optimizer"], row["version"]
             if not row["built"]:
