@@ -22,6 +22,7 @@ otherwise, to all shards in parallel; the commit at the leader and everything el
 
 from __future__ import annotations
 
+import time
 import uuid
 import warnings
 from collections import OrderedDict
@@ -37,9 +38,7 @@ from adamax_wire.checkpoints import Files, Progress
 from adamax_wire import tensors as _wire
 from adamax_wire.placement import Placement, assemble, assemble_store, place, split_gradients, split_store, split_values
 from adamax_wire import pb
-from adamax_client.errors import (
-    AbortedError, InvalidArgumentError, NotFoundError, NotStagedError, UnavailableError, UnimplementedError,
-)
+from adamax_client.errors import AbortedError, InvalidArgumentError, NotFoundError, NotStagedError, UnavailableError, UnimplementedError
 import adamax_client.checkpoints as _checkpoints
 import adamax_client.remote as _remote
 from adamax_client.remote import _KERAS_DEFAULTS, PushResult, RemoteAdamax, _default_worker_id, _policy_proto, _readonly, _serialize_learning_rate
@@ -345,8 +344,7 @@ class ShardedRemoteAdamax(ShardedAdapterCalls, RemoteAdamax):
         return result
 
     def _taken_back(self, exc: AbortedError) -> None:
-        """A restore took the job back below what ``pull()`` would wait for: wait for its version
-        instead (a sharded restore rewinds the version; the next push brings it forward again)."""
+        """A (sharded: rewinding) restore: ``pull()`` waits for the restored version from now on."""
         if exc.current_version is not None and exc.current_version < self._expect_version:
             self._expect_version = int(exc.current_version)
 
@@ -369,7 +367,8 @@ class ShardedRemoteAdamax(ShardedAdapterCalls, RemoteAdamax):
             got = channels.pull(i, key, target, wait)
             return got if got is not None else self._one(i, "pull", list(key), target, wait, timeout=timeout)
 
-        for _ in range(16):
+        asked = target
+        for attempt in range(16):
             try:
                 replies = self._each(pull_from)
             except AbortedError as exc:
@@ -378,6 +377,12 @@ class ShardedRemoteAdamax(ShardedAdapterCalls, RemoteAdamax):
             versions = {int(r[0]) for r in replies}
             if len(versions) == 1:
                 break
+            if max(versions) - min(versions) > 1:
+                # More than one event apart: a shard restarted and the leader brings them back to one
+                # cut (the newest version may be taken back). Ask again for what was asked.
+                time.sleep(min(2.0, 0.1 * (attempt + 1)))
+                target = asked
+                continue
             target = max(versions)  # an event is being committed: wait for the shards behind
         else:
             raise UnavailableError(f"the shards of optimizer '{self.key}' did not settle on one version")
@@ -483,6 +488,8 @@ class ShardedRemoteAdamax(ShardedAdapterCalls, RemoteAdamax):
         """Every shard back to one cut (``latest``: the newest that every shard holds)."""
         result = self._one(0, "restore", checkpoint_id)
         self._cache.clear()
+        # A sharded restore takes the version back: pull() waits for the restored version.
+        self._expect_version = min(self._expect_version, int(result["version"]))
         return result
 
     def list_checkpoints(self) -> list[str]:

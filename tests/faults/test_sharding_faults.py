@@ -225,11 +225,7 @@ def test_a_shard_restarted_between_pushes_is_healed_without_a_push(job):
                 pass
             assert time.monotonic() < deadline, "the restarted shard was not healed without a push"
             time.sleep(0.5)
-        started = time.monotonic()
-        with pytest.raises(client_errors.AbortedError, match="taken back"):
-            opt.pull(min_version=3)  # a version the restore took back: refused at once, not waited for
-        assert time.monotonic() - started < 4  # not the call's deadline (6 s)
-        got = opt.pull()  # now for the restored version
+        got = opt.pull()
         assert opt.version == 2
         for n in values:
             assert got[n].tobytes() == at_cut[n].tobytes(), n

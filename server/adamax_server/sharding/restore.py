@@ -66,8 +66,8 @@ def dispatch(registry: Any, key: str, method: str, args: list[Any]) -> Any:
         else:
             raise InvalidArgument(f"stage_restore of {kind!r}: expected a cut id or a shard snapshot")
         return stage(registry, key, snap, str(token))
-    if method == "activate_restore":  # (token[, the job's version before the restore])
-        return activate(registry, key, str(args[0]), int(args[1]) if len(args) > 1 else 0)
+    if method == "activate_restore":
+        return activate(registry, key, str(args[0]))
     if method == "drop_restore":
         got = _pending(registry).get(key)
         if got is not None and got[0] == args[0]:
@@ -91,10 +91,8 @@ def stage(registry: Any, key: str, snap: ShardSnapshot, token: str) -> int:
     return snap.version
 
 
-def activate(registry: Any, key: str, token: str, job_version: int = 0) -> tuple[int, int]:
-    """Phase 2 on this shard: swap the staged state in (the host is created if it is new).
-    ``job_version``: the job's version before the restore; pulls waiting for a version between
-    the restored one and it are refused (it was taken back), also on a shard that restarted."""
+def activate(registry: Any, key: str, token: str) -> tuple[int, int]:
+    """Phase 2 on this shard: swap the staged state in (the host is created if it is new)."""
     got = _pending(registry).get(key)
     if got is None or got[0] != token:
         raise FailedPrecondition(
@@ -107,7 +105,7 @@ def activate(registry: Any, key: str, token: str, job_version: int = 0) -> tuple
         host = registry._hosts.get(key)
         if host is None:
             host = registry._add(key, dict(prepared.snap.config), Policy(**prepared.snap.policy))
-    return host.activate_restore(prepared, job_version)
+    return host.activate_restore(prepared)
 
 
 def restore_job(registry: Any, key: str, source: Source, leader_state: dict[str, Any], label: str, *,
@@ -148,7 +146,7 @@ def restore_job(registry: Any, key: str, source: Source, leader_state: dict[str,
         done, failed = [], {}
         for i, link in enumerate(links):
             try:
-                link.call("activate_restore", token, leader.version, timeout=registry.call_timeout)
+                link.call("activate_restore", token, timeout=registry.call_timeout)
                 done.append(i)
             except Exception as exc:  # noqa: BLE001 - the job is marked broken below
                 failed[i] = exc

@@ -40,9 +40,7 @@ from adamax_server.coordination.stats import push_stats as _gradient_stats
 
 Gradient = Any  # np.ndarray | RowSparseGradient | None
 from adamax_server.optim.engine import RowSparseGradient
-from adamax_server.errors import (
-    FailedPrecondition, InvalidArgument, NotFound, NotStaged, RoundAborted, StateRestored, Unavailable, WaitTimeout,
-)
+from adamax_server.errors import FailedPrecondition, InvalidArgument, NotFound, NotStaged, RoundAborted, Unavailable, WaitTimeout
 from adamax_server.sharding.placement import DEFAULT_MIN_PIECE_BYTES, Placement, place
 from adamax_server.sharding.shard_engine import ClipDecision, PreparedStep, ShardEngine
 
@@ -143,7 +141,6 @@ class ShardHost:
         self._prepared: tuple[int, PreparedStep | None, list[PushKey]] | None = None
         self._last_commit: tuple[int, str, tuple[int, int]] | None = None
         self._aborts = 0
-        self._taken_back = 0  # the highest version a restore took this shard back from (0: none)
         self._last_abort = ""
         self._closed = False
 
@@ -376,12 +373,6 @@ class ShardHost:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             aborts = self._aborts
-            if self.version < min_version <= self._taken_back:  # it will not come: another history follows
-                raise StateRestored(
-                    f"optimizer '{self.key}' was restored on every shard to version {self.version}; version "
-                    f"{min_version} was taken back: pull the current weights and push again",
-                    current_version=self.version,
-                )
             while self.version < min_version:
                 self._require_open()
                 if self._aborts != aborts:
@@ -504,9 +495,8 @@ class ShardHost:
         }
         return PreparedRestore(snap, engine, placement, staged)  # type: ignore[arg-type]
 
-    def activate_restore(self, prepared: PreparedRestore, job_version: int = 0) -> tuple[int, int]:
-        """Phase 2 of a restore: swap the prepared state in (nothing left that can fail).
-        ``job_version``: the job's version before it (what a restarted shard cannot know)."""
+    def activate_restore(self, prepared: PreparedRestore) -> tuple[int, int]:
+        """Phase 2 of a restore: swap the prepared state in (nothing left that can fail)."""
         snap, engine, placement = prepared.snap, prepared.engine, prepared.placement
         with self._cond:
             self._engine = engine
@@ -514,9 +504,7 @@ class ShardHost:
             self._specs = [(v.name, v.shape, v.dtype) for v in placement.variables] if placement else []
             self.config = dict(snap.config)
             self.policy = dict(snap.policy)
-            high = max(self.version, self._taken_back, int(job_version))
             self.version = snap.version
-            self._taken_back = high if high > self.version else 0
             self.incarnation = uuid.uuid4().hex
             now = self._clock()
             self._staged = {k: StagedPush(g, c, now + self.staging_ttl) for k, (g, c) in prepared.staged.items()}
