@@ -226,6 +226,35 @@ def test_after_a_sharded_restore_pull_waits_for_the_restored_version(tmp_path):
             stop_shard_server(s, grace=0)
 
 
+def test_a_pull_during_a_heal_settles_on_the_restored_cut(tmp_path):
+    """Shard 1 comes back at its newest cut (as after a restart) two versions behind shard 0. A
+    pull then sees versions more than one event apart: it asks again for what it asked rather
+    than waiting for shard 0's version (which the heal takes back), and returns the cut."""
+    servers, targets = start_shards(2, tmp_path, watch_interval=0.3)
+    rng = np.random.default_rng(8)
+    values = _values(rng)
+    opt = RemoteAdamax(targets, worker_id="w", optimizer="job", learning_rate=0.01, timeout=20)
+    try:
+        opt.build(values)
+        opt.push(_grads(rng, values, 0))
+        opt.checkpoint()
+        saved = opt.pull()
+        for k in (1, 2):
+            opt.push(_grads(rng, values, k))
+        import time
+
+        time.sleep(0.8)  # the watch has seen every shard's incarnation
+        assert servers[1].shard_registry.restore_latest_on_start() != []  # shard 1 "restarted" at version 1
+        got = opt.pull()
+        assert opt.version == 1
+        for n in values:
+            assert got[n].tobytes() == saved[n].tobytes()
+    finally:
+        opt.close()
+        for s in servers:
+            stop_shard_server(s, grace=0)
+
+
 def test_bytes_per_shard_in_status_and_metrics():
     from adamax_server.ops.metrics import MetricsInterceptor, ServerMetrics
 
