@@ -255,6 +255,28 @@ def test_a_pull_during_a_heal_settles_on_the_restored_cut(tmp_path):
             stop_shard_server(s, grace=0)
 
 
+def test_a_cut_is_not_written_on_a_shard_at_another_version(tmp_path):
+    """A shard that came back at an older cut refuses its part of a new cut: it writes nothing
+    and prunes nothing, so the cut every shard holds is still there for the heal."""
+    servers, targets = start_shards(2, tmp_path, watch_interval=None, keep_cuts=1)
+    rng = np.random.default_rng(9)
+    values = _values(rng)
+    opt = RemoteAdamax(targets, worker_id="w", optimizer="job", learning_rate=0.01, timeout=20)
+    try:
+        opt.build(values)
+        opt.push(_grads(rng, values, 0))
+        first = opt.checkpoint()["id"]
+        opt.push(_grads(rng, values, 1))
+        assert servers[1].shard_registry.restore_latest_on_start() == [("job", first)]  # back at version 1
+        with pytest.raises(client_errors.FailedPreconditionError, match="at version 1, not the cut's 2"):
+            opt.checkpoint()
+        assert [s.shard_registry.list_cuts("job") for s in servers] == [[first], [first]]
+    finally:
+        opt.close()
+        for s in servers:
+            stop_shard_server(s, grace=0)
+
+
 def test_bytes_per_shard_in_status_and_metrics():
     from adamax_server.ops.metrics import MetricsInterceptor, ServerMetrics
 

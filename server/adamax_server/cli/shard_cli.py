@@ -175,9 +175,10 @@ def _cut_loop(registry: Any, args: argparse.Namespace, stop: threading.Event) ->
                     cut = registry.checkpoint(key)
                     last[key] = (cut["version"], time.monotonic())
                     _log.info("cut %s of '%s' at version %d", cut["id"], key, cut["version"])
-                except Exception as exc:  # noqa: BLE001 - retried at the next tick
+                except Exception as exc:  # noqa: BLE001 - retried after a pause
                     _log.warning("cut of '%s' failed: %s", key, exc)
                     last[key] = (at, time.monotonic())
+                    stop.wait(1.0)  # not 20 failing attempts a second while a shard is away
 
 
 # ---------------------------------------------------------------- commands on a shard list

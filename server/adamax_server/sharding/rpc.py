@@ -445,15 +445,18 @@ class ShardRegistry:
             state = leader.leader_state()
             for i, link in enumerate(links):  # shard 0 last: its file marks the cut complete
                 if i:
-                    got = link.call("save_cut", cut_id, round_keys, None, timeout=self.call_timeout)
+                    got = link.call("save_cut", cut_id, round_keys, None, version, timeout=self.call_timeout)
                     if got != version:
                         raise FailedPrecondition(f"shard {i} wrote version {got} for cut at {version}")
             self.save_cut(key, cut_id, round_keys, state)
         return {"id": cut_id, "version": version, "shards": self.num_shards}
 
-    def save_cut(self, key: str, cut_id: str, round_keys: list[Any], leader_state: dict[str, Any] | None) -> int:
+    def save_cut(self, key: str, cut_id: str, round_keys: list[Any], leader_state: dict[str, Any] | None,
+                 version: int | None = None) -> int:
         host = self.host(key)
         snap = host.snapshot([tuple(k) for k in round_keys])
+        if version is not None and snap.version != version:  # it restarted: no part, nothing pruned
+            raise FailedPrecondition(f"shard {self.shard_index} is at version {snap.version}, not the cut's {version}")
         write_cut(self._cut_dir(key, cut_id), self.shard_index, snap, leader_state)
         self._prune(key)
         return snap.version
