@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -393,6 +394,10 @@ def test_bulk_calls_are_in_the_metrics():
             with pytest.raises(InvalidArgumentError):
                 opt.push([np.ones(5, np.float32)])
             opt.pull()
+    # The server counts a pull after its last byte is sent: the client may have it first.
+    deadline = time.monotonic() + 5
+    while 'method="BulkPull"' not in generate_latest(metrics.registry).decode() and time.monotonic() < deadline:
+        time.sleep(0.02)
     text = generate_latest(metrics.registry).decode()
     assert 'adamax_ps_pushes_total{optimizer="m",outcome="applied"} 1.0' in text
     assert 'adamax_ps_rpcs_total{code="OK",method="BulkPush"} 1.0' in text
