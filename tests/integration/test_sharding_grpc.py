@@ -249,6 +249,19 @@ def test_a_pull_during_a_heal_settles_on_the_restored_cut(tmp_path):
         assert opt.version == 1
         for n in values:
             assert got[n].tobytes() == saved[n].tobytes()
+
+        # A second restart is healed by the watch as well.
+        opt.push(_grads(rng, values, 3))
+        opt.checkpoint()
+        saved = opt.pull()
+        for k in (4, 5):
+            opt.push(_grads(rng, values, k))
+        time.sleep(0.8)
+        assert servers[1].shard_registry.restore_latest_on_start() != []
+        got = opt.pull()
+        assert opt.version == 2
+        for n in values:
+            assert got[n].tobytes() == saved[n].tobytes()
     finally:
         opt.close()
         for s in servers:

@@ -144,8 +144,9 @@ class ShardWatch:
         registry = self._registry
         for key, leader in registry.leaders():
             try:
+                seen = registry.healer.last(key)  # a heal after this one is someone else's: not redone
                 if find_restarted(leader, self._seen.setdefault(key, {}), min(2.0, registry.call_timeout)):
-                    healed = registry.healer.heal_if_broken(key)
+                    healed = registry.healer.heal_if_broken(key, seen)
                     if healed is not None:
                         _log.warning("optimizer '%s': a restarted shard was found between pushes; the job is "
                                      "back at %s (version %d)", key, healed[0], healed[1])  # fmt: skip
