@@ -60,3 +60,27 @@ def make_pki(directory: Path) -> Pki:
     d = directory
     return Pki(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key",
                d / "rogue.pem", d / "rogue.key")
+
+
+def make_pki_with_second_identity(directory: Path) -> Pki:
+    """``make_pki`` plus ``other.pem``/``other.key``: another client identity from the same CA
+    (a ticket issued to ``client`` must not open a connection presenting ``other``)."""
+    made = make_pki(directory)
+    _leaf("other", "ca", directory, san="DNS:other-worker")
+    return made
+
+
+def client_credentials(pki: Pki, name: str = "client"):
+    """``adamax_client`` TLS credentials presenting the client certificate ``name`` of ``pki``."""
+    from adamax_client import tls_channel_credentials
+
+    d = pki.ca.parent
+    return tls_channel_credentials(str(pki.ca), str(d / f"{name}.pem"), str(d / f"{name}.key"))
+
+
+def tls_connect(port: int, pki: Pki, name: str):
+    """A TLS socket to ``127.0.0.1:port`` presenting the client certificate ``name`` of ``pki``."""
+    import socket
+
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return client_credentials(pki, name).ssl_context().wrap_socket(raw, server_hostname="localhost")

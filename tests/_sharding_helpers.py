@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import warnings
 
 import numpy as np
@@ -175,3 +177,24 @@ def remote_grads(values, k):
     if k % 4 == 2:
         out["b"] = None
     return out
+
+
+def free_ports(n):
+    """``n`` distinct free TCP ports on 127.0.0.1 (for shard lists known before the processes start)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def shard_process_env(min_piece_bytes=2048):
+    """Environment of a ``serve --shards`` subprocess: this checkout's packages, small pieces."""
+    from _ps_helpers import REPO_ROOT
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / d) for d in ("server", "client", "wire")] + [env.get("PYTHONPATH", "")])
+    env["ADAMAX_PS_MIN_PIECE_BYTES"] = str(min_piece_bytes)
+    return env

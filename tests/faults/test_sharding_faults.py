@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -24,7 +23,7 @@ import warnings
 import numpy as np
 import pytest
 
-from _ps_helpers import REPO_ROOT
+from _sharding_helpers import free_ports, shard_process_env
 from adamax_client import RemoteAdamax
 from adamax_client import errors as client_errors
 from adamax_server.cli import commands as cli
@@ -36,21 +35,16 @@ from adamax_server.storage.checkpoint import CheckpointStore
 CONFIG = {"learning_rate": 0.01, "global_clipnorm": 0.5}
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / d) for d in ("server", "client", "wire")] + [env.get("PYTHONPATH", "")])
-    env["ADAMAX_PS_MIN_PIECE_BYTES"] = "2048"
-    return env
-
-
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+def _once_reachable(call, what="the restarted shard never became reachable", seconds=30):
+    """``call()`` until it stops failing UNAVAILABLE: the workers' channels to a restarted shard
+    reconnect with gRPC's backoff (a worker backs off and retries meanwhile)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except client_errors.UnavailableError:
+            assert time.monotonic() < deadline, what
+            time.sleep(0.5)
 
 
 def _start(index, shards, ckpt_dir, restore=False):
@@ -59,7 +53,7 @@ def _start(index, shards, ckpt_dir, restore=False):
            "--shard-call-timeout", "3", "--grace", "0"]  # fmt: skip
     if restore:
         cmd += ["--restore", "latest"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=shard_process_env())
     line = proc.stdout.readline()
     assert line.startswith("listening on"), (line, proc.stderr.read() if proc.poll() is not None else "")
     return proc
@@ -76,7 +70,7 @@ def _grads(rng, values):
 
 @pytest.fixture
 def job(tmp_path):
-    ports = _free_ports(3)
+    ports = free_ports(3)
     shards = [f"127.0.0.1:{p}" for p in ports]
     procs = [_start(i, shards, tmp_path / f"s{i}") for i in range(3)]
     yield shards, procs, tmp_path
@@ -134,29 +128,14 @@ def test_kill_9_then_restore_latest_brings_the_job_to_one_cut(job, capsys):
         assert [opt._one(i, "describe")["version"] for i in (0, 1)] == before == [4, 4]
 
         procs[2] = _start(2, shards, tmp_path / "s2", restore=True)
-        # The workers' channels to the restarted shard reconnect with gRPC's backoff: until then a
-        # push fails UNAVAILABLE (a worker backs off and retries), then it learns of the restore.
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with pytest.raises(client_errors.AbortedError, match="restored on every shard"):
-                    opt.push(grads[4], request_id="r4")
-                break
-            except client_errors.UnavailableError:
-                assert time.monotonic() < deadline, "the restarted shard never became reachable"
-                time.sleep(0.5)
+        # Until the restarted shard is reachable a push fails UNAVAILABLE; then it learns of the restore.
+        with pytest.raises(client_errors.AbortedError, match="restored on every shard"):
+            _once_reachable(lambda: opt.push(grads[4], request_id="r4"))
         assert opt.status()["version"] == 3 and {s["version"] for s in opt.status()["shards"]} == {3}
         # A worker that pulled version 4 before the restart pushes after the restore took the job
         # back to version 3: ABORTED (pull again), not "step ahead of the version" (a caller's bug).
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with pytest.raises(client_errors.AbortedError, match="took back"):
-                    late.push(grads[5], request_id="late-0")
-                break
-            except client_errors.UnavailableError:
-                assert time.monotonic() < deadline, "the restarted shard never became reachable"
-                time.sleep(0.5)
+        with pytest.raises(client_errors.AbortedError, match="took back"):
+            _once_reachable(lambda: late.push(grads[5], request_id="late-0"))
         assert opt.status()["version"] == 3
         late.close()
         opt.pull()

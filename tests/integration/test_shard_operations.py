@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from _ps_helpers import REPO_ROOT
+from _sharding_helpers import free_ports
 from adamax_client import RemoteAdamax
 from adamax_server.cli import commands as cli
 from adamax_server.cli import shard_cli
@@ -109,22 +110,12 @@ def test_status_shows_each_shards_health_and_survives_a_dead_shard(capsys: pytes
                 stop_shard_server(s, grace=0)
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def test_every_metric_of_a_shard_carries_its_index() -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(str(REPO_ROOT / d) for d in ("server", "client", "wire"))
     for name in [n for n in env if n.startswith("ADAMAX_PS_")]:
         del env[name]
-    shards = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    shards = [f"127.0.0.1:{p}" for p in free_ports(2)]
     procs = [
         subprocess.Popen([sys.executable, "-m", "adamax_server.cli", "serve", "--host", "127.0.0.1",
                           "--port", shards[i].split(":")[1], "--device", "cpu", "--shard-index", str(i),

@@ -8,6 +8,7 @@ and checkpoints restored onto every shard.
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import numpy as np
@@ -234,34 +235,25 @@ def test_a_pull_during_a_heal_settles_on_the_restored_cut(tmp_path):
     rng = np.random.default_rng(8)
     values = _values(rng)
     opt = RemoteAdamax(targets, worker_id="w", optimizer="job", learning_rate=0.01, timeout=20)
+    def cut_then_restart_shard_1(k: int) -> dict:
+        """A cut, two pushes past it, then shard 1 back at the cut: returns the cut's weights."""
+        opt.push(_grads(rng, values, k))
+        opt.checkpoint()
+        saved = opt.pull()
+        for j in (k + 1, k + 2):
+            opt.push(_grads(rng, values, j))
+        time.sleep(0.8)  # the watch has seen every shard's incarnation
+        assert servers[1].shard_registry.restore_latest_on_start() != []  # shard 1 "restarted"
+        return saved
+
     try:
         opt.build(values)
-        opt.push(_grads(rng, values, 0))
-        opt.checkpoint()
-        saved = opt.pull()
-        for k in (1, 2):
-            opt.push(_grads(rng, values, k))
-        import time
-
-        time.sleep(0.8)  # the watch has seen every shard's incarnation
-        assert servers[1].shard_registry.restore_latest_on_start() != []  # shard 1 "restarted" at version 1
-        got = opt.pull()
-        assert opt.version == 1
-        for n in values:
-            assert got[n].tobytes() == saved[n].tobytes()
-
-        # A second restart is healed by the watch as well.
-        opt.push(_grads(rng, values, 3))
-        opt.checkpoint()
-        saved = opt.pull()
-        for k in (4, 5):
-            opt.push(_grads(rng, values, k))
-        time.sleep(0.8)
-        assert servers[1].shard_registry.restore_latest_on_start() != []
-        got = opt.pull()
-        assert opt.version == 2
-        for n in values:
-            assert got[n].tobytes() == saved[n].tobytes()
+        for k, version in ((0, 1), (3, 2)):  # the second restart is healed by the watch as well
+            saved = cut_then_restart_shard_1(k)
+            got = opt.pull()
+            assert opt.version == version
+            for n in values:
+                assert got[n].tobytes() == saved[n].tobytes()
     finally:
         opt.close()
         for s in servers:

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from _certs import _leaf, make_pki
+from _certs import client_credentials, make_pki_with_second_identity, tls_connect
 from _ps_helpers import assert_bitwise_equal, running_server
 
 from adamax_client import RemoteAdamax, tls_channel_credentials
@@ -31,20 +31,12 @@ N = 50_000
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("pki")
-    made = make_pki(directory)
-    _leaf("other", "ca", directory, san="DNS:other-worker")  # a second identity from the same CA
-    return made
+    return make_pki_with_second_identity(tmp_path_factory.mktemp("pki"))
 
 
 def _tls_server(pki, *, mutual: bool, **kwargs):
     config = TlsConfig(str(pki.server_cert), str(pki.server_key), str(pki.ca) if mutual else None, mutual)
     return running_server(credentials=server_credentials(config), bulk_tls=bulk_server_context(config), **kwargs)
-
-
-def _client_creds(pki, name="client"):
-    d = pki.ca.parent
-    return tls_channel_credentials(str(pki.ca), str(d / f"{name}.pem"), str(d / f"{name}.key"))
 
 
 def _train(target, bulk, credentials, steps=3, **kwargs):
@@ -60,7 +52,7 @@ def _train(target, bulk, credentials, steps=3, **kwargs):
 
 @pytest.mark.parametrize("mutual", [False, True])
 def test_tls_bulk_gives_the_same_weights_as_grpc(pki, mutual):
-    creds = _client_creds(pki) if mutual else tls_channel_credentials(str(pki.ca))
+    creds = client_credentials(pki) if mutual else tls_channel_credentials(str(pki.ca))
     with _tls_server(pki, mutual=mutual) as (target, _):
         via_grpc = _train(target, "off", creds)
         via_tcp = _train(target, "tcp", creds)
@@ -90,31 +82,25 @@ def _ticket(target, credentials):
         transport.close()
 
 
-def _tls_connect(port, pki, name):
-    context = _client_creds(pki, name).ssl_context()
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-    return context.wrap_socket(raw, server_hostname="localhost")
-
-
 def test_a_ticket_is_bound_to_the_client_certificate_that_asked_for_it(pki):
     with _tls_server(pki, mutual=True) as (target, _):
-        response = _ticket(target, _client_creds(pki))
-        sock = _tls_connect(response.port, pki, "other")  # same CA, another identity
+        response = _ticket(target, client_credentials(pki))
+        sock = tls_connect(response.port, pki, "other")  # same CA, another identity
         with sock:
             _bulk.send_frame(sock, pb.BulkFrame(hello=pb.BulkHello(ticket=response.ticket)))
             reply = _bulk.recv_frame(sock)
         assert reply.status.code == "PERMISSION_DENIED" and "certificate" in reply.status.message
-        response = _ticket(target, _client_creds(pki))
-        with _tls_connect(response.port, pki, "client") as sock:
+        response = _ticket(target, client_credentials(pki))
+        with tls_connect(response.port, pki, "client") as sock:
             _bulk.send_frame(sock, pb.BulkFrame(hello=pb.BulkHello(ticket=response.ticket)))
             assert _bulk.recv_frame(sock).status.code == "OK"
 
 
 def test_untrusted_and_plaintext_peers_cannot_use_the_tls_bulk_port(pki):
     with _tls_server(pki, mutual=True) as (target, _):
-        response = _ticket(target, _client_creds(pki))
+        response = _ticket(target, client_credentials(pki))
         with pytest.raises((ssl.SSLError, ConnectionError)):  # certificate from another CA
-            sock = _tls_connect(response.port, pki, "rogue")
+            sock = tls_connect(response.port, pki, "rogue")
             _bulk.send_frame(sock, pb.BulkFrame(hello=pb.BulkHello(ticket=response.ticket)))
             _bulk.recv_frame(sock)
         plain = socket.create_connection(("127.0.0.1", response.port), timeout=10)

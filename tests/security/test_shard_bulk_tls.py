@@ -4,13 +4,12 @@ certificate that asked for it, and a plaintext bulk port next to a TLS shard is 
 
 from __future__ import annotations
 
-import socket
 
 import grpc
 import numpy as np
 import pytest
 
-from _certs import _leaf, make_pki
+from _certs import client_credentials, make_pki_with_second_identity, tls_connect
 from _ps_helpers import assert_bitwise_equal
 from _sharding_helpers import start_shard_servers, stop_shard_servers
 
@@ -25,15 +24,7 @@ ROWS = 3000  # split over both shards (min_piece 2048 bytes)
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("pki")
-    made = make_pki(directory)
-    _leaf("other", "ca", directory, san="DNS:other-worker")  # a second identity from the same CA
-    return made
-
-
-def _client_creds(pki, name="client"):
-    d = pki.ca.parent
-    return tls_channel_credentials(str(pki.ca), str(d / f"{name}.pem"), str(d / f"{name}.key"))
+    return make_pki_with_second_identity(tmp_path_factory.mktemp("pki"))
 
 
 def _tls_shards(pki, *, mutual: bool):
@@ -60,7 +51,7 @@ def _train(targets, bulk, credentials, steps=3):
 
 @pytest.mark.parametrize("mutual", [False, True])
 def test_sharded_tls_bulk_gives_the_same_weights_as_grpc(pki, mutual):
-    creds = _client_creds(pki) if mutual else tls_channel_credentials(str(pki.ca))
+    creds = client_credentials(pki) if mutual else tls_channel_credentials(str(pki.ca))
     servers, targets = _tls_shards(pki, mutual=mutual)
     try:
         assert all(s.bulk is not None and s.bulk.tls is not None for s in servers)
@@ -76,26 +67,20 @@ def test_sharded_tls_bulk_gives_the_same_weights_as_grpc(pki, mutual):
         assert_bitwise_equal(expected, via_auto[1][name])
 
 
-def _tls_connect(port, pki, name):
-    context = _client_creds(pki, name).ssl_context()
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-    return context.wrap_socket(raw, server_hostname="localhost")
-
-
 def test_a_shard_ticket_is_bound_to_the_client_certificate_that_asked_for_it(pki):
     servers, targets = _tls_shards(pki, mutual=True)
     try:
-        with RemoteAdamax(targets, optimizer="raw", worker_id="w0", credentials=_client_creds(pki), bulk="off",
+        with RemoteAdamax(targets, optimizer="raw", worker_id="w0", credentials=client_credentials(pki), bulk="off",
                           timeout=10) as opt:  # fmt: skip
             opt.build({"a": np.zeros((ROWS, 4), np.float32)})
             for shard in (0, 1):
                 got = opt._one(shard, "open_bulk", "w0")
-                with _tls_connect(int(got["port"]), pki, "other") as sock:  # same CA, another identity
+                with tls_connect(int(got["port"]), pki, "other") as sock:  # same CA, another identity
                     _bulk.send_frame(sock, pb.BulkFrame(hello=pb.BulkHello(ticket=bytes.fromhex(got["ticket"]))))
                     reply = _bulk.recv_frame(sock)
                 assert reply.status.code == "PERMISSION_DENIED" and "certificate" in reply.status.message
                 got = opt._one(shard, "open_bulk", "w0")
-                with _tls_connect(int(got["port"]), pki, "client") as sock:
+                with tls_connect(int(got["port"]), pki, "client") as sock:
                     _bulk.send_frame(sock, pb.BulkFrame(hello=pb.BulkHello(ticket=bytes.fromhex(got["ticket"]))))
                     assert _bulk.recv_frame(sock).status.code == "OK"
     finally:
@@ -121,21 +106,13 @@ def test_shard_server_configuration_rules(pki):
 def test_serve_shards_with_mutual_tls_from_the_command_line(pki, tmp_path):
     """``serve --shards ... --tls-cert --tls-key --tls-ca --tls-require-client-cert``: the shards
     reach each other under mutual TLS (with their own certificate) and offer TLS bulk channels."""
-    import os
     import subprocess
     import sys
 
-    from _ps_helpers import REPO_ROOT
+    from _sharding_helpers import free_ports, shard_process_env
 
-    socks = [socket.socket() for _ in range(2)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    shards = [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
-    for s in socks:
-        s.close()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / d) for d in ("server", "client", "wire")] + [env.get("PYTHONPATH", "")])
-    env["ADAMAX_PS_MIN_PIECE_BYTES"] = "2048"
+    shards = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    env = shard_process_env()
     procs = []
     try:
         for i in range(2):
@@ -146,9 +123,9 @@ def test_serve_shards_with_mutual_tls_from_the_command_line(pki, tmp_path):
         for p in procs:
             line = p.stdout.readline()
             assert line.startswith("listening on"), (line, p.stderr.read() if p.poll() is not None else "")
-        path, weights = _train(shards, "tcp", _client_creds(pki))
+        path, weights = _train(shards, "tcp", client_credentials(pki))
         assert path == "tcp" and weights["a"].shape == (ROWS, 4)
-        assert _train(shards, "off", _client_creds(pki))[1]["a"].tobytes() == weights["a"].tobytes()
+        assert _train(shards, "off", client_credentials(pki))[1]["a"].tobytes() == weights["a"].tobytes()
     finally:
         for p in procs:
             p.terminate()
