@@ -47,7 +47,7 @@ def snapshot(host) -> dict[str, np.ndarray]:
         state.update({f"opt/{k}": np.array(v, copy=True) for k, v in store.items()})
         state["version"] = np.array(host._version)
         state["iterations"] = np.array(engine.iterations)
-        state["round"] = np.array(sorted(host._round), dtype=object)
+        state["round"] = np.array(host._sync.arrivals(), dtype=object)
     return state
 
 

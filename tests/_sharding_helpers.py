@@ -92,7 +92,7 @@ def run_(target, script):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 r = fn(*args)
-            log.append(("ok", r.outcome, r.version, r.iterations, r.duplicate) if hasattr(r, "outcome") else ("ok", r))
+            log.append(("ok", r.outcome, r.version, r.iterations, r.duplicate, r.detail) if hasattr(r, "outcome") else ("ok", r))
         except Exception as exc:  # noqa: BLE001 - compared across targets
             msg = getattr(exc, "message", str(exc))
             log.append(("error", type(exc).__name__, msg.replace("shard 0: ", "").replace("shard 1: ", "").replace("shard 2: ", "")))

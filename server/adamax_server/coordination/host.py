@@ -36,6 +36,7 @@ from adamax_server.coordination.policy import (
 )
 from adamax_server.coordination.receive_buffers import Layout, ReceiveBuffersMixin, Taken
 from adamax_server.coordination.rounds import Contribution, RoundsMixin
+from adamax_server.coordination.sequencing import check_step, non_finite_outcome
 from adamax_server.coordination.staging import StagingMixin
 from adamax_server.coordination.stats import GradientStats, non_finite_counts, non_finite_message, push_stats
 from adamax_server.errors import (
@@ -43,7 +44,6 @@ from adamax_server.errors import (
     InvalidArgument,
     NotFound,
     RoundAborted,
-    StaleGradient,
     StateRestored,
     Unavailable,
     WaitTimeout,
@@ -71,7 +71,6 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin, ReceiveBuffersMixi
     ) -> None:
         self.key = key
         self._observer = observer  # metrics hooks (adamax_server.ops.metrics), called under the lock
-        self._round_started = 0.0
         self.policy = policy
         self.initial_config = initial_config
         self._engine = engine
@@ -83,13 +82,8 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin, ReceiveBuffersMixi
         self._dedup_capacity = dedup_capacity
         self._restore_epoch = 0  # bumped by restore(): pushes begun before it are rejected
         self._workers: dict[str, WorkerRecord] = {}
-        self._round: dict[str, Contribution] = {}
-        self._round_epoch = 0
-        self._round_timer: threading.Timer | None = None
-        self._aborts = 0
-        self._last_abort = ""
-        self._last_closed = ""
         self._closed = False
+        self._sync = self._new_sync_round()  # the open sync round (coordination.sequencing)
         self._pull_cache: OrderedDict[tuple[str, tuple[str, ...]], PullResult[Any]] = OrderedDict()
         self._copy_pool: dict[tuple[str, tuple[str, ...]], list[dict[str, np.ndarray]]] = {}
         self._pushes_in_flight = 0  # pushes between dedup.begin and their end
@@ -126,7 +120,7 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin, ReceiveBuffersMixi
                     WorkerStatus(wid, w.last_step, w.pushes, now - w.last_seen)
                     for wid, w in sorted(self._workers.items())
                 ],
-                round_arrivals=sorted(self._round),
+                round_arrivals=self._sync.arrivals(),
             )
 
     @property
@@ -366,22 +360,7 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin, ReceiveBuffersMixi
         return self._engine.device_receiver()
 
     def _check_step(self, step: int) -> None:
-        version = self._version
-        if step > version:
-            raise FailedPrecondition(
-                f"gradient step {step} is ahead of the current version {version} of optimizer "
-                f"'{self.key}'; push gradients computed on pulled weights",
-                current_version=version,
-            )
-        if step < 0:
-            raise InvalidArgument(f"`step` must be >= 0. Received: step={step}")
-        limit = self.policy.max_staleness
-        if self.policy.mode == "async" and limit is not None and version - step > limit:
-            raise StaleGradient(
-                f"gradient computed on version {step} is {version - step} versions old; "
-                f"max_staleness is {limit}. Pull the current weights (version {version}) and recompute.",
-                current_version=version,
-            )
+        check_step(self.key, self.policy, self._version, step)
 
     def _handle_push(
         self,
@@ -399,51 +378,28 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin, ReceiveBuffersMixi
             self._check_step(step)
             bad = non_finite_counts(stats)
             if bad:
-                if self.policy.non_finite == "reject":
-                    raise InvalidArgument(non_finite_message(bad))
-                return PushResult("skipped_non_finite", self._version, engine.iterations, detail=non_finite_message(bad, skipped=True))
+                return non_finite_outcome(self.policy, bad, self._version, engine.iterations)
             self._swap_in(taken)  # applied where it was received: no copy into the staging buffers
             self._apply(grads, stats)
             self._set_version(self._version + 1)
             return PushResult("applied", self._version, engine.iterations)
 
-        if step < self._version:
-            return PushResult(
-                "dropped_late",
-                self._version,
-                engine.iterations,
-                detail=(
-                    f"the round for version {step} already closed ({self._last_closed or 'earlier'}); "
-                    f"this gradient was not applied. Current version is {self._version}."
-                ),
-            )
+        late = self._sync.late(step, self._version, engine.iterations)
+        if late is not None:
+            return late
         self._check_step(step)
-        if worker_id in self._round:
-            raise FailedPrecondition(
-                f"worker '{worker_id}' already pushed a gradient for version {step} "
-                f"(request {self._round[worker_id].request_id!r}); one push per worker per round",
-                current_version=self._version,
-            )
+        self._sync.require_new(worker_id, step, self._version)
         if self.policy.non_finite == "reject":
             assert stats is not None
             bad = non_finite_counts(stats)
             if bad:
                 raise InvalidArgument(non_finite_message(bad))
-        self._round[worker_id] = Contribution(request_id, grads, list(taken))
+        complete = self._sync.join(worker_id, Contribution(request_id, grads, list(taken)), step, self._version)
         taken.clear()  # the round owns them now
-        if len(self._round) == 1:
-            self._round_started = time.monotonic()
-        if len(self._round) >= self.policy.quorum:
-            detail = self._close_round(f"closed by {len(self._round)} of {self.policy.num_workers} workers")
+        if complete:
+            detail = self._close_round(self._sync.quorum_reason())
             return PushResult("round_closed", self._version, engine.iterations, detail=detail)
-        if len(self._round) == 1 and self.policy.round_timeout is not None:
-            self._start_round_timer()
-        return PushResult(
-            "accepted",
-            self._version,
-            engine.iterations,
-            detail=f"{len(self._round)} of {self.policy.quorum} workers have pushed for version {step}",
-        )
+        return self._sync.accepted(step, self._version, engine.iterations)
 
     # -------------------------------------------------------------- pull
 
@@ -455,12 +411,12 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin, ReceiveBuffersMixi
         """Block until the version reaches ``min_version``; return the current version."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            aborts = self._aborts
+            aborts = self._sync.aborts
             while self._version < min_version:
                 if self._closed:
                     raise Unavailable(f"optimizer '{self.key}' was deleted or the server is shutting down")
-                if self._aborts != aborts:
-                    raise RoundAborted(self._last_abort + "; push again for the current version", current_version=self._version)
+                if self._sync.aborts != aborts:
+                    raise RoundAborted(self._sync.last_abort + "; push again for the current version", current_version=self._version)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise WaitTimeout(
@@ -562,11 +518,7 @@ class OptimizerHost(RoundsMixin, SnapshotMixin, StagingMixin, ReceiveBuffersMixi
     def _mutate(self, action: Callable[[Adamax], None]) -> tuple[int, int]:
         with self._cond:
             self._require_built()
-            if self._round:
-                raise FailedPrecondition(
-                    f"a sync round for version {self._version} is open ({sorted(self._round)} pushed); "
-                    "change variables between rounds"
-                )
+            self._sync.require_empty(self._version)
             action(self._engine)
             self._set_version(self._version + 1)
             return self._version, self._engine.iterations

@@ -53,10 +53,10 @@ class SnapshotMixin:
                         c.request_id,
                         {n: (g.indices, g.values) if isinstance(g, RowSparseGradient) else g for n, g in c.grads.items()},
                     )
-                    for worker, c in sorted(self._round.items())
+                    for worker, c in self._sync.in_order()
                 ],
-                last_closed=self._last_closed,
-                last_abort=self._last_abort,
+                last_closed=self._sync.last_closed,
+                last_abort=self._sync.last_abort,
             )
 
     def restore(self, snap: OptimizerSnapshot, engine: Adamax, *, fence: bool = True) -> tuple[int, int]:
@@ -86,15 +86,14 @@ class SnapshotMixin:
                 # each of its workers' next push ("already pushed a gradient for version ...").
                 # It is dropped, and so are its request ids (a retry must not be answered "accepted").
                 self._dedup.discard(c.worker_id, c.request_id)
-            for c in () if fence else snap.round:
-                grads = {
+            kept = {
+                c.worker_id: Contribution(c.request_id, {
                     n: RowSparseGradient(np.asarray(g[0]), np.asarray(g[1])) if isinstance(g, tuple) else g
                     for n, g in c.grads.items()
-                }
-                self._round[c.worker_id] = Contribution(c.request_id, grads)
-            if self._round and self.policy.round_timeout is not None:
-                self._start_round_timer()
-            self._last_closed, self._last_abort = snap.last_closed, snap.last_abort
+                })
+                for c in (() if fence else snap.round)
+            }  # fmt: skip
+            self._sync.adopt(kept, snap.last_closed, snap.last_abort)
             self._restore_epoch += 1
             self._pull_cache.clear()
             self._copy_pool.clear()

@@ -1,10 +1,10 @@
-"""Sync rounds of one ``OptimizerHost``: contributions, K-of-N closing, the round timer, late pushes,
-the combination (mean or sum) of the contributions and the apply."""
+"""Sync rounds of one ``OptimizerHost``: its contributions, closing (the combination, mean or sum, of
+the contributions and the apply) and aborting. Who may join a round, K of N, the round timer and
+late pushes are decided by ``sequencing.SyncRound``, as for a sharded job's leader."""
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from adamax_server.coordination.stats import GradientStats, non_finite_counts, non_finite_message, push_stats
 from adamax_server.coordination.policy import Gradient
+from adamax_server.coordination.sequencing import SyncRound
 from adamax_server.optim.engine import RowSparseGradient
 from adamax_server.optim.kernels.stats import sum_with_stats
 
@@ -32,48 +33,30 @@ class RoundsMixin:
 
     # -------------------------------------------------------------- sync rounds
 
-    def _start_round_timer(self) -> None:
-        assert self.policy.round_timeout is not None
-        timer = threading.Timer(self.policy.round_timeout, self._on_round_timeout, args=(self._round_epoch,))
-        timer.daemon = True
-        self._round_timer = timer
-        timer.start()
+    def _new_sync_round(self) -> SyncRound[Contribution]:
+        return SyncRound(self.key, lambda: self.policy, self._cond, self._on_round_timeout, lambda: self._closed)
 
-    def _on_round_timeout(self, epoch: int) -> None:
-        with self._cond:
-            if epoch != self._round_epoch or not self._round or self._closed:
-                return
-            arrived = sorted(self._round)
-            why = f"timed out after {self.policy.round_timeout}s with {len(arrived)} of {self.policy.quorum} workers ({', '.join(arrived)})"
-            if self.policy.round_timeout_policy == "close":
-                try:
-                    self._close_round(why)
-                except Exception:  # the timer thread has nobody to report to
-                    _log.exception("closing round %d of '%s' failed", self._version, self.key)
-            else:
-                self._abort_round(f"round for version {self._version} of optimizer '{self.key}' was aborted: {why}")
+    def _on_round_timeout(self, why: str, close: bool) -> None:
+        """The round timer fired (under the lock): apply what arrived, or abort the round."""
+        if close:
+            try:
+                self._close_round(why)
+            except Exception:  # the timer thread has nobody to report to
+                _log.exception("closing round %d of '%s' failed", self._version, self.key)
+        else:
+            self._abort_round(f"round for version {self._version} of optimizer '{self.key}' was aborted: {why}")
 
     def _reset_round(self) -> None:
-        for contribution in self._round.values():
+        for contribution in self._sync.reset().values():
             self._give_back(contribution.buffers)
-        self._round = {}
-        self._round_epoch += 1
-        if self._round_timer is not None:
-            self._round_timer.cancel()
-            self._round_timer = None
 
     def _abort_round(self, message: str) -> None:
-        for worker_id, contribution in self._round.items():
-            # A retry of an aborted push must enter the next round, not be answered "accepted".
-            self._dedup.discard(worker_id, contribution.request_id)
-        self._reset_round()
-        self._aborts += 1
-        self._last_abort = message
-        _log.warning("%s", message)
+        for contribution in self._sync.abort(message, self._dedup).values():
+            self._give_back(contribution.buffers)
         self._cond.notify_all()
 
     def _close_round(self, why: str) -> str:
-        contributions = [self._round[w] for w in sorted(self._round)]
+        contributions = [c for _, c in self._sync.in_order()]
         combined, known = self._combine(contributions)
         version = self._version
         detail = f"round for version {version} {why}"
@@ -90,10 +73,11 @@ class RoundsMixin:
         except BaseException:
             self._abort_round(f"round for version {version} was aborted: applying the combined gradient failed")
             raise
-        self._reset_round()
-        self._last_closed = detail
+        waited = self._sync.waited()
+        for contribution in self._sync.closed(detail).values():
+            self._give_back(contribution.buffers)
         self._set_version(version + 1)
-        self._observe("on_round_closed", time.monotonic() - self._round_started, len(contributions), self.policy.num_workers)
+        self._observe("on_round_closed", waited, len(contributions), self.policy.num_workers)
         return detail
 
     def _apply(self, grads: dict[str, Gradient], stats: Mapping[str, GradientStats]) -> None:

@@ -42,9 +42,10 @@ from typing import Any
 
 from adamax_server.coordination.dedup import DedupTable as _DedupTable
 from adamax_server.coordination.policy import Policy, PushResult
+from adamax_server.coordination.sequencing import SyncRound, check_step, non_finite_outcome
 from adamax_server.coordination.stats import non_finite_message as _non_finite_message
 from adamax_server.errors import (
-    FailedPrecondition, InvalidArgument, ServiceError, StaleGradient, StateRestored, Unavailable, WaitTimeout,
+    FailedPrecondition, InvalidArgument, ServiceError, Unavailable, WaitTimeout,
 )
 from adamax_server.sharding import pairwise
 from adamax_server.sharding.links import DecidedUnconfirmed, ShardLink, ShardUnavailable
@@ -53,6 +54,12 @@ from adamax_server.sharding.placement import Placement
 from adamax_server.sharding.shard_engine import CLIP_GLOBAL, CLIP_NORM, ClipDecision, decide_clipping
 
 _log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    request_id: str
+    step: int
 
 
 @dataclass
@@ -92,12 +99,9 @@ class Leader:
         self.learning_rate: float | None = None
         self._dedup = _DedupTable(dedup_capacity)
         self._dedup_capacity = dedup_capacity
-        self._round: dict[str, tuple[str, int]] = {}  # worker -> (request id, step)
-        self._round_epoch = 0
-        self._round_timer: threading.Timer | None = None
-        self._round_started = 0.0
-        self._last_closed = ""
-        self._last_abort = ""
+        # The open sync round, decided as a single server decides it (coordination.sequencing).
+        self._sync: SyncRound[_Pending] = SyncRound(key, lambda: self.policy, self._cond, self._on_round_timeout,
+                                                    lambda: self._closed)  # fmt: skip
         self._workers: dict[str, dict[str, int]] = {}
         self._lagging: dict[int, _Lag] = {}
         self._incarnations: dict[int, str] = {}
@@ -221,7 +225,8 @@ class Leader:
             if entry is not None and entry.result is not None:
                 if self._lagging:
                     self._require_healthy()  # its outcome is confirmed once every shard has it
-                if self._round.get(worker_id, ("",))[0] != request_id:
+                pending = self._sync.entries.get(worker_id)
+                if pending is None or pending.request_id != request_id:
                     self._forget_restaged((worker_id, request_id))
                 return replace(entry.result, duplicate=True)
             self._require_healthy()
@@ -258,28 +263,7 @@ class Leader:
                 _log.debug("shard %d kept a re-staged copy of %s until it expires", i, key)
 
     def _check_step(self, step: int) -> None:
-        version = self.version
-        if step > version and self._rewound is not None and step <= self._rewound[0]:
-            raise StateRestored(  # pulled before a restore took the job back: not the caller's bug
-                f"optimizer '{self.key}' was restored on every shard to version {self._rewound[1]}; gradient "
-                f"step {step} was computed on weights the restore took back: pull and push again",
-                current_version=version,
-            )
-        if step > version:
-            raise FailedPrecondition(
-                f"gradient step {step} is ahead of the current version {version} of optimizer "
-                f"'{self.key}'; push gradients computed on pulled weights",
-                current_version=version,
-            )
-        if step < 0:
-            raise InvalidArgument(f"`step` must be >= 0. Received: step={step}")
-        limit = self.policy.max_staleness
-        if self.policy.mode == "async" and limit is not None and version - step > limit:
-            raise StaleGradient(
-                f"gradient computed on version {step} is {version - step} versions old; "
-                f"max_staleness is {limit}. Pull the current weights (version {version}) and recompute.",
-                current_version=version,
-            )
+        check_step(self.key, self.policy, self.version, step, self._rewound, where=" on every shard")
 
     def _handle(self, worker_id: str, request_id: str, step: int) -> PushResult:
         key = (worker_id, request_id)
@@ -287,48 +271,27 @@ class Leader:
             result = self._event([key], combine=False)
             self._dedup.finish(worker_id, request_id, result)
             return result
-        if step < self.version:
+        late = self._sync.late(step, self.version, self.iterations)
+        if late is not None:
             self._fan_checked("drop", lambda i: ([key],))
-            result = PushResult(
-                "dropped_late", self.version, self.iterations,
-                detail=(
-                    f"the round for version {step} already closed ({self._last_closed or 'earlier'}); "
-                    f"this gradient was not applied. Current version is {self.version}."
-                ),
-            )  # fmt: skip
-            self._dedup.finish(worker_id, request_id, result)
-            return result
-        if worker_id in self._round:
-            raise FailedPrecondition(
-                f"worker '{worker_id}' already pushed a gradient for version {step} "
-                f"(request {self._round[worker_id][0]!r}); one push per worker per round",
-                current_version=self.version,
-            )
+            self._dedup.finish(worker_id, request_id, late)
+            return late
+        self._sync.require_new(worker_id, step, self.version)
         counts = self._merge_counts(self._fan_checked("check", lambda i: ([key],)))
         if counts and self.policy.non_finite == "reject":
             self._fan_checked("drop", lambda i: ([key],))
             raise InvalidArgument(_non_finite_message(counts))
-        self._round[worker_id] = (request_id, step)
-        if len(self._round) == 1:
-            self._round_started = time.monotonic()
-        if len(self._round) >= self.policy.quorum:
+        if self._sync.join(worker_id, _Pending(request_id, step), step, self.version):
             version = self.version
             try:
-                result = self._close_round(f"closed by {len(self._round)} of {self.policy.num_workers} workers")
+                result = self._close_round(self._sync.quorum_reason())
             except BaseException:
                 if self.version == version:  # not decided: this push leaves the round, the others stay
-                    self._round.pop(worker_id, None)
-                    if not self._round:
-                        self._reset_round()
+                    self._sync.leave(worker_id)
                 raise
             self._dedup.finish(worker_id, request_id, result)
             return result
-        if len(self._round) == 1 and self.policy.round_timeout is not None:
-            self._start_round_timer()
-        result = PushResult(
-            "accepted", self.version, self.iterations,
-            detail=f"{len(self._round)} of {self.policy.quorum} workers have pushed for version {step}",
-        )  # fmt: skip
+        result = self._sync.accepted(step, self.version, self.iterations)
         self._dedup.finish(worker_id, request_id, result)
         return result
 
@@ -367,10 +330,9 @@ class Leader:
         if non_finite:
             if not combine:
                 self._abort_everywhere(version, prepared)
-                if self.policy.non_finite == "reject":
-                    raise InvalidArgument(_non_finite_message(non_finite))
+                skipped = non_finite_outcome(self.policy, non_finite, self.version, self.iterations)  # or refused
                 self._fan_checked("drop", lambda i: (keys,))
-                return PushResult("skipped_non_finite", self.version, self.iterations, detail=_non_finite_message(non_finite, skipped=True))
+                return skipped
             action, payload = "bump", None
             detail += "; " + _non_finite_message(non_finite, skipped=True)
         elif not present:
@@ -439,42 +401,20 @@ class Leader:
 
     # -------------------------------------------------------------- sync rounds
 
-    def _start_round_timer(self) -> None:
-        assert self.policy.round_timeout is not None
-        timer = threading.Timer(self.policy.round_timeout, self._on_round_timeout, args=(self._round_epoch,))
-        timer.daemon = True
-        self._round_timer = timer
-        timer.start()
-
-    def _on_round_timeout(self, epoch: int) -> None:
-        with self._cond:
-            if epoch != self._round_epoch or not self._round or self._closed:
-                return
-            arrived = sorted(self._round)
-            why = f"timed out after {self.policy.round_timeout}s with {len(arrived)} of {self.policy.quorum} workers ({', '.join(arrived)})"
-            if self.policy.round_timeout_policy == "close":
-                try:
-                    self._require_healthy()
-                    self._close_round(why)
-                except Exception:  # the timer thread has nobody to report to
-                    _log.exception("closing round %d of '%s' failed", self.version, self.key)
-            else:
-                self._abort_round(f"round for version {self.version} of optimizer '{self.key}' was aborted: {why}")
-
-    def _reset_round(self) -> None:
-        self._round = {}
-        self._round_epoch += 1
-        if self._round_timer is not None:
-            self._round_timer.cancel()
-            self._round_timer = None
+    def _on_round_timeout(self, why: str, close: bool) -> None:
+        """The round timer fired (under the lock): apply what arrived, or abort the round."""
+        if close:
+            try:
+                self._require_healthy()
+                self._close_round(why)
+            except Exception:  # the timer thread has nobody to report to
+                _log.exception("closing round %d of '%s' failed", self.version, self.key)
+        else:
+            self._abort_round(f"round for version {self.version} of optimizer '{self.key}' was aborted: {why}")
 
     def _abort_round(self, message: str) -> None:
-        keys = [(w, r) for w, (r, _) in sorted(self._round.items())]
-        for worker_id, request_id in keys:
-            self._dedup.discard(worker_id, request_id)
-        self._reset_round()
-        self._last_abort = message
-        _log.warning("%s", message)
+        keys = self._sync.keys()
+        self._sync.abort(message, self._dedup)
         for i in range(len(self._links)):
             try:
                 self._call(i, "drop", keys, message)
@@ -483,16 +423,14 @@ class Leader:
         self._cond.notify_all()
 
     def _close_round(self, why: str) -> PushResult:
-        keys = [(w, r) for w, (r, _) in sorted(self._round.items())]
+        keys = self._sync.keys()
         version = self.version
         try:
             result = self._event(keys, combine=True, why=f"round for version {version} {why}")
         except DecidedUnconfirmed as exc:
-            self._reset_round()
-            self._last_closed = exc.result.detail if exc.result else why
+            self._sync.closed(exc.result.detail if exc.result else why)
             raise
-        self._reset_round()
-        self._last_closed = result.detail
+        self._sync.closed(result.detail)
         return result
 
     # -------------------------------------------------------------- mutations
@@ -503,11 +441,7 @@ class Leader:
             return self.set_learning_rate(float(args_for(0)["value"]))
         with self._cond:
             self._require_healthy()
-            if self._round:
-                raise FailedPrecondition(
-                    f"a sync round for version {self.version} is open ({sorted(self._round)} pushed); "
-                    "change variables between rounds"
-                )
+            self._sync.require_empty(self.version)
             version = self.version + 1
             # Validate on every shard first would need a prepare phase; mutations are checked by
             # the client against the job's placement before they are sent.
@@ -553,7 +487,7 @@ class Leader:
     def quiesce(self) -> tuple[int, list[tuple[str, str]]]:
         """(version, the open round's push keys): the cut a checkpoint takes, under ``locked``."""
         self._require_healthy()
-        return self.version, [(w, r) for w, (r, _) in sorted(self._round.items())]
+        return self.version, self._sync.keys()
 
     @property
     def lock(self) -> threading.Condition:
@@ -573,9 +507,9 @@ class Leader:
                 "version": self.version,
                 "iterations": self.iterations,
                 "dedup": self._dedup.finished(),
-                "round": {w: [r, s] for w, (r, s) in self._round.items()},
-                "last_closed": self._last_closed,
-                "last_abort": self._last_abort,
+                "round": {w: [p.request_id, p.step] for w, p in self._sync.in_order()},
+                "last_closed": self._sync.last_closed,
+                "last_abort": self._sync.last_abort,
                 "workers": {w: dict(v) for w, v in self._workers.items()},
                 "learning_rate": self.learning_rate,
             }
@@ -583,17 +517,15 @@ class Leader:
     def restore_state(self, state: dict[str, Any]) -> None:
         """Adopt a checkpoint's leader state (every shard restored the same cut)."""
         with self._cond:
-            self._reset_round()
             high = max(self.version, self._rewound[0] if self._rewound else -1)
             self.version = int(state["version"])
             self._rewound = (high, self.version) if high > self.version else None
             self.iterations = int(state["iterations"])
             self._dedup = _DedupTable.from_finished(self._dedup_capacity, state.get("dedup", {}))
-            self._round = {w: (r, int(s)) for w, (r, s) in state.get("round", {}).items()}
-            if self._round and self.policy.round_timeout is not None:
-                self._start_round_timer()
-            self._last_closed = state.get("last_closed", "")
-            self._last_abort = state.get("last_abort", "")
+            self._sync.adopt(
+                {w: _Pending(r, int(st)) for w, (r, st) in state.get("round", {}).items()},
+                state.get("last_closed", ""), state.get("last_abort", ""),
+            )  # fmt: skip
             self._workers = {w: {"last_step": int(v["last_step"]), "pushes": int(v["pushes"])}
                              for w, v in state.get("workers", {}).items()}  # fmt: skip
             lr = state.get("learning_rate")
@@ -615,7 +547,7 @@ class Leader:
                 "iterations": self.iterations,
                 "lagging": sorted(self._lagging),
                 "broken": self._broken,
-                "round_arrivals": sorted(self._round),
+                "round_arrivals": self._sync.arrivals(),
             }
 
     def wait_for_version(self, min_version: int, timeout: float | None) -> int:
@@ -631,6 +563,6 @@ class Leader:
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._reset_round()
+            self._sync.reset()
             self._cond.notify_all()
         self._pool.shutdown(wait=False)
