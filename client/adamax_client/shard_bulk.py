@@ -1,7 +1,7 @@
 """A sharded job's bulk channels: one per shard, for staging slices and pulling pieces.
 
-Every shard server offers the single server's bulk channel (TCP; see
-``adamax_server.sharding.bulk``), with tickets from its ``ShardService`` (``open_bulk``). A
+Every shard server offers the single server's bulk channel (TCP, and shared memory to workers
+on its host; see ``adamax_server.sharding.bulk``), with tickets from its ``ShardService`` (``open_bulk``). A
 sharded push stages each shard's slices over that shard's channel (phase 1; the commit at the
 leader stays a gRPC call), and a pull reads each shard's pieces over it, every shard in
 parallel. A shard whose channel is not offered, or fails now, is reached over gRPC for that
@@ -50,7 +50,7 @@ class ShardChannels:
                 return pb.OpenBulkChannelResponse(available=False)
             return pb.OpenBulkChannelResponse(
                 available=True, port=int(got["port"]), ticket=bytes.fromhex(got["ticket"]),
-                ticket_ttl_seconds=float(got["ttl"]), shared_memory=False,
+                ticket_ttl_seconds=float(got["ttl"]), shared_memory=bool(got.get("shared_memory", False)),
             )  # fmt: skip
 
         return open_ticket
@@ -60,8 +60,7 @@ class ShardChannels:
         if self.mode == "off" or self._channels[shard] is _NONE or time.monotonic() < self._retry_at[shard]:
             return None
         if self._channels[shard] is None:
-            mode = "tcp" if self.mode == "shm" else self.mode  # shards offer TCP only
-            self._channels[shard] = BulkChannel(self._transports[shard], self.key, self.worker_id, mode=mode,
+            self._channels[shard] = BulkChannel(self._transports[shard], self.key, self.worker_id, mode=self.mode,
                                                 open_ticket=self._ticket(shard))  # fmt: skip
         try:
             result = call(self._channels[shard])
@@ -100,11 +99,12 @@ class ShardChannels:
 
     @property
     def path(self) -> str:
-        """"tcp" when every shard's channel is in use, "grpc" when none is, else "mixed"/"unknown"."""
+        """"shm" or "tcp" when every shard's channel is in use that way, "grpc" when none is, else
+        "mixed"/"unknown"."""
         if self.mode == "off":
             return "grpc"
         now = time.monotonic()
-        states = ["unknown" if c is None else "grpc" if c is _NONE or now < r else "tcp"
+        states = ["unknown" if c is None else "grpc" if c is _NONE or now < r else "shm" if c.shared_memory else "tcp"
                   for c, r in zip(self._channels, self._retry_at)]  # fmt: skip
         return states[0] if len(set(states)) == 1 else "mixed"
 

@@ -397,7 +397,7 @@ class ShardedRemoteAdamax(ShardedAdapterCalls, RemoteAdamax):
 
     @property
     def transfer_path(self) -> str:
-        """"tcp" (every shard's bulk channel), "grpc", "mixed" (some shards each way) or "unknown"."""
+        """"shm" or "tcp" (every shard's bulk channel, that way), "grpc", "mixed" (shards differ) or "unknown"."""
         return self._channels.path if self._channels is not None else "grpc"
 
     # -------------------------------------------------------------- the rest of the Keras API

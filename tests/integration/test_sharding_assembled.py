@@ -159,7 +159,7 @@ def test_upload_restore_without_checkpoint_dir(single):
         stop_shards(servers)
 
 
-@pytest.mark.parametrize("bulk", ["auto", "off"])  # slices over each shard's bulk channel, or gRPC
+@pytest.mark.parametrize("bulk", ["auto", "tcp", "off"])  # each shard's bulk channel (shared memory here, TCP), gRPC
 @pytest.mark.parametrize("wire", ["bfloat16", "float16"])
 @pytest.mark.parametrize("config", [{"learning_rate": 0.01, "clipnorm": 0.3}, CONFIG], ids=["clipnorm", "global"])
 def test_gradient_wire_dtype_equals_single_server(single, wire, config, bulk):
@@ -170,7 +170,7 @@ def test_gradient_wire_dtype_equals_single_server(single, wire, config, bulk):
                 RemoteAdamax(targets, worker_id="w", optimizer="job", timeout=60, gradient_wire_dtype=wire, bulk=bulk, **config) as opt:  # fmt: skip
             _train(ref_opt, values, 5)
             _train(opt, values, 5)
-            assert opt.transfer_path == ("tcp" if bulk == "auto" else "grpc")
+            assert opt.transfer_path == {"auto": "shm", "tcp": "tcp", "off": "grpc"}[bulk]
             ref, got = ref_opt.pull(), opt.pull()
             for n in values:
                 assert got[n].tobytes() == ref[n].tobytes(), n

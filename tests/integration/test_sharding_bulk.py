@@ -1,7 +1,7 @@
 """Sharded pushes and pulls over each shard's bulk channel, against a single server.
 
-Every shard server offers the bulk channel (TCP) by default; a sharded client stages its slices
-and pulls its pieces over it, shard by shard, and only the commit (and the job's control calls)
+Every shard server offers the bulk channel (TCP, and shared memory to workers on its host) by
+default; a sharded client stages its slices and pulls its pieces over it, shard by shard, and only the commit (and the job's control calls)
 go over gRPC. Weights and store stay bit-identical to a single server; a shard without a bulk
 channel is reached over gRPC in the same job ("mixed"), and ``bulk="off"`` uses gRPC only.
 """
@@ -69,18 +69,22 @@ def single():
         yield target
 
 
-@pytest.mark.parametrize("wire", [None, "bfloat16"])
-def test_staging_and_pulls_over_every_shards_bulk_channel(single, wire):
+@pytest.mark.parametrize(("wire", "mode"), [(None, "auto"), ("bfloat16", "auto"), (None, "tcp"), ("bfloat16", "tcp")])
+def test_staging_and_pulls_over_every_shards_bulk_channel(single, wire, mode):
     values = _values(5)
     servers, targets = start_shards(3)
     try:
-        assert all(s.bulk is not None for s in servers)
+        assert all(s.bulk is not None and s.bulk.shared_memory for s in servers)
         with RemoteAdamax(single, worker_id="w", optimizer="job", timeout=60, gradient_wire_dtype=wire, **CONFIG) as ref_opt, \
-                RemoteAdamax(targets, worker_id="w", optimizer="job", timeout=60, gradient_wire_dtype=wire, **CONFIG) as opt:  # fmt: skip
+                RemoteAdamax(targets, worker_id="w", optimizer="job", timeout=60, gradient_wire_dtype=wire, bulk=mode,
+                             **CONFIG) as opt:  # fmt: skip
             assert opt.transfer_path == "unknown"
             calls = _record(opt)
             _train_and_compare(opt, ref_opt, values)
-            assert opt.transfer_path == "tcp"
+            # Same host: shared memory unless the worker asked for TCP.
+            assert opt.transfer_path == ("shm" if mode == "auto" else "tcp")
+            arenas = [sorted(s.bulk._arenas) for s in servers]  # full pulls map each shard's arena
+            assert arenas == ([["job"]] * 3 if mode == "auto" else [[]] * 3)
             for i, methods in enumerate(calls):
                 # Slices and pieces travelled over the bulk channel: gRPC only opened it (a
                 # ticket per shard) and carried the commit and the control calls.
@@ -149,6 +153,47 @@ def test_a_bulk_channel_lost_mid_job_falls_back_to_grpc_exactly_once(single):
                     assert pulled[n].tobytes() == ref_pulled[n].tobytes(), (k, n)
             assert opt.transfer_path == "mixed"
             assert opt.status()["version"] == 4
+    finally:
+        for s in servers:
+            stop_shard_server(s, grace=0)
+
+
+def test_shared_memory_on_shards_follows_the_server_and_frees_deleted_jobs(single):
+    """A shard started without shared memory serves the same worker over TCP; a deleted job's
+    pull arena is released, and a job of the same name re-created with other variables gets a
+    new one (never the old layout)."""
+    values = _values(8)
+    servers, targets = start_shard_servers(2, bulk_for=lambda i: None, shared_memory=False)
+    try:
+        assert not any(s.bulk.shared_memory for s in servers)
+        with RemoteAdamax(targets, worker_id="w", optimizer="job", timeout=60, **CONFIG) as opt:
+            opt.build(values)
+            opt.push(_grads(values, 0))
+            opt.pull()
+            assert opt.transfer_path == "tcp"
+    finally:
+        for s in servers:
+            stop_shard_server(s, grace=0)
+
+    servers, targets = start_shards(2)
+    try:
+        with RemoteAdamax(targets, worker_id="w", optimizer="a", timeout=60, **CONFIG) as a:
+            a.build(values)
+            a.push(_grads(values, 0))
+            first = a.pull()
+            assert a.transfer_path == "shm" and all("a" in s.bulk._arenas for s in servers)
+            assert a.delete()
+        small = {"v": np.arange(12, dtype=np.float32).reshape(4, 3)}
+        with RemoteAdamax(targets, worker_id="w", optimizer="b", timeout=60, learning_rate=0.1) as b:
+            b.build(small)
+            assert b.pull()["v"].tobytes() == small["v"].tobytes()
+            assert all(sorted(s.bulk._arenas) == ["b"] for s in servers)  # "a"'s arenas released
+        with RemoteAdamax(targets, worker_id="w", optimizer="a", timeout=60, **CONFIG) as again:
+            again.build(small)  # same name, other variables
+            got = again.pull()
+            assert sorted(got) == ["v"] and got["v"].tobytes() == small["v"].tobytes()
+            assert again.transfer_path == "shm"
+        assert sorted(first) == sorted(values)
     finally:
         for s in servers:
             stop_shard_server(s, grace=0)

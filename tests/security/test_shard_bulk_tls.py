@@ -57,10 +57,10 @@ def test_sharded_tls_bulk_gives_the_same_weights_as_grpc(pki, mutual):
         assert all(s.bulk is not None and s.bulk.tls is not None for s in servers)
         via_grpc = _train(targets, "off", creds)
         via_tcp = _train(targets, "tcp", creds)
-        via_auto = _train(targets, "auto", creds)  # shards offer no shared memory: TCP
+        via_auto = _train(targets, "auto", creds)  # same host: shared memory (its bytes never leave the host)
     finally:
         stop_shard_servers(servers)
-    assert (via_grpc[0], via_tcp[0], via_auto[0]) == ("grpc", "tcp", "tcp")
+    assert (via_grpc[0], via_tcp[0], via_auto[0]) == ("grpc", "tcp", "shm")
     assert sorted(via_grpc[1]) == sorted(via_tcp[1]) == sorted(via_auto[1]) == ["a", "b"]
     for name, expected in via_grpc[1].items():  # the pulled weights, by name
         assert_bitwise_equal(expected, via_tcp[1][name])

@@ -94,7 +94,7 @@ def serve_sharded(args: argparse.Namespace) -> int:
             keep_cuts=int(args.keep), min_piece_bytes=int(args.min_piece_bytes), staging_ttl=float(args.staging_ttl), call_timeout=float(args.shard_call_timeout),
             link_credentials=link_credentials, link_token=token, metrics=metrics,
             bulk=hardening.get("bulk"), bulk_port=int(hardening.get("bulk_port", 0)), bulk_tls=hardening.get("bulk_tls"),
-            call_limits=hardening.get("call_limits"), watch_interval=float(args.shard_watch_seconds) or None,
+            shared_memory=bool(hardening.get("shared_memory", True)), call_limits=hardening.get("call_limits"), watch_interval=float(args.shard_watch_seconds) or None,
         )  # fmt: skip
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -119,8 +119,8 @@ def serve_sharded(args: argparse.Namespace) -> int:
     server.start()
     _log.info("adamax-ps shard %d of %d listening on %s:%d (leader %s)", index, len(shards), args.host, port, shards[0])
     if server.bulk is not None:
-        _log.info("bulk channel on %s:%d (staging and pulls; %s)", args.host, server.bulk.port,
-                  "TLS" if server.bulk.tls is not None else "TCP")
+        _log.info("bulk channel on %s:%d (staging and pulls; %s; shared memory for same-host workers: %s)", args.host,
+                  server.bulk.port, "TLS" if server.bulk.tls is not None else "TCP", server.bulk.shared_memory)
     print(f"listening on {args.host}:{port}", flush=True)
     metrics_port = None
     if args.metrics_port is not None:

@@ -14,15 +14,20 @@ stall and size limits), over ``ShardBulkHosts`` instead of a coordinator. On a s
 Tickets come from the ``ShardService`` (method ``open_bulk``, any authenticated caller, bound
 to one optimizer and worker id, and to the caller's client certificate under mutual TLS), since
 a shard serves no ``AdamaxService``. A shard whose gRPC port is TLS speaks TLS on its bulk
-channel too (``bulk_tls``, the single server's rules: ``transport.bulk_tls``). Shared memory is
-not offered by shards (TCP only): a pull's arena is per optimizer on a single server, and a
-shard's pieces would need one per shard process; same-host workers use TCP to each shard.
+channel too (``bulk_tls``, the single server's rules: ``transport.bulk_tls``).
+
+Workers on the shard's host get shared memory, as on a single server (``shared_memory``,
+``--no-shared-memory`` turns it off): a stage reads the worker's registered segment, and a
+full pull maps this shard's *pull arena*, one per optimizer and shard process, holding its
+pieces under the names the shard keeps them by. The arena is refilled once per (incarnation,
+version), so a restore (a new incarnation) never serves the weights it replaced.
 Bulk calls are not counted in the push metrics (a stage is not a push; the leader counts it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +45,8 @@ def open_bulk(registry: Any, key: str, args: Sequence[Any], identities: frozense
     if not args or not args[0]:
         raise InvalidArgument("open_bulk needs the `worker_id` the connection will stage as")
     ticket = registry.bulk.issue_ticket(key, str(args[0]), identities)
-    return {"available": True, "port": registry.bulk.port, "ticket": ticket.hex(), "ttl": registry.bulk.ticket_ttl}
+    return {"available": True, "port": registry.bulk.port, "ticket": ticket.hex(), "ttl": registry.bulk.ticket_ttl,
+            "shared_memory": bool(registry.bulk.shared_memory)}  # fmt: skip
 
 
 @dataclass
@@ -64,6 +70,34 @@ class ShardBulkHost:
 
     def device_receiver(self) -> None:  # receive into host memory; the shard engine copies in
         return None
+
+    # What a shared-memory pull reads (``transport.bulk.BulkServer._pull_shm``), without the lock:
+    # the arena is refilled under it when (restore_epoch, version) moved.
+
+    @property
+    def version(self) -> int:
+        return self._host.version
+
+    @property
+    def restore_epoch(self) -> str:
+        return self._host.incarnation
+
+    @property
+    def iterations(self) -> int:
+        return self._host.iterations
+
+    def variable_specs(self) -> list[tuple[str, tuple[int, ...], Any]]:
+        """This shard's pieces (name, shape, dtype): the arena's layout."""
+        return self._host.piece_specs()
+
+    def wait_for_version(self, min_version: int, timeout: float | None) -> int:
+        return self._host.wait_for_version(min_version, timeout)
+
+    def touch(self, worker_id: str) -> None:  # the leader keeps the job's worker records
+        return None
+
+    def read_weights_into(self, outs: Mapping[str, Any]) -> tuple[int, int]:
+        return self._host.read_pieces_into(outs)
 
     def check_gradient(self, meta: TensorMeta) -> None:
         """Refuse a slice of a variable this shard holds no piece of before reading its bytes."""
@@ -89,13 +123,35 @@ class ShardBulkHost:
 
 
 class ShardBulkHosts:
-    """The coordinator-shaped view ``BulkServer`` needs of a ``ShardRegistry``."""
+    """The coordinator-shaped view ``BulkServer`` needs of a ``ShardRegistry``.
+
+    One view per live ``ShardHost``: a pull arena belongs to the view it was made for, and is
+    released once its optimizer is deleted or re-created (``hosts``)."""
 
     def __init__(self, registry: Any) -> None:
         self._registry = registry
+        self._lock = threading.Lock()
+        self._views: dict[str, ShardBulkHost] = {}
 
     def get(self, key: str) -> ShardBulkHost:
-        return ShardBulkHost(self._registry, self._registry.host(key))
+        host = self._registry.host(key)  # NotFound for an unknown optimizer
+        with self._lock:
+            view = self._views.get(key)
+            if view is None or view._host is not host:
+                view = self._views[key] = ShardBulkHost(self._registry, host)
+            return view
 
-    def hosts(self) -> list[Any]:
-        return []  # only the shared-memory pull arenas use it; shards offer no shared memory
+    def hosts(self) -> list[ShardBulkHost]:
+        """The views of optimizers that still exist on this shard."""
+        live = []
+        with self._lock:
+            for key, view in list(self._views.items()):
+                try:
+                    current = self._registry.host(key)
+                except Exception:  # noqa: BLE001 - deleted, or the shard is closing
+                    current = None
+                if current is view._host:
+                    live.append(view)
+                else:
+                    del self._views[key]
+        return live

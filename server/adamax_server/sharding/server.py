@@ -38,6 +38,7 @@ def create_shard_server(
     bulk: bool | None = None,
     bulk_port: int = 0,
     bulk_tls: ssl.SSLContext | None = None,
+    shared_memory: bool = True,
     call_limits: CallLimits | None = None,
     warm: bool = True,
     watch_interval: float | None = 2.0,
@@ -51,6 +52,8 @@ def create_shard_server(
     ``bulk_port`` of the same host), as on a single server: ``None`` (default) on, except with
     TLS ``credentials`` but no ``bulk_tls`` (the channel's ``ssl.SSLContext``,
     ``security.bulk_server_context``); a plaintext bulk port next to a TLS gRPC port is refused.
+    ``shared_memory``: workers on this host stage and pull through shared memory (as on a
+    single server; ``sharding.bulk``).
     ``watch_interval``: seconds between the leader's looks for a restarted shard
     (``sharding.healing``; None: only a push notices one). ``warm`` loads the step kernels first (``sharding.warmup``), so that the first event the
     leader sends is not held up past ``call_timeout`` by a kernel compile or cache load.
@@ -89,7 +92,7 @@ def create_shard_server(
     if bulk:
         host = address.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
         registry.bulk = BulkServer(
-            ShardBulkHosts(registry), host=host, port=bulk_port, shared_memory=False, limits=call_limits,  # type: ignore[arg-type]
+            ShardBulkHosts(registry), host=host, port=bulk_port, shared_memory=shared_memory, limits=call_limits,  # type: ignore[arg-type]
             max_tensor_bytes=DEFAULT_MAX_MESSAGE_BYTES, tls=bulk_tls,
         ).start()  # fmt: skip
     server.bulk = registry.bulk  # type: ignore[attr-defined]

@@ -398,6 +398,24 @@ class ShardHost:
                 weights = {n: weights[n] for n in names if n in weights}
             return self.version, self._engine.iterations, weights
 
+    @property
+    def iterations(self) -> int:
+        with self._cond:
+            return self._engine.iterations
+
+    def piece_specs(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+        """(name, shape, dtype) of the pieces this shard holds, build order ([] before build)."""
+        with self._cond:
+            return list(self._engine.variable_specs) if self._engine.built else []
+
+    def read_pieces_into(self, outs: Mapping[str, np.ndarray]) -> tuple[int, int]:
+        """Copy this shard's pieces into ``outs`` (name -> array of the piece's shape and dtype),
+        under the lock: one consistent version; returns (version, iterations)."""
+        with self._cond:
+            self._require_built()
+            self._engine.read_variables_into(outs)  # straight from the engine's buffers
+            return self.version, self._engine.iterations
+
     def save_own_variables(self) -> tuple[int, dict[str, np.ndarray], list[str]]:
         """(version, this shard's store, its optimizer variable names in store order)."""
         with self._cond:
