@@ -197,3 +197,40 @@ def test_shared_memory_on_shards_follows_the_server_and_frees_deleted_jobs(singl
     finally:
         for s in servers:
             stop_shard_server(s, grace=0)
+
+
+@pytest.mark.parametrize("mode", ["auto", "tcp", "off"])
+def test_non_finite_slices_are_caught_on_every_path(single, mode):
+    """Shards count NaN/Inf from the statistics folded into the receive's copy (shared memory,
+    TCP) or from their own pass (gRPC): a bad value on any shard's slice is refused, or skips the
+    step with non_finite="skip", exactly as on a single server."""
+    values = _values(9)
+    servers, targets = start_shards(3)
+    try:
+        for policy in ("reject", "skip"):
+            key = f"nf-{policy}"
+            with RemoteAdamax(single, worker_id="w", optimizer=key, timeout=60, non_finite=policy, **CONFIG) as ref, \
+                    RemoteAdamax(targets, worker_id="w", optimizer=key, timeout=60, non_finite=policy, bulk=mode,
+                                 **CONFIG) as opt:  # fmt: skip
+                ref.build(values)
+                opt.build(values)
+                for k, (name, where) in enumerate((("emb", (599, 31)), ("w", (0, 0)), ("d", (49, 19)))):
+                    bad = _grads(values, 0)  # dense everywhere (step 0)
+                    bad[name] = np.array(bad[name], copy=True)
+                    bad[name][where] = np.nan if k % 2 else np.inf
+                    if policy == "reject":
+                        for target in (ref, opt):
+                            with pytest.raises(client_errors.InvalidArgumentError, match=f"'{name}' \\(1 NaN/Inf\\)"):
+                                target.push(bad, step=k, request_id=f"bad{k}")
+                        ref.push(_grads(values, k), step=k, request_id=f"good{k}")
+                        opt.push(_grads(values, k), step=k, request_id=f"good{k}")
+                    else:
+                        got, want = opt.push(bad, step=0, request_id=f"bad{k}"), ref.push(bad, step=0, request_id=f"bad{k}")
+                        assert (got.outcome, got.version) == (want.outcome, want.version) == ("skipped_non_finite", 0)
+                assert opt.transfer_path == {"auto": "shm", "tcp": "tcp", "off": "grpc"}[mode]
+                got, want = opt.pull(), ref.pull()
+                for n in values:
+                    assert got[n].tobytes() == want[n].tobytes(), n
+    finally:
+        for s in servers:
+            stop_shard_server(s, grace=0)

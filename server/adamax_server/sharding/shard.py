@@ -219,7 +219,9 @@ class ShardHost:
                 elif g is not None and tuple(np.shape(g)) != shape:
                     raise InvalidArgument(f"slice of '{name}' has shape {np.shape(g)}; this shard's piece is {shape}")
                 out[name] = g
-            counts = _non_finite_counts(_gradient_stats({n: g for n, g in out.items() if g is not None}))
+            # Statistics folded into the receive's copy (bulk channel) are not computed again.
+            present = {n: g for n, g in out.items() if g is not None}
+            counts = _non_finite_counts(_gradient_stats(present, getattr(grads, "stats", None)))
             for name, g in out.items():  # narrowed on the wire (gradient_wire_dtype): widen, exactly
                 out[name] = _widened(g, shapes[name][1])
             self._staged[(worker_id, request_id)] = StagedPush(out, counts, self._clock() + self.staging_ttl)
