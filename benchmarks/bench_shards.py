@@ -22,7 +22,9 @@ sharded client for every S, one shard included (``RemoteAdamax([...], sharded=Tr
 code path for every row; a sharded job stages and pulls over every shard's bulk channel (TCP),
 all shards in parallel). Two single-server references run alongside (``--reference``): the bulk channel's TCP
 and gRPC streams (shared memory is off everywhere: the namespaces share one kernel, and the
-point is the network).
+point is the network). ``--shared-memory`` (loopback only) adds the same-host case: a single
+server and the sharded series with shared memory on (``1 server, shm`` and ``S shard(s), shm``),
+which is what a one-shard job costs next to one server when workers share its host.
 
 * ``agg_MB/s``: bytes all workers pushed and pulled per second (W x 2 x 4 bytes/param / step);
 * ``floor_ms`` (netns): the physical floor of a step: the pull phase moves W x n bytes out of the
@@ -57,10 +59,10 @@ _WORKER = textwrap.dedent(
     rng = np.random.default_rng(int(wid))
     grad = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
     extra = {"global_clipnorm": 1e-3} if clip == "global" else {}
-    if client == "sharded":  # the sharded client, also over one shard: the same code for every S
+    if client.startswith("sharded"):  # the sharded client, also over one shard: the same code for every S
         extra["sharded"] = True
-    else:  # one server: bulk channel over TCP, or gRPC streams
-        extra["bulk"] = "tcp" if client == "tcp" else "off"
+    else:  # one server: shared memory, the bulk channel over TCP, or gRPC streams
+        extra["bulk"] = {"shm": "auto", "tcp": "tcp"}.get(client, "off")
     opt = RemoteAdamax(target.split(","), optimizer=job, worker_id=f"w{wid}", mode=mode,
                        num_workers=workers if mode == "sync" else 1, learning_rate=1e-4, timeout=600, **extra)
     opt.build({"w": np.zeros(n, np.float32)})
@@ -82,7 +84,8 @@ _WORKER = textwrap.dedent(
 
 # How a series of rows reaches the servers: a sharded job (its client over S shard servers), or
 # one plain server over the bulk channel's TCP or over gRPC streams (the references).
-CLIENTS = {"sharded": "tcp", "tcp": "tcp", "grpc": "grpc"}  # client -> transfer path it must report (sharded: each shard's bulk channel)
+# "-shm"/"shm": the servers offer shared memory (loopback only).
+CLIENTS = {"sharded": "tcp", "sharded-shm": "shm", "tcp": "tcp", "grpc": "grpc", "shm": "shm"}  # client -> transfer path it must report
 
 
 def sharding_available() -> bool:
@@ -105,10 +108,12 @@ class Placement:
         return self.net.command(host, argv) if self.net is not None and host is not None else list(argv)
 
 
-def _serve_argv(address: str, index: int, shards: list[str], workers: int, sharded: bool) -> list[str]:
+def _serve_argv(address: str, index: int, shards: list[str], workers: int, sharded: bool, shm: bool = False) -> list[str]:
     host, port = address.rsplit(":", 1)
     argv = [sys.executable, "-m", "adamax_server.cli", "--log-level", "WARNING", "serve", "--host", host,
-            "--port", port, "--device", "cpu", "--no-shared-memory", "--max-threads", str(8 + 4 * workers)]
+            "--port", port, "--device", "cpu", "--max-threads", str(8 + 4 * workers)]
+    if not shm:
+        argv.append("--no-shared-memory")
     if sharded:
         argv += ["--shard-index", str(index), "--shards", ",".join(shards)]
     return argv
@@ -117,11 +122,11 @@ def _serve_argv(address: str, index: int, shards: list[str], workers: int, shard
 class Shards:
     """The server processes of one job, started together and stopped together."""
 
-    def __init__(self, where: Placement, workers: int, sharded: bool) -> None:
+    def __init__(self, where: Placement, workers: int, sharded: bool, shm: bool = False) -> None:
         self.procs: list[subprocess.Popen] = []
         try:
             for i, (host, address) in enumerate(zip(where.shard_hosts, where.shard_addresses)):
-                argv = where.command(host, _serve_argv(address, i, where.shard_addresses, workers, sharded))
+                argv = where.command(host, _serve_argv(address, i, where.shard_addresses, workers, sharded, shm))
                 self.procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=child_env()))
             for proc in self.procs:
                 line = proc.stdout.readline()  # type: ignore[union-attr]
@@ -184,7 +189,8 @@ def _rounds(n: int, quick: bool, shaped: bool) -> tuple[int, int]:
     return (2, 5) if shaped else (2, 10)
 
 
-SERVERS = {"sharded": "{s} shard(s)", "tcp": "1 server, bulk TCP", "grpc": "1 server, gRPC"}
+SERVERS = {"sharded": "{s} shard(s)", "sharded-shm": "{s} shard(s), shm", "tcp": "1 server, bulk TCP",
+           "grpc": "1 server, gRPC", "shm": "1 server, shm"}
 
 
 def measure(net: str, series: list[tuple[str, int]], workers: int, sizes: list[int], modes: list[str],
@@ -204,29 +210,33 @@ def measure(net: str, series: list[tuple[str, int]], workers: int, sizes: list[i
             warmup, rounds = _rounds(n, quick, shaped)
             for mode in modes:
                 for clip in clips:
-                    base = None
+                    base: dict[str, float] = {}  # per sharded series: its 1-shard time
                     for client, s in series:
+                        if shaped and client in ("shm", "sharded-shm"):
+                            continue  # the namespaces share one /dev/shm: shared memory would skip the links
                         if switch:
                             addresses = [f"{h.address}:50051" for h in shard_hosts[:s]]  # type: ignore[union-attr]
                         else:
                             addresses = [f"127.0.0.1:{_netns.free_port()}" for _ in range(s)]
                         where = Placement(switch, shard_hosts[:s], addresses, worker_hosts)
-                        shards = Shards(where, workers, sharded=client == "sharded")
+                        shards = Shards(where, workers, sharded=client.startswith("sharded"),
+                                        shm=client in ("shm", "sharded-shm"))
                         try:
                             t = run_job(where, f"shards-{n}-{s}-{mode}-{clip}-{client}", n, warmup, rounds, mode,
                                         clip, client)
                         finally:
                             shards.stop()
-                        if client == "sharded" and base is None:
-                            base = t
+                        sharded = client.startswith("sharded")
+                        if sharded:
+                            base.setdefault(client, t)
                         floor = 2 * max(workers / s, 1) * nbytes / (link * 1e6) if switch else float("nan")
-                        speedup = base / t if client == "sharded" else float("nan")
+                        speedup = base[client] / t if sharded else float("nan")
                         table.add(**{"net": f"{net} {rate_mbit:g}M" if shaped else net, "params": f"{n:.0e}",
                                      "mode": mode, "clip": clip, "servers": SERVERS[client].format(s=s),
                                      "shards": s, "workers": workers, "step_ms": t * 1e3,
                                      "agg_MB/s": workers * 2 * nbytes / 1e6 / t, "floor_ms": floor * 1e3,
                                      "x floor": t / floor if switch else float("nan"),
-                                     "overhead_ms": (t - base) * 1e3 if client == "sharded" else float("nan"),
+                                     "overhead_ms": (t - base[client]) * 1e3 if sharded else float("nan"),
                                      "speedup": speedup, "efficiency": speedup / s})
                         print(table.format().splitlines()[1 + len(table.rows)], flush=True)  # the new row
     finally:
@@ -247,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="global: global_clipnorm, so every step exchanges the shards' sums of squares")
     ap.add_argument("--reference", nargs="*", choices=("tcp", "grpc"), default=["tcp", "grpc"],
                     help="single-server rows measured alongside: bulk channel over TCP, gRPC streams")
+    ap.add_argument("--shared-memory", action="store_true",
+                    help="loopback: also a single server and the sharded series with shared memory on")
     add_output_arguments(ap)
     args = ap.parse_args(argv)
     nets = ["loopback"] if args.quick else args.net
@@ -254,8 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         shard_counts = shard_counts[:2]
     series = [(client, 1) for client in args.reference]
+    if args.shared_memory:
+        series.append(("shm", 1))
     if sharding_available():
         series += [("sharded", s) for s in shard_counts]
+        if args.shared_memory:
+            series += [("sharded-shm", s) for s in shard_counts]
     else:
         print("sharded series skipped: this checkout's `adamax-ps serve` has no --shards (one job over several "
               "servers); measuring the single-server references only", flush=True)

@@ -398,7 +398,7 @@ class BulkChannel:
                 pending = _wire.PendingTensor(tensor, _wire.DEFAULT_MAX_TENSOR_BYTES, allocate)
                 _bulk.recv_payload(sock, pending)
                 received.append((tensor.name, pending.finish().value))
-            if headers:
+            if headers or head.shm_name:  # a shared-memory reply is always released, even empty
                 copied = self._copy_from_shm(sock, head.shm_name, headers, allocate)
                 if copied is None:  # could not attach the server's segment: ask again over TCP
                     return body(sock, remaining)

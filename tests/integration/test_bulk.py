@@ -566,11 +566,12 @@ def test_shared_memory_pull_segments_follow_deletes_and_re_creates():
                 np.testing.assert_array_equal(pulled, local.trainable_variables["a"])
                 names.append(next(iter(opt._bulk._pull_segments)))
                 opt._transport.unary("DeleteOptimizer", pb.OptimizerRef(optimizer="again"))
+                assert not os.path.exists(f"/dev/shm/{names[-1].lstrip('/')}")  # unlinked by the delete
         assert names[0] != names[1]
         with RemoteAdamax(target, optimizer="third", worker_id="w0", bulk="shm") as opt:
             opt.build({"a": np.zeros(10, np.float32)})
             opt.push([np.ones(10, np.float32)])
-            opt.pull()  # any shared-memory pull sweeps the segments of deleted optimizers
+            opt.pull()
         assert not os.path.exists(f"/dev/shm/{names[0].lstrip('/')}")
         assert not os.path.exists(f"/dev/shm/{names[1].lstrip('/')}")
 

@@ -184,10 +184,23 @@ def test_shared_memory_on_shards_follows_the_server_and_frees_deleted_jobs(singl
             assert a.transfer_path == "shm" and all("a" in s.bulk._arenas for s in servers)
             assert a.delete()
         small = {"v": np.arange(12, dtype=np.float32).reshape(4, 3)}
-        with RemoteAdamax(targets, worker_id="w", optimizer="b", timeout=60, learning_rate=0.1) as b:
+        with RemoteAdamax(targets, worker_id="w", optimizer="b", timeout=60, learning_rate=0.1) as b, \
+                RemoteAdamax(single, worker_id="w", optimizer="b", timeout=60, learning_rate=0.1) as ref:  # fmt: skip
             b.build(small)
+            ref.build(small)
             assert b.pull()["v"].tobytes() == small["v"].tobytes()
-            assert all(sorted(s.bulk._arenas) == ["b"] for s in servers)  # "a"'s arenas released
+            # One shard holds no piece of this job: its replies carry nothing, and the same
+            # connection keeps working pull after pull.
+            assert sum(bool(s.shard_registry.host("b").piece_specs()) for s in servers) == 1
+            for k in range(3):
+                g = np.full((4, 3), 0.5 + k, np.float32)
+                b.push({"v": g}, step=k, request_id=f"r{k}")
+                ref.push({"v": g}, step=k, request_id=f"r{k}")
+                assert b.pull()["v"].tobytes() == ref.pull()["v"].tobytes()
+            assert b.transfer_path == "shm"
+            owner = [s for s in servers if s.shard_registry.host("b").piece_specs()][0]
+            assert sorted(owner.bulk._arenas) == ["b"]  # "a"'s arenas released
+            assert all("a" not in s.bulk._arenas for s in servers)
         with RemoteAdamax(targets, worker_id="w", optimizer="a", timeout=60, **CONFIG) as again:
             again.build(small)  # same name, other variables
             got = again.pull()

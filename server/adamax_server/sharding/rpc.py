@@ -308,6 +308,8 @@ class ShardRegistry:
             leader.close()
         if host is not None:
             host.close()
+        if self.bulk is not None:
+            self.bulk.release_arenas()  # its shared-memory pull segment goes with it
         return host is not None
 
     def describe(self, key: str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,9 @@ from adamax_server.errors import (
 )
 from adamax_server.transport.budget import CallLimits, TimedSocket
 from adamax_server.transport.bulk_tls import check_identity, tls_accept
-from adamax_server.transport.common import OUTCOMES, FoldedStats, engine_value, shm_copy, staging_allocator, tensor_meta
+from adamax_server.transport.common import (
+    OUTCOMES, FoldedStats, PullArena, engine_value, shm_copy, staging_allocator, tensor_meta,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -80,28 +82,6 @@ class _Connection:
     optimizer: str
     worker_id: str
     segment: Any = None  # the worker's push segment (shared memory), once registered
-
-
-@dataclass
-class _PullArena:
-    """One optimizer's shared-memory pull segment: the weights of ``version``, in build order."""
-
-    segment: Any
-    layout: list[tuple[str, tuple[int, ...], np.dtype, int]]  # name, shape, dtype, byte offset
-    host: Any = None  # the OptimizerHost it belongs to (a re-created optimizer gets a new one)
-    stamp: tuple[int, int] = (-1, -1)  # (restore epoch, version) of the weights it holds
-    iterations: int = 0
-    version: int = -1
-    readers: int = 0
-    cond: threading.Condition = field(default_factory=threading.Condition)
-
-    def views(self) -> dict[str, np.ndarray]:
-        buf = self.segment.buf
-        out = {}
-        for name, shape, dtype, offset in self.layout:
-            count = math.prod(shape)
-            out[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)
-        return out
 
 
 def _digest(ticket: bytes) -> bytes:
@@ -142,7 +122,7 @@ class BulkServer:
         self._pending: dict[socket.socket, float] = {}  # not yet past their hello, oldest first
         self._max_pending = max_pending
         self._authenticated = 0
-        self._arenas: dict[str, _PullArena] = {}
+        self._arenas: dict[str, PullArena] = {}
         self._closed = False
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
@@ -439,7 +419,8 @@ class BulkServer:
         known = request.known_version if request.HasField("known_version") else None
         try:
             host = self._host(conn, request.optimizer, request.worker_id)
-            if request.shm and self.shared_memory and not request.names:
+            # Shared memory for a full pull with something to map (a shard may hold no piece).
+            if request.shm and self.shared_memory and not request.names and host.variable_specs():
                 self._pull_shm(conn, host, request, known, wait)
                 return
             result = host.pull(
@@ -471,11 +452,20 @@ class BulkServer:
             sent += tensor.nbytes
         self._observe("BulkPull", "OK", bytes_out=sent)
 
-    def _arena(self, host: OptimizerHost) -> _PullArena:
+    def release_arenas(self) -> None:
+        """Unlink the pull arenas of optimizers deleted since (called after a delete; a pull
+        that maps a new arena does it too)."""
         with self._lock:
-            live = {id(h) for h in self._coordinator.hosts()}
-            for key in [k for k, a in self._arenas.items() if id(a.host) not in live]:
-                _shm.release(self._arenas.pop(key).segment, unlink=True)  # optimizer deleted
+            self._release_dead_arenas()
+
+    def _release_dead_arenas(self) -> None:
+        live = {id(h) for h in self._coordinator.hosts()}
+        for key in [k for k, a in self._arenas.items() if id(a.host) not in live]:
+            _shm.release(self._arenas.pop(key).segment, unlink=True)  # optimizer deleted
+
+    def _arena(self, host: OptimizerHost) -> PullArena:
+        with self._lock:
+            self._release_dead_arenas()
             arena = self._arenas.get(host.key)
             specs = host.variable_specs()
             layout, offset = [], _shm.data_offset()
@@ -487,7 +477,7 @@ class BulkServer:
             if arena is not None:  # the optimizer was re-created (maybe with other variables)
                 _shm.release(arena.segment, unlink=True)
             segment, _ = _shm.create(offset)
-            arena = _PullArena(segment, layout, host)
+            arena = PullArena(segment, layout, host)
             self._arenas[host.key] = arena
             return arena
 

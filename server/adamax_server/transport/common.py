@@ -3,12 +3,16 @@
 Proto enums <-> policy strings, ``OptimizerStatus`` -> ``OptimizerInfo``, tensor headers ->
 ``TensorMeta``, decoded tensors -> engine values, the receive allocator that lets a push land
 straight in the engine's staging buffer, and ``FoldedStats``, which computes a push's gradient
-statistics piece by piece as its bytes land (while they are still in the cache). No grpc here:
+statistics piece by piece as its bytes land (while they are still in the cache), and
+``PullArena``, the shared-memory segment a bulk listener answers full pulls from. No grpc here:
 the bulk channel uses it without a server.
 """
 
 from __future__ import annotations
 
+import math
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -224,3 +228,25 @@ def shm_copy(on_filled: Any, private: np.ndarray, raw: np.ndarray) -> None:
         copy(raw)
     else:
         np.copyto(private, raw)
+
+
+@dataclass
+class PullArena:
+    """One optimizer's shared-memory pull segment: the weights of ``version``, in build order."""
+
+    segment: Any
+    layout: list[tuple[str, tuple[int, ...], np.dtype, int]]  # name, shape, dtype, byte offset
+    host: Any = None  # the host it belongs to (OptimizerHost, or a shard's view; a re-created optimizer gets a new one)
+    stamp: tuple[Any, int] = (-1, -1)  # (restore epoch or shard incarnation, version) of the weights it holds
+    iterations: int = 0
+    version: int = -1
+    readers: int = 0
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def views(self) -> dict[str, np.ndarray]:
+        buf = self.segment.buf
+        out = {}
+        for name, shape, dtype, offset in self.layout:
+            count = math.prod(shape)
+            out[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)
+        return out

@@ -140,7 +140,10 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
 
     def DeleteOptimizer(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._translating(context):
-            return pb.DeleteOptimizerResponse(deleted=self._coordinator.delete(request.optimizer))
+            deleted = self._coordinator.delete(request.optimizer)
+            if self._bulk is not None:
+                self._bulk.release_arenas()  # its shared-memory pull segment goes with it
+            return pb.DeleteOptimizerResponse(deleted=deleted)
 
     # -------------------------------------------------------------- build, push, pull
 
