@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -88,10 +88,12 @@ class ShardChannels:
                                num_tensors=len(items))  # fmt: skip
         return self._via(shard, lambda ch: ch.push(header, items, wire=wire, timeout=timeout)) is not None
 
-    def pull(self, shard: int, names: Sequence[str], min_version: int, timeout: float) -> tuple[int, int, dict[str, np.ndarray]] | None:
-        """(version, iterations, this shard's pieces) over its bulk channel; None: use gRPC."""
+    def pull(self, shard: int, names: Sequence[str], min_version: int, timeout: float,
+             out: Mapping[str, np.ndarray] | None = None) -> tuple[int, int, dict[str, np.ndarray]] | None:  # fmt: skip
+        """(version, iterations, this shard's pieces) over its bulk channel; None: use gRPC.
+        ``out`` (piece name -> writable array of its shape): receive the pieces into those."""
         request = pb.PullRequest(optimizer=self.key, names=list(names), min_version=int(min_version), worker_id=self.worker_id)
-        got = self._via(shard, lambda ch: ch.pull(request, timeout=timeout))
+        got = self._via(shard, lambda ch: ch.pull(request, timeout=timeout, out=out))
         if got is None:
             return None
         head, items = got

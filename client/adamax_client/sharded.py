@@ -22,7 +22,6 @@ otherwise, to all shards in parallel; the commit at the leader and everything el
 
 from __future__ import annotations
 
-import time
 import uuid
 import warnings
 from collections import OrderedDict
@@ -358,34 +357,7 @@ class ShardedRemoteAdamax(ShardedAdapterCalls, RemoteAdamax):
         unknown = [n for n in key if n not in placement.by_name()]
         if unknown:
             raise NotFoundError(f"optimizer '{self.key}' has no variable(s) {unknown}. Known variables: {[v.name for v in placement.variables]}")
-        target = self._expect_version if min_version is None else int(min_version)
-        wait = timeout or self.timeout
-        channels = self._channels
-        assert channels is not None
-
-        def pull_from(i: int) -> Any:  # over the shard's bulk channel where offered, else gRPC
-            got = channels.pull(i, key, target, wait)
-            return got if got is not None else self._one(i, "pull", list(key), target, wait, timeout=timeout)
-
-        asked = target
-        for attempt in range(16):
-            try:
-                replies = self._each(pull_from)
-            except AbortedError as exc:
-                self._taken_back(exc)
-                raise
-            versions = {int(r[0]) for r in replies}
-            if len(versions) == 1:
-                break
-            if max(versions) - min(versions) > 1:
-                # More than one event apart: a shard restarted and the leader brings them back to one
-                # cut (the newest version may be taken back). Ask again for what was asked.
-                time.sleep(min(2.0, 0.1 * (attempt + 1)))
-                target = asked
-                continue
-            target = max(versions)  # an event is being committed: wait for the shards behind
-        else:
-            raise UnavailableError(f"the shards of optimizer '{self.key}' did not settle on one version")
+        replies = self._pull_replies(key, min_version, timeout)
         self.last_iterations = int(replies[0][1])
         values = assemble(placement, [r[2] for r in replies], key)
         out = OrderedDict((n, _readonly(v)) for n, v in values.items())

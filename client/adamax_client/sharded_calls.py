@@ -12,25 +12,33 @@ sharded client: the same weights, the same errors.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
-from adamax_client.errors import AlreadyExistsError, InvalidArgumentError, UnimplementedError
+from adamax_client.errors import AbortedError, AlreadyExistsError, InvalidArgumentError, UnavailableError, UnimplementedError
 from adamax_client._settings import IF_EXISTS
 
 _log = logging.getLogger("adamax_client")
 
 
 class ShardedAdapterCalls:
-    """``push_stream``, ``pull_into``, ``delete`` and ``if_exists`` over every shard."""
+    """``push_stream``, ``pull_into``, ``delete`` and ``if_exists`` over every shard, and the
+    pull of one version from every shard that ``pull`` and ``pull_into`` share."""
 
     # Set by ShardedRemoteAdamax.
     key: str
     num_shards: int
     last_iterations: int
+    _channels: Any
+    _expect_version: int
+    _one: Callable[..., Any]
+    _each: Callable[..., list[Any]]
+    _taken_back: Callable[[AbortedError], None]
+    _need_placement: Callable[[], Any]
 
     @classmethod
     def adopt(cls, client: Any, shard_args: tuple[Any, tuple[Any, ...], dict[str, Any]] | None) -> bool:
@@ -91,23 +99,76 @@ class ShardedAdapterCalls:
             )
         return self.push(gradients, step=step, request_id=request_id, timeout=timeout)  # type: ignore[attr-defined]
 
+    def _pull_replies(self, key: tuple[str, ...], min_version: int | None, timeout: float | None,
+                      out_for: Callable[[int], dict[str, np.ndarray]] | None = None) -> list[Any]:
+        """(version, iterations, pieces) of every shard at one version; with ``out_for(shard)``
+        (piece name -> writable view) a bulk channel receives the pieces straight into it."""
+        target = self._expect_version if min_version is None else int(min_version)
+        wait = timeout or self.timeout
+        channels = self._channels
+        assert channels is not None
+
+        def pull_from(i: int) -> Any:  # over the shard's bulk channel where offered, else gRPC
+            got = channels.pull(i, key, target, wait, out=None if out_for is None else out_for(i))
+            return got if got is not None else self._one(i, "pull", list(key), target, wait, timeout=timeout)
+
+        asked = target
+        for attempt in range(16):
+            try:
+                replies = self._each(pull_from)
+            except AbortedError as exc:
+                self._taken_back(exc)
+                raise
+            versions = {int(r[0]) for r in replies}
+            if len(versions) == 1:
+                return replies
+            if max(versions) - min(versions) > 1:
+                # More than one event apart: a shard restarted and the leader brings them back to one
+                # cut (the newest version may be taken back). Ask again for what was asked.
+                time.sleep(min(2.0, 0.1 * (attempt + 1)))
+                target = asked
+                continue
+            target = max(versions)  # an event is being committed: wait for the shards behind
+        raise UnavailableError(f"the shards of optimizer '{self.key}' did not settle on one version")
+
     def pull_into(self, out: Mapping[str, np.ndarray], *, min_version: int | None = None,
                   timeout: float | None = None) -> int:
         """Pull all weights into ``out`` (name -> writable array of the variable's shape); returns
-        the version. Arrays of another dtype are cast; waits like ``pull()``."""
-        values = self.pull(min_version=min_version, timeout=timeout)  # type: ignore[attr-defined]
-        missing = set(out) - set(values)
+        the version. Arrays of another dtype are cast; waits like ``pull()``.
+
+        As on one server, each shard's bulk channel receives (or copies out of shared memory) its
+        pieces straight into ``out``: a piece of a split variable into its row range of the
+        caller's array, so a pull makes no copy of its own. Arrays it cannot write into directly
+        (another dtype, not C-contiguous) get the pulled values copied in.
+        """
+        by_name = self._need_placement().by_name()
+        missing = set(out) - set(by_name)
         if missing:
             raise InvalidArgumentError(f"optimizer '{self.key}' has no variable(s) {sorted(missing)}")
         for name, dest in out.items():
-            value = values[name]
-            if tuple(dest.shape) != tuple(value.shape):
+            if tuple(dest.shape) != tuple(by_name[name].shape):
                 raise InvalidArgumentError(
-                    f"`out['{name}']` has shape {tuple(dest.shape)}; the variable has {tuple(value.shape)}"
+                    f"`out['{name}']` has shape {tuple(dest.shape)}; the variable has {tuple(by_name[name].shape)}"
                 )
-            np.copyto(dest, value, casting="same_kind")
+        views: list[dict[str, np.ndarray]] = [{} for _ in range(self.num_shards)]
+        for name, dest in out.items():
+            v = by_name[name]
+            if dest.dtype != np.dtype(v.dtype) or not (dest.flags.c_contiguous and dest.flags.writeable):
+                continue  # copied in below
+            for p in v.pieces:
+                views[p.shard][name] = dest[p.row_start : p.row_stop] if (v.split and v.shape) else dest
+        replies = self._pull_replies((), min_version, timeout, out_for=views.__getitem__)
+        for name, dest in out.items():
+            v = by_name[name]
+            for p in v.pieces:
+                value = np.asarray(replies[p.shard][2][name])
+                target = dest[p.row_start : p.row_stop] if (v.split and v.shape) else dest
+                if not np.may_share_memory(target, value):  # gRPC, or not received in place
+                    np.copyto(target, value, casting="same_kind")
+        self.last_iterations = int(replies[0][1])
+        self._version = int(replies[0][0])
         self._cache.pop((), None)  # type: ignore[attr-defined]  # the caller's arrays hold this version now
-        return int(self._version)  # type: ignore[attr-defined]
+        return int(self._version)
 
     def delete(self) -> bool:
         """Delete this job on every shard (weights, state, workers); False if it was gone on all.

@@ -247,3 +247,51 @@ def test_non_finite_slices_are_caught_on_every_path(single, mode):
     finally:
         for s in servers:
             stop_shard_server(s, grace=0)
+
+
+@pytest.mark.parametrize("mode", ["auto", "tcp", "off"])
+def test_pull_into_lands_in_the_callers_arrays(mode):
+    """``pull_into`` on a sharded job (the framework adapters' pull) equals ``pull``: over a bulk
+    channel each shard's pieces are received straight into the caller's arrays (a split
+    variable's piece into its rows), and arrays of another dtype or layout get a copy."""
+    values = _values(10)
+    servers, targets = start_shards(3)
+    try:
+        with RemoteAdamax(targets, worker_id="w", optimizer="into", timeout=60, bulk=mode, **CONFIG) as opt:
+            opt.build(values)
+            for k in range(2):
+                opt.push(_grads(values, k))
+            expected = opt.pull()
+            by_name = opt._need_placement().by_name()
+            assert any(v.split for v in by_name.values())  # "emb" is cut over several shards
+            out = {n: np.zeros(v.shape, v.dtype) for n, v in values.items()}
+            out["w"] = np.zeros(values["w"].shape, np.float64)  # another dtype: cast in
+            out["d"] = np.zeros(values["d"].shape, values["d"].dtype, order="F")  # not C-contiguous
+            seen = []
+            pull = opt._channels.pull
+
+            def recording(shard, names, min_version, timeout, out=None):
+                seen.append(out)
+                return pull(shard, names, min_version, timeout, out=out)
+
+            opt._channels.pull = recording
+            version = opt.pull_into(out)
+            assert version == opt.version == 2
+            for n in values:
+                np.testing.assert_array_equal(out[n], expected[n].astype(out[n].dtype), err_msg=n)
+            if mode != "off":  # every shard was asked to write its pieces of "emb" and "b" in place
+                asked = {n: [] for n in ("emb", "b")}
+                for views in seen:
+                    for n, view in (views or {}).items():
+                        assert np.shares_memory(view, out[n]) and n not in ("w", "d")
+                        asked[n].append(view.shape[0] if view.ndim else 0)
+                assert sum(asked["emb"]) == values["emb"].shape[0] and len(asked["emb"]) == len(by_name["emb"].pieces)
+                assert asked["b"] == [values["b"].shape[0]]
+                assert opt.transfer_path == ("shm" if mode == "auto" else "tcp")
+            with pytest.raises(client_errors.InvalidArgumentError, match="shape"):
+                opt.pull_into({"b": np.zeros(3, np.float32)})
+            with pytest.raises(client_errors.InvalidArgumentError, match="no variable"):
+                opt.pull_into({"nope": np.zeros(3, np.float32)})
+    finally:
+        for s in servers:
+            stop_shard_server(s, grace=0)
