@@ -47,6 +47,7 @@ from adamax_client.sharded_calls import ShardedAdapterCalls
 from adamax_client.transport import RetryPolicy, Transport
 
 CALL_PATH = "/adamax.v1.ShardService/Call"
+ONCE_PATH = "/adamax.v1.ShardService/CallOnce"
 _RECORDS = codec.Records(PushResult)
 _RESTAGE_ATTEMPTS = 3  # a push found unstaged at commit (a shard restarted) is staged and committed again
 
@@ -70,11 +71,17 @@ class ShardCaller:
             request_serializer=_wire.identity_serializer,
             response_deserializer=_wire.frame_deserializer(pb.ShardCallFrame),
         )
+        self._once = transport._channel.unary_unary(
+            ONCE_PATH, request_serializer=_wire.identity_serializer, response_deserializer=pb.ShardCallBatch.FromString
+        )
+        self._once_ok = True  # False once the server answered CallOnce UNIMPLEMENTED
 
     def __call__(self, key: str, method: str, *args: Any, timeout: float | None = None, wire: str | None = None) -> Any:
-        """``wire`` narrows every float tensor of the call on the wire (gradients being staged)."""
+        """``wire`` narrows every float tensor of the call on the wire (gradients being staged).
+        Small calls (``shard_codec.ONCE_METHODS``) go in one message each way (``CallOnce``)."""
         doc, tensors = codec.encode(list(args))
         header = pb.ShardCallHeader(optimizer=key, method=method, args_json=doc, num_tensors=len(tensors))
+        once = codec.call_once(method, tensors)
 
         def frames() -> Iterable[bytes]:
             yield _wire.header_frame(header)
@@ -82,6 +89,14 @@ class ShardCaller:
                 yield from _wire.tensor_frames(name, value, wire=wire)
 
         def attempt(remaining: float) -> Any:
+            if once and self._once_ok:
+                try:
+                    head, decoded = _wire.decode_stream(iter(self._once(codec.batch_bytes(frames()), timeout=remaining).frames))
+                    return codec.decode(head.args_json, [t.value for t in decoded], _RECORDS)
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+                    self._once_ok = False  # an older server (or not a shard): stream, as always
             head, decoded = _wire.decode_stream(self._call(frames(), timeout=remaining))
             return codec.decode(head.args_json, [t.value for t in decoded], _RECORDS)
 

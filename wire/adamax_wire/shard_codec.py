@@ -146,3 +146,43 @@ def _is_row_sparse(x: Any) -> bool:
 
 def _registered(x: Any) -> bool:
     return not _is_row_sparse(x)
+
+
+# ---------------------------------------------------------------- CallOnce
+
+#: Methods of the shard protocol whose reply is small by construction (no tensors, or a few
+#: numbers per variable): sent with ``ShardService.CallOnce``, one message each way, when their
+#: request's tensors hold at most ``ONCE_MAX_REQUEST_BYTES``. A streamed call costs several
+#: times a unary one in gRPC Python, and these are the calls on every step's path (a commit
+#: at the leader; prepare and commit of an event on every shard).
+ONCE_METHODS = frozenset({
+    "push", "prepare", "commit", "abort", "drop", "check", "mutate", "mutate_job", "set_learning_rate",
+    "state_version", "open_bulk", "create", "status", "delete", "exclude_from_weight_decay",
+})  # fmt: skip
+ONCE_MAX_REQUEST_BYTES = 1 << 20
+
+
+def call_once(method: str, tensors: Sequence[tuple[str, Any]]) -> bool:
+    """Whether a call of ``method`` carrying ``tensors`` (from ``encode``) goes as ``CallOnce``."""
+    if method not in ONCE_METHODS:
+        return False
+    total = 0
+    for _, value in tensors:
+        parts = (value.indices, value.values) if _is_row_sparse(value) else (value,)
+        total += sum(np.asarray(p).nbytes for p in parts)
+    return total <= ONCE_MAX_REQUEST_BYTES
+
+
+def batch_bytes(frames: Any) -> bytes:
+    """A serialized ``ShardCallBatch`` of already serialized ``ShardCallFrame``s (field 1, each
+    length-delimited), without parsing them again."""
+    out = bytearray()
+    for frame in frames:
+        n = len(frame)
+        out.append(0x0A)
+        while n >= 0x80:
+            out.append((n & 0x7F) | 0x80)
+            n >>= 7
+        out.append(n)
+        out += frame
+    return bytes(out)

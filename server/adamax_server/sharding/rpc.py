@@ -1,4 +1,5 @@
-"""A shard server: the ``ShardService`` servicer, links to the other shards, and the cut store.
+"""A shard server's state: the registry of its jobs, links to the other shards, and the cut store
+(the ``ShardService`` servicer is in ``sharding.server``).
 
 ``adamax-ps serve --shard-index I --shards A0,A1,...`` runs a ``ShardRegistry``: the
 ``ShardHost`` of every optimizer of the job on this shard and, on shard 0, its ``Leader``. A
@@ -6,7 +7,9 @@ shard needs nothing but its index and the shard list: the leader reaches shard `
 ``shards[i]`` (``GrpcLink``; itself directly), and placement follows from the variable list.
 
 ``ShardService.Call`` carries one method of the shard protocol (``_PUBLIC``, ``_LEADER``,
-``_INTERNAL`` below) with its arguments encoded by ``shard_codec``. Errors map to status codes
+``_INTERNAL`` below) with its arguments encoded by ``shard_codec``; ``CallOnce`` is the same in
+one message each way, which links and clients use for the small calls on every step's path
+(``shard_codec.ONCE_METHODS``). Errors map to status codes
 through ``errors.status_for`` like every other call; a link turns them back into the same
 exceptions, and a shard that does not answer (UNAVAILABLE, DEADLINE_EXCEEDED without a domain
 error) into ``ShardUnavailable``.
@@ -50,7 +53,6 @@ from adamax_server.errors import (
     NotFound,
     StateRestored,
     Unavailable,
-    status_for,
 )
 from adamax_server.sharding import assembled, pairwise, restore as job_restore
 from adamax_server.sharding import bulk as shard_bulk
@@ -60,12 +62,12 @@ from adamax_server.sharding.placement import DEFAULT_MIN_PIECE_BYTES
 from adamax_server.sharding.shard import PrepareReply, ShardHost, ShardSnapshot
 from adamax_server.sharding.shard_engine import ClipDecision, ShardEngine
 from adamax_server.sharding.split import job_layout
-from adamax_server.transport.security import peer_identities
 
 _log = logging.getLogger(__name__)
 
 SERVICE = "adamax.v1.ShardService"
 CALL_PATH = f"/{SERVICE}/Call"
+ONCE_PATH = f"/{SERVICE}/CallOnce"
 
 RECORDS = codec.Records(ClipDecision, PrepareReply, ShardSnapshot, PushResult, pairwise.Piece)
 
@@ -101,7 +103,10 @@ def parse_shards(value: str | Sequence[str]) -> list[str]:
 
 
 def _call_frames(key: str, method: str, args: Any) -> list[bytes]:
-    doc, tensors = codec.encode(args)
+    return _frames_of(key, method, *codec.encode(args))
+
+
+def _frames_of(key: str, method: str, doc: str, tensors: list[tuple[str, Any]]) -> list[bytes]:
     frames = [_wire.header_frame(pb.ShardCallHeader(optimizer=key, method=method, args_json=doc, num_tensors=len(tensors)))]
     for name, value in tensors:
         frames.extend(_wire.tensor_frames(name, value))
@@ -130,10 +135,23 @@ class GrpcLink:
             request_serializer=_wire.identity_serializer,
             response_deserializer=_wire.frame_deserializer(pb.ShardCallFrame),
         )
+        self._once = channel.unary_unary(
+            ONCE_PATH, request_serializer=_wire.identity_serializer, response_deserializer=pb.ShardCallBatch.FromString
+        )
+        self._once_ok = True  # False once the shard answered CallOnce UNIMPLEMENTED (an older server)
 
     def call(self, method: str, *args: Any, timeout: float) -> Any:
-        frames = _call_frames(self.key, method, list(args))
+        doc, tensors = codec.encode(list(args))
+        frames = _frames_of(self.key, method, doc, tensors)
         try:
+            if self._once_ok and codec.call_once(method, tensors):
+                try:
+                    reply = self._once(codec.batch_bytes(frames), timeout=timeout, metadata=self._metadata)
+                    return _decode_call(iter(reply.frames))[1]
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+                    self._once_ok = False
             _, value = _decode_call(self._call(iter(frames), timeout=timeout, metadata=self._metadata))
         except grpc.RpcError as exc:
             raise link_error(exc, self.index, self.target) from None
@@ -592,39 +610,3 @@ def read_cut(directory: Path, shard_index: int) -> tuple[ShardSnapshot, dict[str
                 tensors.append(z[f"t{k}"])
     value = codec.decode(meta["doc"], tensors, RECORDS, sparse=RowSparseGradient)
     return value["snapshot"], value["leader"]
-
-
-# ---------------------------------------------------------------- the servicer
-
-
-class ShardServicer:
-    """``ShardService.Call``: frames in, ``ShardRegistry.dispatch``, frames out."""
-
-    def __init__(self, registry: ShardRegistry) -> None:
-        self.registry = registry
-
-    def Call(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[bytes]:
-        try:
-            head, args = _decode_call(request_iterator)
-            if not isinstance(args, list):
-                raise InvalidArgument("shard call arguments must be a list")
-            if head.method == "open_bulk":  # the ticket is bound to the caller's certificate
-                result = shard_bulk.open_bulk(self.registry, head.optimizer, args, peer_identities(context))
-            else:
-                result = self.registry.dispatch(head.optimizer, head.method, args)
-            frames = _call_frames(head.optimizer, "", result)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-            info = status_for(exc)
-            context.set_trailing_metadata(info.metadata)
-            context.abort(grpc.StatusCode[info.code], info.message)
-            return
-        yield from frames
-
-
-def add_shard_service(server: grpc.Server, servicer: ShardServicer) -> None:
-    handler = grpc.stream_stream_rpc_method_handler(
-        servicer.Call,
-        request_deserializer=_wire.frame_deserializer(pb.ShardCallFrame),
-        response_serializer=lambda frame: frame,
-    )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Call": handler}),))

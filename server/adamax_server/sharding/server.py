@@ -1,4 +1,4 @@
-"""A shard server: ``ShardService`` (with health and reflection) on one address.
+"""A shard server: ``ShardService`` (with health and reflection) on one address, and its servicer.
 
 ``create_shard_server(address, shard_index, shards)`` is what ``adamax-ps serve --shard-index I
 --shards A0,A1,...`` runs; tests bind port 0 on every shard first and then hand each registry
@@ -8,20 +8,26 @@ the real list (``server.shard_registry.set_shards``).
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from adamax_wire import pb
+from adamax_wire import shard_codec as codec
+from adamax_wire import tensors as _wire
+
+from adamax_server.errors import InvalidArgument, status_for
+from adamax_server.sharding import bulk as shard_bulk
 from adamax_server.sharding.bulk import ShardBulkHosts
 from adamax_server.sharding.healing import ShardWatch
-from adamax_server.sharding.rpc import SERVICE, ShardRegistry, ShardServicer, add_shard_service
+from adamax_server.sharding.rpc import SERVICE, ShardRegistry, _call_frames, _decode_call
 from adamax_server.sharding.warmup import warm_up
 from adamax_server.transport.budget import CallLimits
 from adamax_server.transport.bulk import BulkServer
-from adamax_server.transport.security import SecurityConfigError
+from adamax_server.transport.security import SecurityConfigError, peer_identities
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -112,3 +118,48 @@ def stop_shard_server(server: grpc.Server, grace: float | None = 1.0) -> None:
     server.stop(grace).wait()
     if server.bulk is not None:  # type: ignore[attr-defined]
         server.bulk.close()  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- the servicer
+
+
+class ShardServicer:
+    """``ShardService.Call`` (and ``CallOnce``, the same in one message each way): frames in,
+    ``ShardRegistry.dispatch``, frames out."""
+
+    def __init__(self, registry: ShardRegistry) -> None:
+        self.registry = registry
+
+    def Call(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from self._serve(request_iterator, context)
+
+    def CallOnce(self, request: Any, context: grpc.ServicerContext) -> bytes:
+        return codec.batch_bytes(self._serve(iter(request.frames), context))
+
+    def _serve(self, frames_in: Iterator[Any], context: grpc.ServicerContext) -> list[bytes]:
+        try:
+            head, args = _decode_call(frames_in)
+            if not isinstance(args, list):
+                raise InvalidArgument("shard call arguments must be a list")
+            if head.method == "open_bulk":  # the ticket is bound to the caller's certificate
+                result = shard_bulk.open_bulk(self.registry, head.optimizer, args, peer_identities(context))
+            else:
+                result = self.registry.dispatch(head.optimizer, head.method, args)
+            return _call_frames(head.optimizer, "", result)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            info = status_for(exc)
+            context.set_trailing_metadata(info.metadata)
+            context.abort(grpc.StatusCode[info.code], info.message)
+            raise  # not reached: abort raises
+
+
+def add_shard_service(server: grpc.Server, servicer: ShardServicer) -> None:
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.Call,
+        request_deserializer=_wire.frame_deserializer(pb.ShardCallFrame),
+        response_serializer=lambda frame: frame,
+    )
+    once = grpc.unary_unary_rpc_method_handler(
+        servicer.CallOnce, request_deserializer=pb.ShardCallBatch.FromString, response_serializer=lambda b: b
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Call": handler, "CallOnce": once}),))

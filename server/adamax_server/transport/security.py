@@ -204,6 +204,10 @@ def _optimizer_of(message: Any) -> str | None:
     """The optimizer a request or first stream frame names (None: none found)."""
     if isinstance(message, memoryview) or message is None:
         return None
+    if getattr(message, "DESCRIPTOR", None) is not None and message.DESCRIPTOR.name == "ShardCallBatch":
+        message = message.frames[0] if message.frames else None  # CallOnce: the frames of a Call
+        if message is None:
+            return None
     if hasattr(message, "WhichOneof") and "frame" in message.DESCRIPTOR.oneofs_by_name:
         if message.WhichOneof("frame") != "header":
             return None

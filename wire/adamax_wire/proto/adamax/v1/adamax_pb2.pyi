@@ -661,3 +661,9 @@ class ShardCallFrame(_message.Message):
     tensor: TensorHeader
     chunk: bytes
     def __init__(self, header: _Optional[_Union[ShardCallHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class ShardCallBatch(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[ShardCallFrame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[ShardCallFrame, _Mapping]]] = ...) -> None: ...

@@ -1039,7 +1039,12 @@ class CheckpointService:
 
 
 class ShardServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """`CallOnce` is `Call` in one message each way: the same method, frames and errors. Callers use
+    it for the protocol's small calls (a commit at the leader, prepare and commit of an event on
+    each shard, ...), where a streamed call costs several times a unary one; a call that carries
+    or returns tensors of any size (stage, pull, cuts) streams. A server without `CallOnce`
+    answers UNIMPLEMENTED and the caller streams from then on.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -1052,12 +1057,28 @@ class ShardServiceStub:
                 request_serializer=adamax_dot_v1_dot_adamax__pb2.ShardCallFrame.SerializeToString,
                 response_deserializer=adamax_dot_v1_dot_adamax__pb2.ShardCallFrame.FromString,
                 _registered_method=True)
+        self.CallOnce = channel.unary_unary(
+                '/adamax.v1.ShardService/CallOnce',
+                request_serializer=adamax_dot_v1_dot_adamax__pb2.ShardCallBatch.SerializeToString,
+                response_deserializer=adamax_dot_v1_dot_adamax__pb2.ShardCallBatch.FromString,
+                _registered_method=True)
 
 
 class ShardServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """`CallOnce` is `Call` in one message each way: the same method, frames and errors. Callers use
+    it for the protocol's small calls (a commit at the leader, prepare and commit of an event on
+    each shard, ...), where a streamed call costs several times a unary one; a call that carries
+    or returns tensors of any size (stage, pull, cuts) streams. A server without `CallOnce`
+    answers UNIMPLEMENTED and the caller streams from then on.
+    """
 
     def Call(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CallOnce(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1071,6 +1092,11 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     request_deserializer=adamax_dot_v1_dot_adamax__pb2.ShardCallFrame.FromString,
                     response_serializer=adamax_dot_v1_dot_adamax__pb2.ShardCallFrame.SerializeToString,
             ),
+            'CallOnce': grpc.unary_unary_rpc_method_handler(
+                    servicer.CallOnce,
+                    request_deserializer=adamax_dot_v1_dot_adamax__pb2.ShardCallBatch.FromString,
+                    response_serializer=adamax_dot_v1_dot_adamax__pb2.ShardCallBatch.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'adamax.v1.ShardService', rpc_method_handlers)
@@ -1080,7 +1106,12 @@ def add_ShardServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ShardService:
-    """Missing associated documentation comment in .proto file."""
+    """`CallOnce` is `Call` in one message each way: the same method, frames and errors. Callers use
+    it for the protocol's small calls (a commit at the leader, prepare and commit of an event on
+    each shard, ...), where a streamed call costs several times a unary one; a call that carries
+    or returns tensors of any size (stage, pull, cuts) streams. A server without `CallOnce`
+    answers UNIMPLEMENTED and the caller streams from then on.
+    """
 
     @staticmethod
     def Call(request_iterator,
@@ -1099,6 +1130,33 @@ class ShardService:
             '/adamax.v1.ShardService/Call',
             adamax_dot_v1_dot_adamax__pb2.ShardCallFrame.SerializeToString,
             adamax_dot_v1_dot_adamax__pb2.ShardCallFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CallOnce(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamax.v1.ShardService/CallOnce',
+            adamax_dot_v1_dot_adamax__pb2.ShardCallBatch.SerializeToString,
+            adamax_dot_v1_dot_adamax__pb2.ShardCallBatch.FromString,
             options,
             channel_credentials,
             insecure,
