@@ -24,7 +24,9 @@ on a single server that restarts from its last checkpoint.
 
 Sync rounds have one decision for the job: the leader keeps the round (K of N, round timeout,
 late pushes) and closes it as one event whose contributions every shard sums in worker-id
-order, as a single server does. A round that aborts drops the staged pushes everywhere.
+order, as a single server does. A round that aborts drops the staged pushes everywhere. The
+step checks and the round are decided by ``coordination.sequencing``, the code a single
+server decides with; only carrying a decided step out differs.
 
 Staged pushes that are never committed (the worker died between the phases) expire on the
 shards after ``staging_ttl``; they were never applied anywhere.
