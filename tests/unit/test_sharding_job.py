@@ -162,3 +162,42 @@ def test_a_retry_of_a_decided_push_leaves_no_staged_copy():
         assert all(h.staged_keys() == [] for h in job.hosts)
     finally:
         job.close()
+
+
+def test_metrics_gauges_are_read_without_the_shard_lock():
+    """What a stage reports to the metrics (bytes held, version, staged pushes) equals the
+    shard's status and is read without its lock, so a stage's reply never waits for metrics
+    behind a step that holds it."""
+    import threading
+
+    job = ShardedJob("job", {"learning_rate": 0.1}, Policy(), 3, device="numba", min_piece_bytes=MIN_PIECE)
+    try:
+        values = _values(np.random.default_rng(0))
+        job.build(values)
+        job.stage("w0", "r0", _grads(np.random.default_rng(1), values))
+        for host in job.hosts:
+            st = host.status()
+            assert host.gauges() == (st["bytes"], st["version"], st["staged"])
+            assert st["staged"] == 1 and st["bytes"] > 0
+        host = job.hosts[1]
+        held, done = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with host._cond:  # a step in progress
+                held.set()
+                done.wait(5)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        try:
+            assert held.wait(5)
+            got = []
+            reader = threading.Thread(target=lambda: got.append(host.gauges()))
+            reader.start()
+            reader.join(2)
+            assert got and not reader.is_alive()  # answered while the lock is held
+        finally:
+            done.set()
+            t.join(5)
+    finally:
+        job.close()

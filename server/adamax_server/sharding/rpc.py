@@ -368,10 +368,10 @@ class ShardRegistry:
 
     def _observe(self, key: str) -> None:
         try:
-            st = self.host(key).status()
+            held, version, staged = self.host(key).gauges()  # without the shard's lock
             # Without the leader's lock: the leader commits on its own shard while holding it.
             lagging = self._leaders[key].lagging_count if key in self._leaders else None
-            self.metrics.observe_shard(key, self.shard_index, st["bytes"], st["version"], st["staged"], lagging)
+            self.metrics.observe_shard(key, self.shard_index, held, version, staged, lagging)
         except Exception:  # noqa: BLE001 - metrics never fail a call
             _log.debug("shard metrics of '%s' failed", key, exc_info=True)
 

@@ -143,6 +143,7 @@ class ShardHost:
         self._aborts = 0
         self._last_abort = ""
         self._closed = False
+        self._held: tuple[Placement, int] | None = None  # (placement, this shard's bytes in it)
 
     # -------------------------------------------------------------- build
 
@@ -445,6 +446,16 @@ class ShardHost:
                 "staged": len(self._staged),
                 "learning_rate": float(self._engine.learning_rate),
             }
+
+    def gauges(self) -> tuple[int, int, int]:
+        """(bytes this shard holds, version, staged pushes) for the metrics, read without the
+        lock: a stage's reply must not wait for metrics behind a step that holds it."""
+        placement, held = self.placement, self._held
+        if placement is None:
+            return 0, self.version, len(self._staged)
+        if held is None or held[0] is not placement:
+            held = self._held = (placement, placement.shard_bytes()[self.shard_index])
+        return held[1], self.version, len(self._staged)
 
     def piece_names(self) -> set[str] | None:
         """Names of the variables this shard holds a piece of (None before build)."""
