@@ -201,3 +201,38 @@ def test_metrics_gauges_are_read_without_the_shard_lock():
             t.join(5)
     finally:
         job.close()
+
+
+def test_the_leaders_own_shard_is_called_in_its_thread():
+    """A fan-out calls an ``inline`` link (the leader's own shard) in the calling thread and the
+    others on the pool, in parallel; replies come back in shard order, failures after all."""
+    import threading
+
+    from adamax_server.sharding.leader import Leader
+    from adamax_server.sharding.links import PartialFailure
+
+    seen = {}
+
+    class Link:
+        def __init__(self, index, inline, fail=False):
+            self.index, self.inline, self.fail = index, inline, fail
+
+        def call(self, method, *args, timeout):
+            seen[self.index] = threading.current_thread()
+            if self.fail:
+                raise ValueError(f"shard {self.index} failed")
+            return (self.index, method, args)
+
+    links = [Link(0, True), Link(1, False), Link(2, False)]
+    leader = Leader("job", Policy(), {"learning_rate": 0.1}, links, lambda: None)
+    try:
+        got = leader._fan("status", lambda i: (i,))
+        assert list(got) == [0, 1, 2] and got[2] == (2, "status", (2,))
+        assert seen[0] is threading.current_thread()
+        assert seen[1] is not threading.current_thread() and seen[2] is not threading.current_thread()
+        links[0].fail = links[2].fail = True
+        with pytest.raises(PartialFailure) as info:
+            leader._fan("status", lambda i: ())
+        assert sorted(info.value.errors) == [0, 2] and list(info.value.results) == [1]
+    finally:
+        leader.close()

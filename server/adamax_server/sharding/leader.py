@@ -115,16 +115,26 @@ class Leader:
     # -------------------------------------------------------------- fan-out
 
     def _fan(self, method: str, args_for: Callable[[int], tuple[Any, ...]], shards: Sequence[int] | None = None) -> dict[int, Any]:
-        """Call every shard (or ``shards``) in parallel; raise the first failure after all returned."""
+        """Call every shard (or ``shards``) in parallel; raise the first failure after all returned.
+
+        The leader's own shard (a link marked ``inline``) is called in this thread while the
+        others run on the pool: no thread handoff for the call that needs no network."""
         targets = list(range(len(self._links))) if shards is None else list(shards)
-        futures = {i: self._pool.submit(self._call, i, method, *args_for(i)) for i in targets}
+        inline = [i for i in targets if getattr(self._links[i], "inline", False)]
+        futures = {i: self._pool.submit(self._call, i, method, *args_for(i)) for i in targets if i not in inline}
         results: dict[int, Any] = {}
         errors: dict[int, BaseException] = {}
+        for i in inline:
+            try:
+                results[i] = self._call(i, method, *args_for(i))
+            except BaseException as exc:  # noqa: BLE001 - collected and re-raised below
+                errors[i] = exc
         for i, fut in futures.items():
             try:
                 results[i] = fut.result()
             except BaseException as exc:  # noqa: BLE001 - collected and re-raised below
                 errors[i] = exc
+        results = {i: results[i] for i in targets if i in results}  # shard order, as before
         if errors:
             first = min(errors)
             raise _PartialFailure(results, errors) from errors[first]

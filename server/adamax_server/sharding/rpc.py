@@ -176,7 +176,9 @@ def link_error(exc: grpc.RpcError, index: int, target: str) -> BaseException:
 
 
 class _SelfLink:
-    """The leader's own shard: a direct call."""
+    """The leader's own shard: a direct call, in the leader's thread (``inline``)."""
+
+    inline = True
 
     def __init__(self, index: int, registry: ShardRegistry, key: str) -> None:
         self.index = index
