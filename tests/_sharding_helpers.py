@@ -130,15 +130,18 @@ REMOTE_CONFIG = {"learning_rate": 0.01, "global_clipnorm": 0.5, "use_ema": True,
                  "weight_decay": 0.01}  # fmt: skip
 
 
-def start_shard_servers(n, tmp_path=None, bulk_for=lambda i: None, min_piece=MIN_PIECE, **kwargs):
-    """``n`` shard servers (bound to port 0, then told each other's addresses); (servers, targets)."""
+def start_shard_servers(n, tmp_path=None, bulk_for=lambda i: None, min_piece=MIN_PIECE, kwargs_for=lambda i: {},
+                        **kwargs):  # fmt: skip
+    """``n`` shard servers (bound to port 0, then told each other's addresses); (servers, targets).
+    ``kwargs_for(i)``: ``create_shard_server`` arguments of shard ``i`` only (its interceptors)."""
     from adamax_server.sharding.server import create_shard_server
 
     servers, ports = [], []
     for i in range(n):
         server, port = create_shard_server(
             "127.0.0.1:0", i, ["127.0.0.1:1"] * n, device="numba", min_piece_bytes=min_piece, call_timeout=5.0,
-            checkpoint_dir=None if tmp_path is None else tmp_path / f"shard{i}", bulk=bulk_for(i), **kwargs,
+            checkpoint_dir=None if tmp_path is None else tmp_path / f"shard{i}", bulk=bulk_for(i),
+            **{**kwargs, **kwargs_for(i)},
         )  # fmt: skip
         servers.append(server)
         ports.append(port)

@@ -15,12 +15,12 @@ import pytest
 from adamax_client import RemoteAdamax
 from adamax_client import errors as client_errors
 from adamax_server.ops.metrics import MetricsInterceptor, ServerMetrics
-from adamax_server.sharding.server import create_shard_server, stop_shard_server
+from adamax_server.sharding.server import stop_shard_server
 from adamax_server.transport.security import TokenAuthInterceptor, TokenTable
 from adamax_wire import pb
 from adamax_wire import shard_codec as codec
 from adamax_wire import tensors as _wire
-from _sharding_helpers import MIN_PIECE, remote_grads, remote_values
+from _sharding_helpers import remote_grads, remote_values, start_shard_servers
 
 
 def _calls(metrics, method):
@@ -28,19 +28,7 @@ def _calls(metrics, method):
 
 
 def _start(n, interceptors_for=lambda i: [], **kwargs):
-    servers, ports = [], []
-    for i in range(n):
-        server, port = create_shard_server(
-            "127.0.0.1:0", i, ["127.0.0.1:1"] * n, device="numba", min_piece_bytes=MIN_PIECE, call_timeout=5.0,
-            interceptors=interceptors_for(i), **kwargs,
-        )  # fmt: skip
-        servers.append(server)
-        ports.append(port)
-    targets = [f"127.0.0.1:{p}" for p in ports]
-    for s in servers:
-        s.shard_registry.set_shards(targets)
-        s.start()
-    return servers, targets
+    return start_shard_servers(n, kwargs_for=lambda i: {"interceptors": interceptors_for(i)}, **kwargs)
 
 
 def test_batch_encoding_and_which_calls_go_once():

@@ -21,25 +21,14 @@ from adamax_client.sharded import ShardedRemoteAdamax
 from adamax_server.coordination.coordinator import Coordinator
 from adamax_server.coordination.policy import Policy
 from adamax_server.optim.engine import RowSparseGradient as EngineSparse
-from adamax_server.sharding.server import create_shard_server, stop_shard_server
+from adamax_server.sharding.server import stop_shard_server
+from _sharding_helpers import start_shard_servers
 
 MIN_PIECE = 2048
 
 
 def start_shards(n, tmp_path=None, **kwargs):
-    servers, ports = [], []
-    for i in range(n):
-        server, port = create_shard_server(
-            "127.0.0.1:0", i, ["127.0.0.1:1"] * n, device="numba", min_piece_bytes=MIN_PIECE,
-            checkpoint_dir=None if tmp_path is None else tmp_path / f"shard{i}", call_timeout=5.0, **kwargs,
-        )  # fmt: skip
-        servers.append(server)
-        ports.append(port)
-    targets = [f"127.0.0.1:{p}" for p in ports]
-    for s in servers:
-        s.shard_registry.set_shards(targets)
-        s.start()
-    return servers, targets
+    return start_shard_servers(n, tmp_path, min_piece=MIN_PIECE, **kwargs)
 
 
 @pytest.fixture
@@ -286,18 +275,8 @@ def test_bytes_per_shard_in_status_and_metrics():
     from adamax_server.ops.metrics import MetricsInterceptor, ServerMetrics
 
     metrics = [ServerMetrics() for _ in range(3)]
-    servers, ports = [], []
-    for i in range(3):
-        server, port = create_shard_server(
-            "127.0.0.1:0", i, ["127.0.0.1:1"] * 3, device="numba", min_piece_bytes=MIN_PIECE,
-            interceptors=[MetricsInterceptor(metrics[i])], metrics=metrics[i],
-        )  # fmt: skip
-        servers.append(server)
-        ports.append(port)
-    targets = [f"127.0.0.1:{p}" for p in ports]
-    for s in servers:
-        s.shard_registry.set_shards(targets)
-        s.start()
+    servers, targets = start_shards(3, kwargs_for=lambda i: {"interceptors": [MetricsInterceptor(metrics[i])],
+                                                             "metrics": metrics[i]})  # fmt: skip
     rng = np.random.default_rng(3)
     values = _values(rng)
     opt = RemoteAdamax(targets, worker_id="w", optimizer="job", learning_rate=0.01, timeout=20)
