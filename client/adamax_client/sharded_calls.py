@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from adamax_wire.placement import split_values
 from adamax_client.errors import AbortedError, AlreadyExistsError, InvalidArgumentError, UnavailableError, UnimplementedError
 from adamax_client._settings import IF_EXISTS
 
@@ -141,7 +142,8 @@ class ShardedAdapterCalls:
         caller's array, so a pull makes no copy of its own. Arrays it cannot write into directly
         (another dtype, not C-contiguous) get the pulled values copied in.
         """
-        by_name = self._need_placement().by_name()
+        placement = self._need_placement()
+        by_name = placement.by_name()
         missing = set(out) - set(by_name)
         if missing:
             raise InvalidArgumentError(f"optimizer '{self.key}' has no variable(s) {sorted(missing)}")
@@ -150,19 +152,14 @@ class ShardedAdapterCalls:
                 raise InvalidArgumentError(
                     f"`out['{name}']` has shape {tuple(dest.shape)}; the variable has {tuple(by_name[name].shape)}"
                 )
-        views: list[dict[str, np.ndarray]] = [{} for _ in range(self.num_shards)]
-        for name, dest in out.items():
-            v = by_name[name]
-            if dest.dtype != np.dtype(v.dtype) or not (dest.flags.c_contiguous and dest.flags.writeable):
-                continue  # copied in below
-            for p in v.pieces:
-                views[p.shard][name] = dest[p.row_start : p.row_stop] if (v.split and v.shape) else dest
+        pieces = split_values(placement, out)  # per shard: its rows of each caller array (views)
+        direct = {n for n, d in out.items()  # the bulk channel can receive these in place
+                  if d.dtype == np.dtype(by_name[n].dtype) and d.flags.c_contiguous and d.flags.writeable}  # fmt: skip
+        views = [{n: view for n, view in mine.items() if n in direct} for mine in pieces]
         replies = self._pull_replies((), min_version, timeout, out_for=views.__getitem__)
-        for name, dest in out.items():
-            v = by_name[name]
-            for p in v.pieces:
-                value = np.asarray(replies[p.shard][2][name])
-                target = dest[p.row_start : p.row_stop] if (v.split and v.shape) else dest
+        for shard, mine in enumerate(pieces):
+            for name, target in mine.items():
+                value = np.asarray(replies[shard][2][name])
                 if not np.may_share_memory(target, value):  # gRPC, or not received in place
                     np.copyto(target, value, casting="same_kind")
         self.last_iterations = int(replies[0][1])
