@@ -27,11 +27,14 @@ class ReceivedGradients(list):  # type: ignore[type-arg]
 
     ``stats`` maps a name to its ``GradientStats`` for every gradient whose statistics are
     complete (a transport leaves out what it could not fold in, e.g. bfloat16 on the wire).
+    ``gradient_sets``: the pooled gradient set the gradients were received into, if any (a
+    shard keeps it with the staged push; ``sharding.gradient_sets``).
     """
 
     def __init__(self, items: Any = (), stats: Mapping[str, GradientStats] | None = None) -> None:
         super().__init__(items)
         self.stats: dict[str, GradientStats] = dict(stats or {})
+        self.gradient_sets: list[Any] = []
 
 
 def push_stats(grads: Mapping[str, Gradient], known: Mapping[str, GradientStats] | None = None) -> dict[str, GradientStats]:

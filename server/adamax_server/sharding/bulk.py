@@ -107,7 +107,12 @@ class ShardBulkHost:
 
     def push(self, worker_id: str, request_id: str, step: int, receive: Callable[[Any], list[tuple[str, Any]]],
              *, timeout: float | None = None, progress: Any = None) -> PushResult:  # fmt: skip
-        grads = receive(None)  # no staging buffer is lent: slices are kept until the leader decides
+        # Received into a pooled gradient set of this shard's engine, kept with the staged push
+        # and swapped in as the engine's staging buffers at prepare (``sharding.gradient_sets``).
+        taken: list[Any] = []
+        grads = receive(self._host.receive_lookup(taken))
+        if taken and hasattr(grads, "gradient_sets"):
+            grads.gradient_sets = taken
         self._registry.dispatch(self.key, "stage", [worker_id, request_id, grads])
         status = self._host.status()
         return PushResult("accepted", int(status["version"]), int(status["iterations"]),

@@ -41,6 +41,7 @@ from adamax_server.coordination.stats import push_stats as _gradient_stats
 Gradient = Any  # np.ndarray | RowSparseGradient | None
 from adamax_server.optim.engine import RowSparseGradient
 from adamax_server.errors import FailedPrecondition, InvalidArgument, NotFound, NotStaged, RoundAborted, Unavailable, WaitTimeout
+from adamax_server.sharding.gradient_sets import GradientSets, Taken
 from adamax_server.sharding.placement import DEFAULT_MIN_PIECE_BYTES, Placement, place
 from adamax_server.sharding.shard_engine import ClipDecision, PreparedStep, ShardEngine
 
@@ -52,6 +53,7 @@ class StagedPush:
     grads: dict[str, Gradient]  # local name -> local slice (None: no gradient)
     non_finite: dict[str, int]
     expires: float
+    taken: Taken = field(default_factory=list)  # the gradient set it was received into
 
 
 @dataclass
@@ -144,6 +146,7 @@ class ShardHost:
         self._last_abort = ""
         self._closed = False
         self._held: tuple[Placement, int] | None = None  # (placement, this shard's bytes in it)
+        self._sets = GradientSets(keep=int(self.policy.get("num_workers") or 1) + 2)
 
     # -------------------------------------------------------------- build
 
@@ -184,6 +187,7 @@ class ShardHost:
             if extra:
                 raise InvalidArgument(f"shard {self.shard_index} does not hold {sorted(extra)}")
             self._engine.build(values)
+            self._sets.reset()
             self._engine.set_piece_ranges({v.name: (v.size, *v.element_range(p)) for v, p in mine if v.split})
             self.placement = placement
             self._specs = norm
@@ -225,8 +229,25 @@ class ShardHost:
             counts = _non_finite_counts(_gradient_stats(present, getattr(grads, "stats", None)))
             for name, g in out.items():  # narrowed on the wire (gradient_wire_dtype): widen, exactly
                 out[name] = _widened(g, shapes[name][1])
-            self._staged[(worker_id, request_id)] = StagedPush(out, counts, self._clock() + self.staging_ttl)
+            key = (worker_id, request_id)
+            self._release(key)  # a re-sent stage replaces the entry
+            taken = list(getattr(grads, "gradient_sets", None) or [])
+            self._staged[key] = StagedPush(out, counts, self._clock() + self.staging_ttl, taken)
             return counts
+
+    def receive_lookup(self, taken: Taken) -> Any:
+        """Where a push for this shard may be received: a pooled gradient set of the engine (kept
+        with the staged push, swapped in at ``prepare``; see ``sharding.gradient_sets``), recorded
+        in ``taken``; None: buffers of its own."""
+        with self._cond:
+            if self._closed:
+                return None
+            return self._sets.lookup(self._engine, taken)
+
+    def _release(self, key: PushKey) -> None:
+        staged = self._staged.pop(key, None)
+        if staged is not None:
+            self._sets.release(key, staged.taken)
 
     def check(self, keys: Sequence[PushKey]) -> dict[str, int]:
         """Non-finite counts of staged pushes (summed), or NotFound if one is not staged."""
@@ -242,7 +263,7 @@ class ShardHost:
         """Forget staged pushes; with ``abort_message`` a sync round was aborted (waiters learn it)."""
         with self._cond:
             for key in keys:
-                self._staged.pop(tuple(key), None)  # type: ignore[arg-type]
+                self._release((key[0], key[1]))
             if abort_message:
                 self._aborts += 1
                 self._last_abort = abort_message
@@ -265,7 +286,7 @@ class ShardHost:
         now = self._clock()
         held = set(self._prepared[2]) if self._prepared else set()
         for key in [k for k, s in self._staged.items() if s.expires < now and k not in held]:
-            del self._staged[key]
+            self._release(key)
 
     # -------------------------------------------------------------- events
 
@@ -296,6 +317,10 @@ class ShardHost:
             if non_finite:
                 self._prepared = (version, None, keys)
                 return PrepareReply(-1, present, non_finite)
+            # The push's own gradient set becomes the staging buffers (no copy); otherwise the
+            # gradients are copied into buffers that no staged push owns.
+            if combine or not self._sets.swap_in(self._engine, keys[0], pushes[0].taken):
+                self._sets.unshare(self._engine)
             prepared = self._engine.prepare_step({n: grads[n] for n in present})
             self._prepared = (version, prepared, keys)
             return PrepareReply(prepared.clip_mode, present, {}, prepared.unit_sums)
@@ -326,7 +351,7 @@ class ShardHost:
             elif action != "bump":
                 raise InvalidArgument(f"unknown commit action {action!r}")
             for key in keys:
-                self._staged.pop(key, None)
+                self._release(key)
             self._prepared = None
             self.version = version
             reply = (self.version, self._engine.iterations)
@@ -489,7 +514,7 @@ class ShardHost:
                 iterations=engine.iterations,
                 variables=engine.trainable_variables if engine.built else {},
                 store=store,
-                staged={f"{k[0]}\x00{k[1]}": dict(self._staged[(k[0], k[1])].grads) for k in keep if (k[0], k[1]) in self._staged},
+                staged={f"{k[0]}\x00{k[1]}": _owned(self._staged[(k[0], k[1])].grads) for k in keep if (k[0], k[1]) in self._staged},
                 store_names=[ov.name for ov in engine._opt_vars],
             )
 
@@ -539,6 +564,7 @@ class ShardHost:
             self.incarnation = uuid.uuid4().hex
             now = self._clock()
             self._staged = {k: StagedPush(g, c, now + self.staging_ttl) for k, (g, c) in prepared.staged.items()}
+            self._sets.reset()
             self._prepared = None
             self._last_commit = None
             self._aborts += 1
@@ -568,6 +594,11 @@ class ShardHost:
                 "with the model variables' names and initial values first",
                 current_version=self.version,
             )
+
+
+def _owned(grads: Mapping[str, Gradient]) -> dict[str, Gradient]:
+    """A staged push's gradients as copies (a snapshot outlives the pooled set they are in)."""
+    return {n: np.array(g) if isinstance(g, np.ndarray) else g for n, g in grads.items()}
 
 
 def _combine(specs: Sequence[tuple[str, Any, Any]], parts_list: Sequence[Mapping[str, Gradient]], aggregation: str) -> dict[str, Gradient]:
