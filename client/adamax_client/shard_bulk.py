@@ -1,11 +1,12 @@
 """A sharded job's bulk channels: one per shard, for staging slices and pulling pieces.
 
 Every shard server offers the single server's bulk channel (TCP, and shared memory to workers
-on its host; see ``adamax_server.sharding.bulk``), with tickets from its ``ShardService`` (``open_bulk``). A
-sharded push stages each shard's slices over that shard's channel (phase 1; the commit at the
-leader stays a gRPC call), and a pull reads each shard's pieces over it, every shard in
-parallel. A shard whose channel is not offered, or fails now, is reached over gRPC for that
-call, exactly as ``RemoteAdamax`` falls back on a single server: the same request id, so
+on its host; see ``adamax_server.sharding.bulk``), with tickets from its ``ShardService``
+(``open_bulk``). A sharded push stages each shard's slices over that shard's channel (phase 1;
+the commit at the leader is a gRPC call, or rides with the push's only stage on the leader),
+and a pull reads each shard's pieces over it, every shard in parallel. A shard whose channel is
+not offered, or fails now, is reached over gRPC for that call, exactly as ``RemoteAdamax``
+falls back on a single server: the same request id, so
 nothing is staged twice differently and the commit is unchanged.
 """
 
@@ -80,13 +81,14 @@ class ShardChannels:
             return None
 
     def stage(self, shard: int, request_id: str, step: int, items: list[tuple[str, Any]], *, wire: str | None,
-              timeout: float) -> bool:  # fmt: skip
-        """Stage ``items`` on ``shard`` over its bulk channel; False: not sent, use gRPC."""
+              timeout: float, commit: bool = False) -> Any:  # fmt: skip
+        """Stage ``items`` on ``shard`` over its bulk channel: the reply (a ``PushResponse``; with
+        ``commit``, the leader's outcome of the whole push), or None: not sent, use gRPC."""
         if not items:  # a bulk push carries at least one tensor; an empty stage goes over gRPC
-            return False
+            return None
         header = pb.PushHeader(optimizer=self.key, worker_id=self.worker_id, step=step, request_id=request_id,
-                               num_tensors=len(items))  # fmt: skip
-        return self._via(shard, lambda ch: ch.push(header, items, wire=wire, timeout=timeout)) is not None
+                               num_tensors=len(items), commit=commit)  # fmt: skip
+        return self._via(shard, lambda ch: ch.push(header, items, wire=wire, timeout=timeout))
 
     def pull(self, shard: int, names: Sequence[str], min_version: int, timeout: float,
              out: Mapping[str, np.ndarray] | None = None) -> tuple[int, int, dict[str, np.ndarray]] | None:  # fmt: skip

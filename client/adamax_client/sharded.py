@@ -8,7 +8,9 @@ every call talks to all shards at once, each with its own share of the bytes:
 * ``build``: each shard receives its pieces of the initial values;
 * ``push``: phase 1 stages each shard's slices of the gradients (in parallel), phase 2 asks
   the leader (shard 0) to commit the push, which applies it on every shard or on none, exactly
-  once (a retry with the same request id is answered from the leader's table);
+  once (a retry with the same request id is answered from the leader's table). A push with
+  one stage (a one-shard job) sends the commit with it: the leader stages, commits and answers
+  in one call (``stage_push``; the bulk header's ``commit``), where the leader offers that;
 * ``pull``: every shard returns its pieces of one weights version (a shard still committing
   the latest event is waited for), assembled into whole arrays;
 * ``save_own_variables`` / ``load_own_variables`` / ``set_weights``: the whole job's Keras
@@ -41,6 +43,7 @@ from adamax_client.errors import AbortedError, InvalidArgumentError, NotFoundErr
 import adamax_client.checkpoints as _checkpoints
 import adamax_client.remote as _remote
 from adamax_client.remote import _KERAS_DEFAULTS, PushResult, RemoteAdamax, _default_worker_id, _policy_proto, _readonly, _serialize_learning_rate
+from adamax_client._settings import OUTCOME_NAMES as _OUTCOME_NAMES
 from adamax_client.bulk import BULK_MODES
 from adamax_client.shard_bulk import ShardChannels
 from adamax_client.sharded_calls import ShardedAdapterCalls
@@ -337,13 +340,25 @@ class ShardedRemoteAdamax(ShardedAdapterCalls, RemoteAdamax):
         assert channels is not None
 
         def stage(i: int) -> None:  # over the shard's bulk channel where offered, else gRPC
-            if not channels.stage(i, request_id, step, slices[i], wire=self._gradient_wire, timeout=deadline):
+            if channels.stage(i, request_id, step, slices[i], wire=self._gradient_wire, timeout=deadline) is None:
                 self._one(i, "stage", self.worker_id, request_id, slices[i], timeout=timeout, wire=self._gradient_wire)
 
+        def stage_and_commit() -> PushResult:  # the only stage, on the leader, carries the commit
+            reply = channels.stage(0, request_id, step, slices[0], wire=self._gradient_wire, timeout=deadline, commit=True)
+            if reply is None:
+                return self._one(0, "stage_push", self.worker_id, request_id, slices[0], step, timeout=timeout,
+                                 wire=self._gradient_wire)  # fmt: skip
+            return PushResult(_OUTCOME_NAMES.get(reply.outcome, "applied"), int(reply.version), int(reply.iterations),  # type: ignore[arg-type]
+                              bool(reply.duplicate), reply.detail)  # fmt: skip
+
+        one_stage = self.num_shards == 1 and bool((self._describe_cache or {}).get("stage_push"))
         for attempt in range(_RESTAGE_ATTEMPTS):
-            self._each(stage)
             try:
-                result = self._one(0, "push", self.worker_id, request_id, step, timeout=timeout)
+                if one_stage:
+                    result = stage_and_commit()
+                else:
+                    self._each(stage)
+                    result = self._one(0, "push", self.worker_id, request_id, step, timeout=timeout)
                 break
             except NotStagedError:  # a shard restarted (or the staged push expired): nothing was applied
                 if attempt == _RESTAGE_ATTEMPTS - 1:

@@ -156,7 +156,7 @@ def _registered(x: Any) -> bool:
 #: times a unary one in gRPC Python, and these are the calls on every step's path (a commit
 #: at the leader; prepare and commit of an event on every shard).
 ONCE_METHODS = frozenset({
-    "push", "prepare", "commit", "abort", "drop", "check", "mutate", "mutate_job", "set_learning_rate",
+    "push", "stage_push", "prepare", "commit", "abort", "drop", "check", "mutate", "mutate_job", "set_learning_rate",
     "state_version", "open_bulk", "create", "status", "delete", "exclude_from_weight_decay",
 })  # fmt: skip
 ONCE_MAX_REQUEST_BYTES = 1 << 20

@@ -7,8 +7,11 @@ stall and size limits), over ``ShardBulkHosts`` instead of a coordinator. On a s
 * a bulk *push* is phase 1 of a sharded push, ``stage``: the worker's slices for this shard
   are kept under (worker id, request id) exactly as the gRPC ``stage`` call keeps them (same
   validation, the same widening of narrowed gradients), and the reply is ``ACCEPTED`` with
-  this shard's version and the detail "staged"; the commit still goes to the leader over gRPC,
-  so all-or-none and exactly-once are untouched (a re-sent stage replaces the same entry);
+  this shard's version and the detail "staged"; the commit goes to the leader over gRPC,
+  so all-or-none and exactly-once are untouched (a re-sent stage replaces the same entry).
+  A push's last stage on the leader (a one-shard job's only one) may carry the commit itself
+  (the header's ``commit``): staged, then committed as the gRPC ``push`` would be, and answered
+  with the commit's outcome, one call instead of two;
 * a bulk *pull* returns this shard's pieces, waiting for ``min_version`` as the gRPC ``pull``.
 
 Tickets come from the ``ShardService`` (method ``open_bulk``, any authenticated caller, bound
@@ -105,14 +108,18 @@ class ShardBulkHost:
         if names is not None and meta.name not in names:  # unbuilt: ``stage`` says so
             raise NotFound(f"shard {self._host.shard_index} of optimizer '{self.key}' holds no piece of '{meta.name}'")
 
+    commits = True  # takes a push header's ``commit`` (on the leader: stage, then commit the push)
+
     def push(self, worker_id: str, request_id: str, step: int, receive: Callable[[Any], list[tuple[str, Any]]],
-             *, timeout: float | None = None, progress: Any = None) -> PushResult:  # fmt: skip
+             *, timeout: float | None = None, progress: Any = None, commit: bool = False) -> PushResult:  # fmt: skip
         # Received into a pooled gradient set of this shard's engine, kept with the staged push
         # and swapped in as the engine's staging buffers at prepare (``sharding.gradient_sets``).
         taken: list[Any] = []
         grads = receive(self._host.receive_lookup(taken))
         if taken and hasattr(grads, "gradient_sets"):
             grads.gradient_sets = taken
+        if commit:  # the push's last stage: commit it at this shard's leader, answer with the outcome
+            return self._registry.dispatch(self.key, "stage_push", [worker_id, request_id, grads, int(step)])
         self._registry.dispatch(self.key, "stage", [worker_id, request_id, grads])
         status = self._host.status()
         return PushResult("accepted", int(status["version"]), int(status["iterations"]),

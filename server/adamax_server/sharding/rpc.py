@@ -77,7 +77,7 @@ _PUBLIC = {
     "create", "describe", "build", "stage", "pull", "save_own_variables", "status", "delete", "list_cuts",
     "exclude_from_weight_decay", "read_cut", "write_cut", "open_bulk",
 }  # fmt: skip
-_LEADER = {"push", "mutate_job", "checkpoint", "restore"} | assembled.LEADER_METHODS
+_LEADER = {"push", "stage_push", "mutate_job", "checkpoint", "restore"} | assembled.LEADER_METHODS
 _INTERNAL = {"prepare", "commit", "abort", "drop", "check", "mutate", "set_learning_rate", "save_cut", "state_version"} | assembled.INTERNAL_METHODS | job_restore.INTERNAL_METHODS
 _HOST_METHODS = {
     "build", "stage", "pull", "save_own_variables", "prepare", "commit", "abort", "drop", "check", "mutate",
@@ -350,6 +350,7 @@ class ShardRegistry:
             "placement": placement.to_json() if placement else None,
             "layout": job_layout(host.config, [(v.name, v.shape, v.dtype) for v in placement.variables]) if placement else [],
             "store_names": host.store_names() if host.built else [],
+            "stage_push": True,  # the leader takes a push's last stage with its commit (bulk `commit`, `stage_push`)
         }
         if self.is_leader:
             out["leader"] = self._leaders[key].status()
@@ -364,7 +365,7 @@ class ShardRegistry:
 
     def dispatch(self, key: str, method: str, args: list[Any]) -> Any:
         result = self._dispatch(key, method, args)
-        if self.metrics is not None and method in ("build", "commit", "mutate", "activate_restore", "stage", "push"):
+        if self.metrics is not None and method in ("build", "commit", "mutate", "activate_restore", "stage", "push", "stage_push"):
             self._observe(key)
         return result
 
@@ -396,6 +397,11 @@ class ShardRegistry:
             return getattr(self.host(key), method)(*args)
         if method == "push":
             return self.push(key, *args)
+        if method == "stage_push":  # a push's last stage on the leader's own shard, and its commit
+            worker_id, request_id, grads, step = args
+            self.leader(key)  # only the leader commits: refused before anything is staged
+            self.dispatch(key, "stage", [worker_id, request_id, grads])
+            return self.push(key, worker_id, request_id, step)
         if method == "mutate_job":
             op, per_shard = args
             if len(per_shard) != self.num_shards:

@@ -389,8 +389,11 @@ class BulkServer:
             if header.num_tensors <= 0:
                 raise InvalidArgument("a bulk push must state `num_tensors` (at least 1)")
             reader.host = host
+            commit = {"commit": True} if header.commit else {}
+            if commit and not getattr(host, "commits", False):
+                raise InvalidArgument("`commit` on a push header is for a sharded job's leader shard; a server applies every push")
             result = host.push(header.worker_id, header.request_id, header.step, reader.receive,
-                               timeout=self.limits.max_wait, progress=reader.progress)
+                               timeout=self.limits.max_wait, progress=reader.progress, **commit)
             # A retry answered from the exactly-once table never read its tensors: skip them.
             if (reader.remaining or reader.payload_left) and not reader.drain():
                 raise _CloseConnection()

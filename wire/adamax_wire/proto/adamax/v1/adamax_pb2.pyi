@@ -308,18 +308,20 @@ class BuildResponse(_message.Message):
     def __init__(self, built_now: _Optional[bool] = ..., info: _Optional[_Union[OptimizerInfo, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("optimizer", "worker_id", "step", "request_id", "num_tensors")
+    __slots__ = ("optimizer", "worker_id", "step", "request_id", "num_tensors", "commit")
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     worker_id: str
     step: int
     request_id: str
     num_tensors: int
-    def __init__(self, optimizer: _Optional[str] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., request_id: _Optional[str] = ..., num_tensors: _Optional[int] = ...) -> None: ...
+    commit: bool
+    def __init__(self, optimizer: _Optional[str] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., request_id: _Optional[str] = ..., num_tensors: _Optional[int] = ..., commit: _Optional[bool] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "tensor", "chunk")
