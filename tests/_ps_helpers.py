@@ -18,7 +18,7 @@ for _package_root in (REPO_ROOT / "server", REPO_ROOT / "client", REPO_ROOT / "w
     if str(_package_root) not in sys.path:
         sys.path.insert(0, str(_package_root))
 
-from adamax_server.coordination.coordinator import Coordinator  # noqa: E402
+from adamax_server.sharding.coordinator import Coordinator  # noqa: E402
 from adamax_server.transport.server import create_server, stop_server  # noqa: E402
 
 
@@ -38,16 +38,19 @@ def running_server(**kwargs) -> Iterator[tuple[str, Coordinator]]:
 
 def snapshot(host) -> dict[str, np.ndarray]:
     """Every piece of state of a hosted optimizer, for 'nothing changed' checks."""
-    engine = host._engine
-    with host._cond:
+
+    def read(engine):
         state = {f"w/{k}": v.copy() for k, v in engine.trainable_variables.items()} if engine.built else {}
         store: dict[str, np.ndarray] = {}
         if engine.built:
             engine.save_own_variables(store)
         state.update({f"opt/{k}": np.array(v, copy=True) for k, v in store.items()})
-        state["version"] = np.array(host._version)
+        state["version"] = np.array(host.version)
         state["iterations"] = np.array(engine.iterations)
-        state["round"] = np.array(host._sync.arrivals(), dtype=object)
+        return state
+
+    state = host._shard.read_engine(read)
+    state["round"] = np.array(host.status().round_arrivals, dtype=object)
     return state
 
 
@@ -71,8 +74,7 @@ def assert_bitwise_equal(a: np.ndarray, b: np.ndarray) -> None:
 
 def host_weights(host) -> dict[str, np.ndarray]:
     """The model variables a hosted optimizer holds now (bypassing the pull cache)."""
-    with host._cond:
-        return host._engine.trainable_variables
+    return host._shard.read_engine(lambda engine: engine.trainable_variables)
 
 
 def json_log_events(proc, wanted: tuple[str, ...], timeout: float = 60.0) -> tuple[dict[str, dict], list[str]]:

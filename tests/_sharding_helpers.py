@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.optim.engine import RowSparseGradient
 from adamax_server.sharding.job import ShardedJob
 

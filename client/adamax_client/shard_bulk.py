@@ -20,11 +20,20 @@ from typing import Any
 import numpy as np
 
 from adamax_wire import pb
+from adamax_client._settings import OUTCOME_NAMES
 from adamax_client.bulk import BULK_MODES, BulkChannel, BulkUnavailable
 
 _log = logging.getLogger("adamax_client")
 _BACKOFF, _BACKOFF_MAX = 5.0, 300.0  # seconds on gRPC after a transient bulk failure, doubling
 _NONE: Any = object()  # a shard that offers no bulk channel
+
+
+def push_result(reply: Any) -> Any:
+    """A bulk ``PushResponse`` (a stage that carried its commit) as the client's ``PushResult``."""
+    from adamax_client.remote import PushResult
+
+    return PushResult(OUTCOME_NAMES.get(reply.outcome, "applied"), int(reply.version), int(reply.iterations),  # type: ignore[arg-type]
+                      bool(reply.duplicate), reply.detail)  # fmt: skip
 
 
 class ShardChannels:

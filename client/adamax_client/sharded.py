@@ -43,9 +43,8 @@ from adamax_client.errors import AbortedError, InvalidArgumentError, NotFoundErr
 import adamax_client.checkpoints as _checkpoints
 import adamax_client.remote as _remote
 from adamax_client.remote import _KERAS_DEFAULTS, PushResult, RemoteAdamax, _default_worker_id, _policy_proto, _readonly, _serialize_learning_rate
-from adamax_client._settings import OUTCOME_NAMES as _OUTCOME_NAMES
 from adamax_client.bulk import BULK_MODES
-from adamax_client.shard_bulk import ShardChannels
+from adamax_client.shard_bulk import ShardChannels, push_result
 from adamax_client.sharded_calls import ShardedAdapterCalls
 from adamax_client.transport import RetryPolicy, Transport
 
@@ -345,11 +344,8 @@ class ShardedRemoteAdamax(ShardedAdapterCalls, RemoteAdamax):
 
         def stage_and_commit() -> PushResult:  # the only stage, on the leader, carries the commit
             reply = channels.stage(0, request_id, step, slices[0], wire=self._gradient_wire, timeout=deadline, commit=True)
-            if reply is None:
-                return self._one(0, "stage_push", self.worker_id, request_id, slices[0], step, timeout=timeout,
-                                 wire=self._gradient_wire)  # fmt: skip
-            return PushResult(_OUTCOME_NAMES.get(reply.outcome, "applied"), int(reply.version), int(reply.iterations),  # type: ignore[arg-type]
-                              bool(reply.duplicate), reply.detail)  # fmt: skip
+            return push_result(reply) if reply is not None else self._one(
+                0, "stage_push", self.worker_id, request_id, slices[0], step, timeout=timeout, wire=self._gradient_wire)
 
         one_stage = self.num_shards == 1 and bool((self._describe_cache or {}).get("stage_push"))
         for attempt in range(_RESTAGE_ATTEMPTS):

@@ -20,7 +20,7 @@ import pytest
 from _ps_helpers import REPO_ROOT
 
 from adamax_server.cli.status_view import format_summary, summarize
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.coordination.policy import Policy
 from adamax_server.errors import FailedPrecondition
 from adamax_server.ops.metrics import ServerMetrics

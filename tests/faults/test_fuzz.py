@@ -233,7 +233,7 @@ def test_server_still_serves_and_nothing_leaked(live):
         result = remote.apply({"w": np.ones((3, 2), np.float32), "b": np.ones(4, np.float32)})
         assert result.outcome == "applied" and result.version == version + 1
         assert np.isfinite(remote.pull()["w"]).all()
-    assert not [e for entries in host._dedup._by_worker.values() for e in entries.values() if e.result is None]
+    assert not [e for entries in host._leader._dedup._by_worker.values() for e in entries.values() if e.result is None]
     print(f"fuzzed {live.calls} requests: {dict(sorted(live.codes.items()))}")
 
 
@@ -245,7 +245,7 @@ def live_checkpoints(tmp_path_factory):
     """A server with a checkpoint directory holding one good checkpoint of the victim."""
     from adamax_server.storage.checkpoint import CheckpointStore
     from adamax_server.storage.checkpointing import CheckpointManager
-    from adamax_server.coordination.coordinator import Coordinator
+    from adamax_server.sharding.coordinator import Coordinator
 
     coordinator = Coordinator(device="cpu")
     manager = CheckpointManager(coordinator, CheckpointStore(tmp_path_factory.mktemp("ckpt")))

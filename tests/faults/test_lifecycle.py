@@ -62,8 +62,7 @@ def _wait_until(condition, timeout, what):
 
 
 def _in_flight(host):
-    with host._cond:
-        return [(w, r) for w, entries in host._dedup._by_worker.items() for r, e in entries.items() if e.result is None]
+    return host.in_flight()
 
 
 def test_a_worker_killed_mid_push_leaves_no_partial_update():

@@ -18,7 +18,7 @@ from _ps_helpers import running_server
 
 from adamax_client import RemoteAdamax
 from adamax_client.checkpoints import CheckpointClient
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.coordination.policy import Policy
 from adamax_server.storage.checkpoint import CheckpointStore
 from adamax_server.storage.checkpointing import CheckpointManager, CheckpointPolicy

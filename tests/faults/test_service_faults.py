@@ -14,7 +14,8 @@ from _ps_helpers import running_server
 
 from adamax_client import DeadlineExceededError, RemoteAdamax, RetryPolicy, UnavailableError
 from adamax_server import Adamax
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
+from adamax_server.sharding.shard_engine import ShardEngine
 
 VARS = {"w": np.zeros((3, 2), np.float32)}
 GRAD = [np.ones((3, 2), np.float32)]
@@ -105,10 +106,10 @@ def test_lost_reply_is_retried_with_the_same_request_id_and_applied_once():
             np.testing.assert_array_equal(remote.pull()["w"], local.trainable_variables["w"])
 
 
-class SlowAdamax(Adamax):
-    def apply(self, grads, trainable_variables=None, **kwargs):
+class SlowAdamax(ShardEngine):
+    def finish_step(self, *args, **kwargs):
         time.sleep(0.5)
-        return super().apply(grads, trainable_variables, **kwargs)
+        return super().finish_step(*args, **kwargs)
 
 
 def test_retry_arriving_while_the_first_copy_is_applied_is_not_applied_twice():

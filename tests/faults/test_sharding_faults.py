@@ -27,7 +27,7 @@ from _sharding_helpers import free_ports, shard_process_env
 from adamax_client import RemoteAdamax
 from adamax_client import errors as client_errors
 from adamax_server.cli import commands as cli
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.coordination.policy import Policy
 from adamax_server.sharding.server import create_shard_server, stop_shard_server
 from adamax_server.storage.checkpoint import CheckpointStore

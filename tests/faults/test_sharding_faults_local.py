@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.coordination.policy import Policy
 from adamax_server.errors import FailedPrecondition, Unavailable
 from adamax_server.sharding.job import ShardedJob

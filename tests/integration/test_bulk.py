@@ -196,7 +196,7 @@ def test_a_push_cut_mid_payload_changes_nothing_and_its_retry_applies_once():
         sock.sendall(views[0][:1000])  # a quarter of the second payload, then the worker dies
         sock.close()
         for _ in range(200):  # the server notices the closed connection
-            if not host._pushes_in_flight:
+            if not host.in_flight():
                 break
             threading.Event().wait(0.01)
         assert host.version == 0 and host.iterations == 0
@@ -307,10 +307,10 @@ def test_shared_memory_refusals_fall_back_to_tcp():
             sock.close()
 
 
-def test_concurrent_async_pushes_share_the_staging_buffer_safely():
-    """Eight threads push the same gradient; one receives into the engine's staging buffer
-    (the lease), the others into their own buffers and apply after it. Identical gradients
-    make the result independent of the order: it must equal 8 local steps."""
+def test_concurrent_async_pushes_swap_their_gradient_sets_in_safely():
+    """Eight threads push the same gradient, each received into a gradient set of its own that
+    becomes the engine's staging buffers when it is applied. Identical gradients make the
+    result independent of the order: it must equal 8 local steps."""
     n = 200_000
     grad = np.linspace(-1, 1, n, dtype=np.float32)
     local = Adamax(learning_rate=0.01)
@@ -382,7 +382,7 @@ def test_a_lost_reply_is_retried_on_a_new_connection_and_answered_as_duplicate(m
 def test_bulk_calls_are_in_the_metrics():
     from adamax_server.ops.metrics import ServerMetrics
 
-    from adamax_server.coordination.coordinator import Coordinator
+    from adamax_server.sharding.coordinator import Coordinator
     from prometheus_client import generate_latest
 
     metrics = ServerMetrics()
@@ -591,23 +591,22 @@ def test_shared_memory_gradients_are_copied_before_they_are_checked():
             assert _bulk.recv_frame(sock).status.code == "OK"
             view = np.frombuffer(segment.buf, dtype=np.float32, count=2000, offset=64)
             view[:] = 1.0
-            host = coordinator.get("raw")
-            original = host._engine.apply
+            engine = coordinator.get("raw")._shard._engine
+            original = engine.finish_step
 
-            def poisoning_apply(grads, **kwargs):  # the worker scribbles NaN after the check
+            def poisoning_apply(*args, **kwargs):  # the worker scribbles NaN after the check
                 view[:] = np.nan
-                return original(grads, **kwargs)
+                return original(*args, **kwargs)
 
-            host._engine.apply = poisoning_apply
+            engine.finish_step = poisoning_apply
             _bulk.send_frame(sock, _push_header("p", num_tensors=2))
             for name, offset in (("a", 64), ("b", 64 + 4000)):
                 header, _ = _wire.tensor_payload(name, np.ones(1000, np.float32))
                 header.in_shm, header.shm_offset = True, offset
                 _bulk.send_frame(sock, pb.BulkFrame(tensor=header))
             assert _bulk.recv_frame(sock).push_response.outcome == pb.APPLIED
-            host._engine.apply = original
-            with host._cond:
-                weights = host._engine.trainable_variables
+            del engine.finish_step
+            weights = coordinator.get("raw")._shard.read_engine(lambda e: e.trainable_variables)
             assert all(np.isfinite(w).all() for w in weights.values())
         finally:
             view = None  # let the segment close

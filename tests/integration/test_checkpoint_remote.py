@@ -21,7 +21,7 @@ from adamax_client.errors import DataLossError, InvalidArgumentError
 from adamax_server.cli import commands as cli
 from adamax_server.storage.checkpoint import CheckpointStore
 from adamax_server.storage.checkpointing import CheckpointManager, CheckpointPolicy
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.coordination.policy import Policy
 from adamax_server.optim.engine import Adamax
 
@@ -63,7 +63,13 @@ def _reference(config: dict, steps: range, snapshot=None) -> Adamax:
         engine = Adamax.from_config({"name": "job", **config}, device="cpu")
         engine.build(VALUES)
     else:
-        engine = Coordinator(device="cpu").engine_from_snapshot(snapshot)
+        engine = Adamax.from_config(snapshot.config, device="cpu")
+        exclusions = snapshot.exclusions
+        if exclusions.get("var_list") or exclusions.get("var_names"):
+            engine.exclude_from_weight_decay(var_list=exclusions.get("var_list") or None,
+                                             var_names=exclusions.get("var_names") or None)  # fmt: skip
+        engine.build(dict(snapshot.variables))
+        engine.load_own_variables(snapshot.store)
     for i in steps:
         engine.apply(grads(i))
     return engine

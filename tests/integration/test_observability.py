@@ -17,7 +17,7 @@ from _ps_helpers import REPO_ROOT, drain_json_log, json_log_events, running_serv
 
 from adamax_client import InvalidArgumentError, RemoteAdamax, StaleGradientError
 from adamax_server.cli import commands as cli
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.ops.logging_setup import configure_logging
 from adamax_server.ops.metrics import ServerMetrics
 from adamax_server.cli.status_view import format_summary, summarize

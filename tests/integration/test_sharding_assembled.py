@@ -18,7 +18,7 @@ from _ps_helpers import running_server
 from adamax_client import RemoteAdamax
 from adamax_client import errors as client_errors
 from adamax_client.checkpoints import CheckpointClient
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.storage.checkpointing import CheckpointManager
 from _sharding_helpers import REMOTE_CONFIG, remote_grads, remote_values, start_shard_servers, stop_shard_servers
 

@@ -14,7 +14,7 @@ from _ps_helpers import running_server
 
 from adamax_client import RemoteAdamax
 from adamax_client import errors as client_errors
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.sharding.server import create_shard_server, stop_shard_server
 from _sharding_helpers import REMOTE_CONFIG, remote_grads, remote_values, start_shard_servers
 

@@ -18,7 +18,7 @@ from adamax_client import RemoteAdamax
 from adamax_client import errors as client_errors
 from adamax_wire.tensors import RowSparseGradient
 from adamax_client.sharded import ShardedRemoteAdamax
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.coordination.policy import Policy
 from adamax_server.optim.engine import RowSparseGradient as EngineSparse
 from adamax_server.sharding.server import stop_shard_server

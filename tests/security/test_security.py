@@ -29,7 +29,7 @@ from adamax_client import (
 )
 from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
 from adamax_server.transport import security
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.transport.security import SecurityConfigError, TlsConfig, TokenTable, server_credentials
 from adamax_server.transport.server import SERVICE_NAME
 from adamax_server.transport.validation import ResourceLimits

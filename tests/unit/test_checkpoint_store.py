@@ -19,7 +19,7 @@ import pytest
 from adamax_server.storage import checkpoint as ckpt
 from adamax_server.storage.checkpoint import CheckpointCorrupt, CheckpointStore
 from adamax_server.storage.checkpointing import CheckpointManager, CheckpointPolicy
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.coordination.policy import Policy
 from adamax_server.optim.engine import RowSparseGradient
 from adamax_server.errors import InvalidArgument, NotFound, StateRestored

@@ -140,13 +140,32 @@ def test_an_adopted_round_starts_its_timer_again():
 
 
 def test_one_copy_of_the_round_logic():
-    """The single server and the sharded leader decide through ``sequencing``: neither keeps a
-    round timer or a step check of its own (a second copy would drift, as it once did)."""
-    for path in (SERVER / "coordination" / "host.py", SERVER / "coordination" / "rounds.py", SERVER / "sharding" / "leader.py"):
-        tree = ast.parse(path.read_text())
+    """A server's optimizer is a one-shard job, so every push is decided by the leader through
+    ``sequencing``; no other module keeps a round timer or a step check of its own (a second
+    copy would drift, as it once did)."""
+    from adamax_server.coordination.policy import Policy
+    from adamax_server.sharding.coordinator import Coordinator
+    from adamax_server.sharding.leader import Leader
+    from adamax_server.sharding.shard import ShardHost
+
+    for path in sorted(SERVER.rglob("*.py")):
+        if path.name == "sequencing.py":
+            continue
         source = path.read_text()
         assert "threading.Timer" not in source, path
         assert "one push per worker per round" not in source, path
         assert "versions old; max_staleness" not in source, path
-        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "adamax_server.coordination.sequencing" for a in n.names}
-        assert imported & {"SyncRound", "check_step"}, path
+    leader = SERVER / "sharding" / "leader.py"
+    tree = ast.parse(leader.read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "adamax_server.coordination.sequencing" for a in n.names}
+    assert {"SyncRound", "check_step"} <= imported
+    coordinator = Coordinator(device="cpu")
+    try:
+        _, host = coordinator.create("m", {"learning_rate": 0.01}, Policy(mode="sync", num_workers=2))
+        assert isinstance(host._shard, ShardHost) and isinstance(host._leader, Leader)
+        assert [link.host for link in host._leader.links] == [host._shard]  # the job's only shard
+        assert host._shard.num_shards == 1
+    finally:
+        coordinator.close()
+
+

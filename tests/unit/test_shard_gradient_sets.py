@@ -61,20 +61,29 @@ def _assert_same(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_prepare_swaps_the_push_set_in_without_a_copy_and_recycles_the_replaced_buffers():
+def _engine_buffers(host: ShardHost) -> dict:
+    return host.read_engine(lambda e: e.current_gradient_set())
+
+
+def test_a_lone_push_lands_in_the_engine_buffers_and_an_overlapping_one_is_swapped_in():
     host = _host()
+    engine_set = _engine_buffers(host)
     taken = _stage(host, ("w0", "r0"), _grads(1), in_set=True)
-    gradient_set = taken[0][1]
+    assert all(taken[0][1][g] is engine_set[g] for g in engine_set)  # idle: the engine's own buffers
     host.prepare(1, [("w0", "r0")], False, "sum")
-    engine = host._engine
-    assert all(engine._groups[g].buffers["g"] is gradient_set[g] for g in gradient_set)  # the step reads it in place
+    assert all(_engine_buffers(host)[g] is engine_set[g] for g in engine_set)  # nothing to swap
+    # Received while event 1 is prepared: its own set (the engine's buffers hold event 1).
+    taken2 = _stage(host, ("w1", "r1"), _grads(2), in_set=True)
+    other = taken2[0][1]
+    assert all(not np.shares_memory(other[g], engine_set[g]) for g in engine_set)
     host.commit(1, "apply", ClipDecision(0))
-    # The next push gets the buffers the first one replaced, from the pool (no fresh memory).
-    taken2 = _stage(host, ("w0", "r1"), _grads(2), in_set=True)
-    assert taken2[0][1] is not gradient_set
-    assert all(not np.shares_memory(taken2[0][1][g], gradient_set[g]) for g in gradient_set)
-    pooled = host._sets._free[taken2[0][0]]
-    assert not pooled  # the one free set was handed out
+    host.prepare(2, [("w1", "r1")], False, "sum")
+    assert all(_engine_buffers(host)[g] is other[g] for g in other)  # swapped in: read in place
+    host.commit(2, "apply", ClipDecision(0))
+    # The buffers it replaced went back to the pool; the next lone push gets the engine's own.
+    assert any(s["float32"] is engine_set["float32"] for s in host._sets._free[taken2[0][0]])
+    taken3 = _stage(host, ("w0", "r2"), _grads(3), in_set=True)
+    assert all(taken3[0][1][g] is other[g] for g in other)
 
 
 @pytest.mark.parametrize("config", [{}, {"clipnorm": 0.5}, {"global_clipnorm": 0.3},

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.coordination.policy import Policy
 from adamax_server.sharding.job import ShardedJob, assemble_checkpoint, split_checkpoint
 

@@ -236,3 +236,35 @@ def test_the_leaders_own_shard_is_called_in_its_thread():
         assert sorted(info.value.errors) == [0, 2] and list(info.value.results) == [1]
     finally:
         leader.close()
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_a_loaded_store_sets_the_learning_rate_even_after_set_learning_rate(num_shards):
+    """``set_learning_rate`` and then a store holding another learning rate: the next step uses
+    the loaded one, as Keras does. (The leader hands the rate it was last set to every prepared
+    step; it once kept doing so after a load, undoing the loaded rate.)"""
+    from adamax_server.optim.engine import Adamax
+
+    rng = np.random.default_rng(8)
+    values = _values(rng)
+    local = Adamax.from_config({"learning_rate": 0.01, "name": "lr"}, device="cpu")
+    local.build(values)
+    local.learning_rate = 0.003
+    store = {}
+    local.save_own_variables(store)
+    store = {k: np.asarray(v) * 2 if np.asarray(v).dtype.kind == "f" else np.asarray(v) for k, v in store.items()}
+    local.load_own_variables(store)
+    assert float(local.learning_rate) == float(np.float32(0.006))
+    grads = _grads(rng, values)
+    local.apply(dict(grads))
+    job = ShardedJob("lr", {"learning_rate": 0.01}, Policy(mode="async"), num_shards, min_piece_bytes=MIN_PIECE)
+    try:
+        job.build(values)
+        job.set_learning_rate(0.003)
+        version, _ = job.load_own_variables(store)
+        assert job.push("w0", "r0", version, grads).outcome == "applied"
+        _, _, pulled = job.pull()
+        for name, value in local.trainable_variables.items():
+            assert pulled[name].tobytes() == np.asarray(value).tobytes(), name
+    finally:
+        job.close()

@@ -34,7 +34,7 @@ from typing import Any
 from adamax_server.errors import NotFound, ServiceError
 from adamax_server.storage.checkpoint import LATEST, CheckpointStore, verify_tensors
 from adamax_server.storage.checkpointing import CheckpointManager, CheckpointPolicy
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.cli.runtime import _flag, add_tls_client_arguments
 from adamax_server.ops.logging_setup import current_format
 

@@ -94,7 +94,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return serve_sharded(args)
     from adamax_server.cli.checkpoint_cli import final_checkpoint, manager_from_args
     from adamax_server.cli.runtime import GracefulShutdown, server_kwargs
-    from adamax_server.coordination.coordinator import Coordinator
+    from adamax_server.sharding.coordinator import Coordinator
     from adamax_server.ops.metrics import ServerMetrics
     from adamax_server.transport.security import SecurityConfigError
     from adamax_server.transport.server import create_server

@@ -30,12 +30,16 @@ class DedupTable:
     def begin(self, worker_id: str, request_id: str) -> None:
         entries = self._by_worker.setdefault(worker_id, OrderedDict())
         entries[request_id] = DedupEntry()
-        if len(entries) > self._capacity:
-            for old_id, old in list(entries.items()):
-                if len(entries) <= self._capacity:
+        excess = len(entries) - self._capacity
+        if excess > 0:  # the oldest answered ones go; a walk from the old end, not a copy of all
+            doomed = []
+            for old_id, old in entries.items():
+                if len(doomed) == excess:
                     break
                 if old.result is not None:
-                    del entries[old_id]
+                    doomed.append(old_id)
+            for old_id in doomed:
+                del entries[old_id]
 
     def finish(self, worker_id: str, request_id: str, result: PushResult) -> None:
         self._by_worker[worker_id][request_id] = DedupEntry(result)

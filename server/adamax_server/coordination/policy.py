@@ -77,17 +77,13 @@ class ReceiveProgress:
     """How a push's payload is arriving, as its transport reports it to ``OptimizerHost.push``.
 
     ``received`` grows as bytes arrive; ``cancel()`` stops the receive (the transport closes or
-    cancels the stream, and ``receive`` then raises). A push that holds the engine's staging
-    buffer and falls more than ``patience`` seconds behind a pace of ``min_rate`` bytes/s while
-    other pushes wait for that buffer is cancelled: a slow or stalled sender cannot hold up the
-    others (``coordination.staging``).
+    cancels the stream, and ``receive`` then raises). Once every byte arrived the host clears
+    ``cancel``: the push is no longer the transport's to stop.
     """
 
     min_rate: float = 1 << 20
-    patience: float = 1.0
     received: int = 0
     cancel: Callable[[], None] | None = None
-    cancelled: bool = False
 
     def add(self, nbytes: int) -> None:
         self.received += nbytes

@@ -1,9 +1,8 @@
 """The decisions a job makes about each push, whoever executes them.
 
-A single server (``coordination.host.OptimizerHost``) and a sharded job's leader
-(``sharding.leader.Leader``) differ only in how a decided step is carried out: one engine in
-this process, or a prepare and a commit on every shard. What a push *means* is decided here,
-in one place for both, so a one-shard job and a single server cannot drift apart:
+Every job's leader (``sharding.leader.Leader``) decides here, a plain server's optimizers too
+(each is a one-shard job, ``sharding.single``): what a push *means* is decided in one place,
+so a one-shard job and a job of N shards cannot drift apart:
 
 * ``check_step``: a step ahead of the job, negative, too stale (async ``max_staleness``), or
   computed on weights a restore took back;
@@ -20,8 +19,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
+
+import numpy as np
 
 from adamax_server.coordination.dedup import DedupTable
 from adamax_server.coordination.policy import Policy, PushResult
@@ -256,3 +257,27 @@ class SyncRound(Generic[E]):
                 f"({', '.join(arrived)})"
             )
             self._on_timeout(why, policy.round_timeout_policy == "close")
+
+
+# ---------------------------------------------------------------- messages
+
+
+def describe_specs(specs: Sequence[tuple[str, tuple[int, ...], np.dtype]]) -> str:
+    return "[" + ", ".join(f"{n}{list(s)}:{np.dtype(d).name}" for n, s, d in specs) + "]"
+
+
+def spec_mismatch(existing: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+                  received: Sequence[tuple[str, tuple[int, ...], np.dtype]]) -> str:
+    """The first difference between two spec lists, in words."""
+    have = {n: (tuple(s), np.dtype(d)) for n, s, d in existing}
+    for name, shape, dtype in received:
+        if name not in have:
+            return f"no variable '{name}' in the existing job"
+        old_shape, old_dtype = have[name]
+        if old_shape != tuple(shape) or old_dtype != np.dtype(dtype):
+            return (f"variable '{name}' is {list(old_shape)}:{old_dtype.name} in the job, "
+                    f"{list(shape)}:{np.dtype(dtype).name} here")
+    missing = [n for n in have if n not in {r[0] for r in received}]
+    if missing:
+        return f"variable '{missing[0]}' of the job is missing here"
+    return "the variables are in another order"

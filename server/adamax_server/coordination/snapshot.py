@@ -1,6 +1,6 @@
 """A point-in-time copy of one hosted optimizer: what a checkpoint holds and a restore needs.
 
-``OptimizerHost.snapshot()`` fills it under the optimizer's lock (the arrays are copies, or
+``OptimizerHost.snapshot()`` (``sharding.single``) fills it between two events (the arrays are copies, or
 gradients that are never mutated after they were received) so the caller can write it to disk
 or stream it without holding the lock. ``Coordinator.restore()`` turns one back into a live
 optimizer. Everything but the arrays is plain JSON data.

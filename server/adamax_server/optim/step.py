@@ -146,6 +146,11 @@ class StepMixin:
             raise ValueError("The optimizer must be built before `new_gradient_set`.")
         return {gname: np.empty(group.size, dtype=group.dtype) for gname, group in self._groups.items()}
 
+    def current_gradient_set(self) -> dict[str, np.ndarray]:
+        """The staging buffers themselves, as a gradient set (host engines): what the next
+        ``exchange_gradient_buffers`` returns."""
+        return {gname: group.buffers["g"] for gname, group in self._groups.items()}
+
     def gradient_set_layout(self) -> tuple[tuple[str, int, str], ...]:
         """(group, elements, dtype) of every staging buffer: what a gradient set must match."""
         return tuple((gname, int(group.size), group.dtype.str) for gname, group in self._groups.items())

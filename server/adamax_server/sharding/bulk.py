@@ -115,9 +115,15 @@ class ShardBulkHost:
         # Received into a pooled gradient set of this shard's engine, kept with the staged push
         # and swapped in as the engine's staging buffers at prepare (``sharding.gradient_sets``).
         taken: list[Any] = []
-        grads = receive(self._host.receive_lookup(taken))
-        if taken and hasattr(grads, "gradient_sets"):
+        try:
+            grads = receive(self._host.receive_lookup(taken))
+        except BaseException:
+            self._host.forget_receive(taken)
+            raise
+        if hasattr(grads, "gradient_sets"):
             grads.gradient_sets = taken
+        elif taken:
+            self._host.forget_receive(taken)
         if commit:  # the push's last stage: commit it at this shard's leader, answer with the outcome
             return self._registry.dispatch(self.key, "stage_push", [worker_id, request_id, grads, int(step)])
         self._registry.dispatch(self.key, "stage", [worker_id, request_id, grads])

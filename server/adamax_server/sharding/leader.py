@@ -111,6 +111,9 @@ class Leader:
         self._rewound: tuple[int, int] | None = None  # (highest version before, version after) a restore
         self._verify = False  # a restarted leader compares every shard's version before it decides
         self._closed = False
+        self._missing_reported: set[tuple[str, ...]] = set()  # variable sets logged without a gradient
+        # Metrics of each closed sync round: (seconds since its first push, pushes, num_workers).
+        self.on_round_closed: Callable[[float, int, int], None] | None = None
 
     # -------------------------------------------------------------- fan-out
 
@@ -119,6 +122,11 @@ class Leader:
 
         The leader's own shard (a link marked ``inline``) is called in this thread while the
         others run on the pool: no thread handoff for the call that needs no network."""
+        if len(self._links) == 1 and shards is None:  # a one-shard job (every plain server): no fan-out
+            try:
+                return {0: self._links[0].call(method, *args_for(0), timeout=self._timeout)}
+            except BaseException as exc:  # noqa: BLE001 - reported as the fan-out reports it
+                raise _PartialFailure({}, {0: exc}) from exc
         targets = list(range(len(self._links))) if shards is None else list(shards)
         inline = [i for i in targets if getattr(self._links[i], "inline", False)]
         futures = {i: self._pool.submit(self._call, i, method, *args_for(i)) for i in targets if i not in inline}
@@ -260,6 +268,17 @@ class Leader:
             self._cond.notify_all()
             return result
 
+    def precheck(self, worker_id: str, request_id: str, step: int) -> PushResult | None:
+        """Before a push's gradients are read: the outcome of a push already decided (a retry,
+        answered without its payload), or None after the step checks passed (else they raise)."""
+        with self._cond:
+            entry = self._dedup.get(worker_id, request_id)
+            if entry is not None and entry.result is not None and not self._lagging:
+                return replace(entry.result, duplicate=True)
+            if entry is None:
+                self._check_step(step)
+            return None
+
     def _count_push(self, worker_id: str, step: int) -> None:
         """Per-worker push counts, as a single server keeps them (status, checkpoints)."""
         record = self._workers.setdefault(worker_id, {"last_step": -1, "pushes": 0})
@@ -362,6 +381,8 @@ class Leader:
             clip_mode = modes.pop()
             payload = self._decide(clip_mode, placement, present, prepared)
             action = "apply"
+            if len(present) < len(placement.variables):
+                self._log_missing([v.name for v in placement.variables if v.name not in set(present)])
         outcome = "round_closed" if combine else "applied"
         try:
             self._deliver(version, action, payload, "commit")
@@ -369,6 +390,20 @@ class Leader:
             exc.result = PushResult(outcome, self.version, self.iterations, detail=detail if combine else "")
             raise
         return PushResult(outcome, self.version, self.iterations, detail=detail if combine else "")
+
+    def _log_missing(self, names: list[str]) -> None:
+        """A step without a gradient for some variables: say so once per set, in server terms."""
+        key = tuple(sorted(names))
+        level = logging.DEBUG if key in self._missing_reported else logging.WARNING
+        self._missing_reported.add(key)
+        _log.log(
+            level,
+            "optimizer '%s': step %d had no gradient for variable(s) %s; they keep their values and Adamax "
+            "moments this step (like Keras). Workers push a gradient for every variable they want trained.%s",
+            self.key, self.iterations, list(names),
+            "" if level == logging.DEBUG else " (logged once for this set of variables; DEBUG shows each step)",
+            extra={"optimizer": self.key},
+        )  # fmt: skip
 
     def _decide(self, clip_mode: int, placement: Placement, present: list[str], prepared: dict[int, Any]) -> ClipDecision:
         if clip_mode not in (CLIP_NORM, CLIP_GLOBAL):
@@ -437,12 +472,18 @@ class Leader:
     def _close_round(self, why: str) -> PushResult:
         keys = self._sync.keys()
         version = self.version
+        waited = self._sync.waited()
         try:
             result = self._event(keys, combine=True, why=f"round for version {version} {why}")
         except DecidedUnconfirmed as exc:
             self._sync.closed(exc.result.detail if exc.result else why)
             raise
         self._sync.closed(result.detail)
+        if self.on_round_closed is not None:
+            try:  # metrics never fail a closed round
+                self.on_round_closed(waited, len(keys), self.policy.num_workers)
+            except Exception:  # noqa: BLE001
+                _log.exception("round metrics of '%s' failed", self.key)
         return result
 
     # -------------------------------------------------------------- mutations
@@ -458,6 +499,10 @@ class Leader:
             # Validate on every shard first would need a prepare phase; mutations are checked by
             # the client against the job's placement before they are sent.
             self._deliver_mutation(version, op, args_for)
+            if op in ("load_store", "set_weights"):
+                # The loaded optimizer variables hold the learning rate now: the steps must not
+                # carry the one set before (every shard loaded it, or gets it redelivered first).
+                self.learning_rate = None
             self._cond.notify_all()
             return self.version, self.iterations
 
@@ -546,6 +591,17 @@ class Leader:
             self._broken = ""
             self._verify = False
             self._cond.notify_all()
+
+    def worker_counts(self) -> dict[str, dict[str, int]]:
+        """Per worker: its pushes and the step of its last one (status)."""
+        with self._cond:
+            return {w: dict(v) for w, v in self._workers.items()}
+
+    def holds(self, key: tuple[str, str]) -> bool:
+        """Whether push ``key`` is in the open sync round (its staged slices must stay)."""
+        with self._cond:
+            pending = self._sync.entries.get(key[0])
+            return pending is not None and pending.request_id == key[1]
 
     @property
     def lagging_count(self) -> int:

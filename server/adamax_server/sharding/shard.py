@@ -29,83 +29,26 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from adamax_server.coordination.host import describe_specs, spec_mismatch
+from adamax_server.coordination.sequencing import describe_specs, spec_mismatch
+from adamax_server.coordination.stats import GradientStats
 from adamax_server.coordination.stats import non_finite_counts as _non_finite_counts
 from adamax_server.coordination.stats import push_stats as _gradient_stats
 
-Gradient = Any  # np.ndarray | RowSparseGradient | None
 from adamax_server.optim.engine import RowSparseGradient
 from adamax_server.errors import FailedPrecondition, InvalidArgument, NotFound, NotStaged, RoundAborted, Unavailable, WaitTimeout
 from adamax_server.sharding.gradient_sets import GradientSets, Taken
 from adamax_server.sharding.placement import DEFAULT_MIN_PIECE_BYTES, Placement, place
 from adamax_server.sharding.shard_engine import ClipDecision, PreparedStep, ShardEngine
+from adamax_server.sharding.staged import (
+    Gradient, PrepareReply, PreparedRestore, PushKey, ShardSnapshot, StagedPush, combine_round, load_store, owned_copy,
+    widened,
+)  # fmt: skip
 
-PushKey = tuple[str, str]  # (worker id, request id)
-
-
-@dataclass
-class StagedPush:
-    grads: dict[str, Gradient]  # local name -> local slice (None: no gradient)
-    non_finite: dict[str, int]
-    expires: float
-    taken: Taken = field(default_factory=list)  # the gradient set it was received into
-
-
-@dataclass
-class PrepareReply:
-    clip_mode: int
-    present: list[str]  # local variables with a gradient, build order
-    non_finite: dict[str, int]
-    unit_sums: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-@dataclass
-class PreparedRestore:
-    """A shard's restore, built and checked but not swapped in (``ShardHost.prepare_restore``)."""
-
-    snap: ShardSnapshot
-    engine: ShardEngine
-    placement: Placement | None
-    staged: dict[PushKey, tuple[dict[str, Gradient], dict[str, int]]]
-
-
-@dataclass
-class ShardSnapshot:
-    """A shard's part of a consistent cut (see ``sharding.checkpoints``)."""
-
-    key: str
-    shard_index: int
-    num_shards: int
-    config: dict[str, Any]
-    policy: dict[str, Any]
-    exclusions: dict[str, list[str]]
-    placement: dict[str, Any] | None
-    version: int
-    iterations: int
-    variables: dict[str, np.ndarray]  # this shard's pieces
-    store: dict[str, np.ndarray]  # this shard's save_own_variables
-    staged: dict[str, dict[str, Gradient]]  # "worker\x00request" -> grads, the open round's pushes
-    store_names: list[str] = field(default_factory=list)  # this shard's optimizer variables, store order
-
-
-def _widened(g: Gradient, dtype: np.dtype) -> Gradient:
-    """A gradient sent narrower than its variable (float16, bfloat16 -> float32) in the variable's
-    dtype, as a single server receives it into its staging buffer; others as they are."""
-    if isinstance(g, RowSparseGradient):
-        values = np.asarray(g.values)
-        if values.dtype.kind == "f" and values.dtype.itemsize < dtype.itemsize:
-            return RowSparseGradient(g.indices, values.astype(dtype))
-        return g
-    if g is not None:
-        array = np.asarray(g)
-        if array.dtype.kind == "f" and array.dtype.itemsize < dtype.itemsize:
-            return array.astype(dtype)
-    return g
+__all__ = ["PrepareReply", "PreparedRestore", "ShardHost", "ShardSnapshot", "StagedPush"]
 
 
 class ShardHost:
@@ -147,6 +90,9 @@ class ShardHost:
         self._closed = False
         self._held: tuple[Placement, int] | None = None  # (placement, this shard's bytes in it)
         self._sets = GradientSets(keep=int(self.policy.get("num_workers") or 1) + 2)
+        self._prepared_stats: dict[str, GradientStats] = {}
+        # Metrics of each applied step: (seconds, its gradients' statistics, iterations after it).
+        self.on_apply: Callable[[float, Mapping[str, GradientStats], int], None] | None = None
 
     # -------------------------------------------------------------- build
 
@@ -203,37 +149,56 @@ class ShardHost:
     # -------------------------------------------------------------- staging
 
     def stage(self, worker_id: str, request_id: str, grads: Sequence[tuple[str, Gradient]]) -> dict[str, int]:
-        """Keep a push's slices until the leader decides; returns its non-finite counts."""
-        with self._cond:
-            self._require_built()
-            self._expire()
-            shapes = {n: (tuple(s), np.dtype(d)) for n, s, d in self._engine.variable_specs}
-            out: dict[str, Gradient] = {}
-            for name, g in grads:
-                if name not in shapes:
-                    raise NotFound(f"shard {self.shard_index} of optimizer '{self.key}' holds no piece of '{name}'")
-                if name in out:
-                    raise InvalidArgument(f"The push carries two gradients for variable '{name}'.")
-                shape = shapes[name][0]
-                if isinstance(g, RowSparseGradient):
-                    idx = np.asarray(g.indices)
-                    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= shape[0]):
-                        raise InvalidArgument(f"row-sparse slice of '{name}' has rows outside this shard's piece")
-                    if tuple(np.shape(g.values))[1:] != shape[1:]:
-                        raise InvalidArgument(f"row-sparse slice of '{name}' has values of shape {np.shape(g.values)}")
-                elif g is not None and tuple(np.shape(g)) != shape:
-                    raise InvalidArgument(f"slice of '{name}' has shape {np.shape(g)}; this shard's piece is {shape}")
-                out[name] = g
+        """Keep a push's slices until the leader decides; returns its non-finite counts.
+
+        Checking, statistics and widening run outside the lock (a full pass over the gradients
+        when the receive did not fold the statistics in): steps go on meanwhile. A refused push
+        gives back the gradient set it was received into."""
+        taken = list(getattr(grads, "gradient_sets", None) or [])
+        try:
+            with self._cond:
+                self._require_built()
+                engine = self._engine
+                shapes = {n: (tuple(s), np.dtype(d)) for n, s, d in engine.variable_specs}
+            out = self._checked(grads, shapes)
             # Statistics folded into the receive's copy (bulk channel) are not computed again.
             present = {n: g for n, g in out.items() if g is not None}
-            counts = _non_finite_counts(_gradient_stats(present, getattr(grads, "stats", None)))
+            stats = _gradient_stats(present, getattr(grads, "stats", None))
+            counts = _non_finite_counts(stats)
             for name, g in out.items():  # narrowed on the wire (gradient_wire_dtype): widen, exactly
-                out[name] = _widened(g, shapes[name][1])
-            key = (worker_id, request_id)
-            self._release(key)  # a re-sent stage replaces the entry
-            taken = list(getattr(grads, "gradient_sets", None) or [])
-            self._staged[key] = StagedPush(out, counts, self._clock() + self.staging_ttl, taken)
-            return counts
+                out[name] = widened(g, shapes[name][1])
+            with self._cond:
+                self._require_built()
+                if self._engine is not engine:  # restored meanwhile: the slices may not fit any more
+                    raise NotStaged(f"{self._where} was restored while push {request_id!r} was staged; send it again")
+                self._expire()
+                key = (worker_id, request_id)
+                self._release(key)  # a re-sent stage replaces the entry
+                self._staged[key] = StagedPush(out, counts, self._clock() + self.staging_ttl, taken, stats)
+                return counts
+        except BaseException:
+            if taken:
+                self.forget_receive(taken)
+            raise
+
+    def _checked(self, grads: Sequence[tuple[str, Gradient]], shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, Gradient]:
+        out: dict[str, Gradient] = {}
+        for name, g in grads:
+            if name not in shapes:
+                raise NotFound(f"{self._where} holds no piece of '{name}'")
+            if name in out:
+                raise InvalidArgument(f"The push carries two gradients for variable '{name}'.")
+            shape = shapes[name][0]
+            if isinstance(g, RowSparseGradient):
+                idx = np.asarray(g.indices)
+                if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= shape[0]):
+                    raise InvalidArgument(f"row-sparse slice of '{name}' has rows outside this shard's piece")
+                if tuple(np.shape(g.values))[1:] != shape[1:]:
+                    raise InvalidArgument(f"row-sparse slice of '{name}' has values of shape {np.shape(g.values)}")
+            elif g is not None and tuple(np.shape(g)) != shape:
+                raise InvalidArgument(f"slice of '{name}' has shape {np.shape(g)}; this shard's piece is {shape}")
+            out[name] = g
+        return out
 
     def receive_lookup(self, taken: Taken) -> Any:
         """Where a push for this shard may be received: a pooled gradient set of the engine (kept
@@ -242,12 +207,17 @@ class ShardHost:
         with self._cond:
             if self._closed:
                 return None
-            return self._sets.lookup(self._engine, taken)
+            return self._sets.lookup(self._engine, taken, idle=self._prepared is None)
+
+    def forget_receive(self, taken: Taken) -> None:
+        """A push received through ``receive_lookup`` failed before it was staged: its set is free."""
+        with self._cond:
+            self._sets.release(self._engine, taken)
 
     def _release(self, key: PushKey) -> None:
         staged = self._staged.pop(key, None)
         if staged is not None:
-            self._sets.release(key, staged.taken)
+            self._sets.release(self._engine, staged.taken)
 
     def check(self, keys: Sequence[PushKey]) -> dict[str, int]:
         """Non-finite counts of staged pushes (summed), or NotFound if one is not staged."""
@@ -277,8 +247,8 @@ class ShardHost:
         staged = self._staged.get((key[0], key[1]))
         if staged is None:
             raise NotStaged(
-                f"push {key[1]!r} of worker '{key[0]}' is not staged on shard {self.shard_index} "
-                "(never sent, expired, or the shard restarted); send it again"
+                f"push {key[1]!r} of worker '{key[0]}' is not staged on {self._where} "
+                "(never sent, expired, or the server restarted); send it again"
             )
         return staged
 
@@ -307,19 +277,24 @@ class ShardHost:
                 self._engine.learning_rate = learning_rate
             keys = [(k[0], k[1]) for k in keys]
             pushes = [self._staged_push(k) for k in keys]
-            if combine:
-                grads = _combine(self._engine.variable_specs, [p.grads for p in pushes], aggregation)
-                non_finite = _non_finite_counts(_gradient_stats({n: g for n, g in grads.items() if g is not None}))
+            if combine:  # summed straight into the engine's staging buffers (none a push holds)
+                engine = self._engine
+                self._sets.unshare(engine)
+                grads, known = combine_round(engine.variable_specs, [p.grads for p in pushes], aggregation,
+                                             engine.gradient_buffer if engine.host_staging else lambda name: None)
+                stats = _gradient_stats({n: g for n, g in grads.items() if g is not None}, known)
+                non_finite = _non_finite_counts(stats)
             else:
                 grads = dict(pushes[0].grads)
-                non_finite = dict(pushes[0].non_finite)
+                stats, non_finite = pushes[0].stats, dict(pushes[0].non_finite)
+            self._prepared_stats = stats
             present = [n for n, _, _ in self._engine.variable_specs if grads.get(n) is not None]
             if non_finite:
                 self._prepared = (version, None, keys)
                 return PrepareReply(-1, present, non_finite)
             # The push's own gradient set becomes the staging buffers (no copy); otherwise the
             # gradients are copied into buffers that no staged push owns.
-            if combine or not self._sets.swap_in(self._engine, keys[0], pushes[0].taken):
+            if combine or not self._sets.swap_in(self._engine, pushes[0].taken):
                 self._sets.unshare(self._engine)
             prepared = self._engine.prepare_step({n: grads[n] for n in present})
             self._prepared = (version, prepared, keys)
@@ -347,7 +322,10 @@ class ShardHost:
             if action == "apply":
                 if prepared is None or decision is None:
                     raise FailedPrecondition(f"event {version} cannot be applied: its gradients are not finite")
+                start = time.perf_counter()
                 self._engine.finish_step(prepared, decision)
+                if self.on_apply is not None:
+                    self.on_apply(time.perf_counter() - start, self._prepared_stats, self._engine.iterations)
             elif action != "bump":
                 raise InvalidArgument(f"unknown commit action {action!r}")
             for key in keys:
@@ -383,9 +361,9 @@ class ShardHost:
             elif op == "learning_rate":
                 engine.learning_rate = args["value"]
             elif op == "load_store":
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error")
-                    engine.load_own_variables(args["store"])
+                load_store(engine, args["store"])
+            elif op == "set_weights":  # Keras's optimizer set_weights (a one-shard job's whole list)
+                engine.set_weights(list(args["weights"]))
             else:
                 raise InvalidArgument(f"unknown shard operation {op!r}")
             self._prepared = None
@@ -408,8 +386,7 @@ class ShardHost:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise WaitTimeout(
-                        f"shard {self.shard_index} of optimizer '{self.key}' did not reach version {min_version} "
-                        f"in time; current version is {self.version}",
+                        f"{self._where} did not reach version {min_version} in time; current version is {self.version}",
                         current_version=self.version,
                     )
                 self._cond.wait(remaining)
@@ -492,6 +469,23 @@ class ShardHost:
         with self._cond:
             return self._engine.get_config(), self._engine.weight_decay_exclusions
 
+    def stateless_apply(self, optimizer_variables: Sequence[Any], grads: Sequence[Gradient],
+                        trainable_variables: Sequence[Any]) -> tuple[list[np.ndarray], list[np.ndarray]]:  # fmt: skip
+        """Keras's ``stateless_apply`` with this shard's engine (its state does not change)."""
+        with self._cond:
+            self._require_built()
+            return self._engine.stateless_apply(list(optimizer_variables), list(grads), list(trainable_variables))
+
+    def device_receiver(self) -> Any:
+        """A GPU engine's receive helper (gradients go to the device as they arrive), or None."""
+        with self._cond:
+            return self._engine.device_receiver() if self._engine.built else None
+
+    def read_engine(self, read: Callable[[ShardEngine], Any]) -> Any:
+        """``read(engine)`` under the lock (status and snapshots of a one-shard job)."""
+        with self._cond:
+            return read(self._engine)
+
     # -------------------------------------------------------------- checkpoints
 
     def snapshot(self, keep: Sequence[PushKey] = ()) -> ShardSnapshot:
@@ -514,7 +508,7 @@ class ShardHost:
                 iterations=engine.iterations,
                 variables=engine.trainable_variables if engine.built else {},
                 store=store,
-                staged={f"{k[0]}\x00{k[1]}": _owned(self._staged[(k[0], k[1])].grads) for k in keep if (k[0], k[1]) in self._staged},
+                staged={f"{k[0]}\x00{k[1]}": owned_copy(self._staged[(k[0], k[1])].grads) for k in keep if (k[0], k[1]) in self._staged},
                 store_names=[ov.name for ov in engine._opt_vars],
             )
 
@@ -582,6 +576,11 @@ class ShardHost:
             self._closed = True
             self._cond.notify_all()
 
+    @property
+    def _where(self) -> str:
+        """This shard in messages; a one-shard job's shard is simply the optimizer."""
+        return f"optimizer '{self.key}'" if self.num_shards == 1 else f"shard {self.shard_index} of optimizer '{self.key}'"
+
     def _require_open(self) -> None:
         if self._closed:
             raise Unavailable(f"optimizer '{self.key}' was deleted or the server is shutting down")
@@ -590,46 +589,7 @@ class ShardHost:
         self._require_open()
         if not self._engine.built:
             raise FailedPrecondition(
-                f"optimizer '{self.key}' is not built yet on shard {self.shard_index}; call build(variables) "
+                f"{self._where} is not built yet; call build(variables) "
                 "with the model variables' names and initial values first",
                 current_version=self.version,
             )
-
-
-def _owned(grads: Mapping[str, Gradient]) -> dict[str, Gradient]:
-    """A staged push's gradients as copies (a snapshot outlives the pooled set they are in)."""
-    return {n: np.array(g) if isinstance(g, np.ndarray) else g for n, g in grads.items()}
-
-
-def _combine(specs: Sequence[tuple[str, Any, Any]], parts_list: Sequence[Mapping[str, Gradient]], aggregation: str) -> dict[str, Gradient]:
-    """A sync round's sum or mean per variable, in the given (worker-id) order.
-
-    The same operations as ``OptimizerHost._combine`` on each slice: a dense sum starts from
-    zeros and adds each worker's slice; row-sparse parts are concatenated (or ``np.add.at``
-    into a dense sum), then divided by the count for a mean.
-    """
-    count = len(parts_list)
-    out: dict[str, Gradient] = {}
-    for name, shape, dtype in specs:
-        dtype = np.dtype(dtype)
-        parts = [p[name] for p in parts_list if p.get(name) is not None]
-        if not parts:
-            out[name] = None
-            continue
-        if all(isinstance(p, RowSparseGradient) for p in parts):
-            indices = np.concatenate([np.asarray(p.indices, dtype=np.int64) for p in parts])
-            values = np.concatenate([np.asarray(p.values).astype(dtype) for p in parts])
-            if aggregation == "mean":
-                values = np.divide(values, np.asarray(count, dtype=dtype))
-            out[name] = RowSparseGradient(indices, values)
-            continue
-        total = np.zeros(shape, dtype=dtype)
-        for p in parts:
-            if isinstance(p, RowSparseGradient):
-                np.add.at(total, np.asarray(p.indices), np.asarray(p.values).astype(dtype))
-            else:
-                np.add(total, np.asarray(p).astype(dtype, copy=False), out=total)
-        if aggregation == "mean":
-            np.divide(total, np.asarray(count, dtype=dtype), out=total)
-        out[name] = total
-    return out

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from adamax_server.storage.checkpoint import LATEST, CheckpointInfo, CheckpointStore, check_manifest, decode, encode, verify_tensors
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.errors import FailedPrecondition, InvalidArgument, NotFound
 from adamax_server.coordination.snapshot import OptimizerSnapshot
 

@@ -1,11 +1,10 @@
 """Time budgets of calls, so that a slow, stalled or hostile peer cannot hold the server.
 
 * :class:`CallLimits`: every push has a receive budget (``floor`` seconds plus its announced
-  bytes at ``min_rate``), a longest silence (``stall``), and while it holds the optimizer's
-  staging buffer and other pushes wait, it may fall at most ``lease_patience`` seconds behind
-  a pace of ``min_rate`` or be cancelled (``coordination.staging``). A gRPC pull reply gets the same kind of
-  send budget, and a pull waits for a version at most ``max_wait`` seconds. The bulk channel's
-  hello must arrive within ``hello_timeout``.
+  bytes at ``min_rate``) and a longest silence (``stall``); a push being received holds no other
+  push up (each is received into a buffer set of its own). A gRPC pull reply gets the same kind
+  of send budget, and a pull waits for a version at most ``max_wait`` seconds. The bulk
+  channel's hello must arrive within ``hello_timeout``.
 * :class:`TimedSocket`: a socket whose reads share one deadline (bulk channel pushes, hellos).
 * :class:`Watchdog`: one thread that cancels gRPC calls past their budget or silent too long
   (the sync gRPC server has no read timeout; a handler blocked on a stream cannot look at a
@@ -34,12 +33,11 @@ class CallLimits:
     floor: float = 30.0  # every push (and pull reply) gets this long, whatever its size ...
     min_rate: float = float(1 << 20)  # ... plus its bytes at this many bytes/s
     stall: float = 30.0  # longest silence inside a call
-    lease_patience: float = 1.0  # see coordination.staging
     max_wait: float = 600.0  # longest wait of a pull for a weights version (clients without a deadline)
     hello_timeout: float = 3.0  # a bulk connection must present its ticket this soon
 
     def __post_init__(self) -> None:
-        for name in ("floor", "min_rate", "stall", "lease_patience", "max_wait", "hello_timeout"):
+        for name in ("floor", "min_rate", "stall", "max_wait", "hello_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"`{name}` must be a positive finite number. Received: {name}={value!r}")
@@ -49,7 +47,7 @@ class CallLimits:
         return self.floor + max(nbytes, 0) / self.min_rate
 
     def progress(self, cancel: Callable[[], None] | None = None) -> ReceiveProgress:
-        return ReceiveProgress(min_rate=self.min_rate, patience=self.lease_patience, cancel=cancel)
+        return ReceiveProgress(min_rate=self.min_rate, cancel=cancel)
 
 
 class TimedSocket:

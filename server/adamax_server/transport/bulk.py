@@ -39,8 +39,8 @@ from adamax_wire import shm as _shm
 from adamax_wire import tensors as _wire
 from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
 
-from adamax_server.coordination.coordinator import Coordinator
-from adamax_server.coordination.host import OptimizerHost
+from adamax_server.sharding.coordinator import Coordinator
+from adamax_server.sharding.single import OptimizerHost
 from adamax_server.ops.metrics import ServerMetrics
 from adamax_server.errors import (
     ERROR_TYPE_KEY, InvalidArgument, PermissionDenied, ResourceExhausted, ServiceError, Unauthenticated, status_for,
@@ -368,10 +368,11 @@ class BulkServer:
             )
         raw = np.frombuffer(conn.segment.buf, dtype=np.uint8, count=nbytes, offset=start)
         # Always a private copy: the worker can write its segment at any time (a sync round
-        # keeps gradients until it closes; a checked gradient must be the applied one). With
-        # the staging lease the copy lands in the engine's staging buffer, so the apply then
-        # copies nothing: the same number of passes as reading the segment in place. ``allocate``
-        # is the receive allocator of the push (staging buffer, or a GPU server's pinned buffer).
+        # keeps gradients until it closes; a checked gradient must be the applied one). The
+        # copy lands in the push's gradient set, which becomes the engine's staging buffers, so
+        # the step then copies nothing: the same number of passes as reading the segment in
+        # place. ``allocate`` is the receive allocator of the push (its gradient set, or a GPU
+        # server's pinned buffer).
         # Statistics fold into this copy (``shm_copy``): the one read of the worker's bytes.
         supplied = allocate(header, nbytes) if allocate is not None else None
         private, on_filled = supplied if supplied is not None else (np.empty(nbytes, dtype=np.uint8), None)

@@ -132,10 +132,11 @@ def dense_only(tensor: _wire.DecodedTensor) -> np.ndarray:
 
 
 def staging_allocator(staging: Any) -> _wire.Allocator | None:
-    """A wire-decoder allocator over ``OptimizerHost.push``'s staging lookup (None: none lent).
+    """A wire-decoder allocator over a push's receive lookup (None: none lent).
 
-    Dense tensors sent in their variable's dtype are received into the engine's own staging
-    buffer; anything else (row-sparse, narrowed on the wire) gets a buffer of its own.
+    Dense tensors sent in their variable's dtype are received into the push's gradient set
+    (``sharding.gradient_sets``); anything else (row-sparse, narrowed on the wire) gets a
+    buffer of its own.
     """
     if staging is None:
         return None

@@ -26,7 +26,7 @@ from adamax_server.transport.budget import CallLimits
 from adamax_server.transport.bulk import DEFAULT_STALL_TIMEOUT, BulkServer
 from adamax_server.transport.checkpoint_service import CheckpointServicer, add_checkpoint_service
 from adamax_server.storage.checkpointing import CheckpointManager
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.ops.metrics import MetricsInterceptor, ServerMetrics
 from adamax_server.transport.ports import PortInUse
 from adamax_server.transport.security import SecurityConfigError, TokenAuthInterceptor, TokenTable

@@ -25,7 +25,7 @@ from adamax_wire import tensors as _wire
 from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
 from adamax_wire.proto.adamax.v1 import adamax_pb2_grpc as pb_grpc
 
-from adamax_server.coordination.coordinator import Coordinator
+from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.errors import InvalidArgument, status_for
 from adamax_server.transport.common import (
     ASSIGN_OPS,

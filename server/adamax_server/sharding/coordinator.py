@@ -1,7 +1,8 @@
-"""Workers, rounds and exactly-once pushes in front of the in-process Adamax engine.
+"""The optimizers of one server: each is a one-shard job (``sharding.single.OptimizerHost``).
 
-The coordinator owns every optimizer hosted by a server (keyed by name) and decides how
-pushes from workers become engine applies:
+The coordinator owns every optimizer hosted by a server (keyed by name). Each runs the code
+every shard of a sharded job runs (a ``ShardHost`` and its ``Leader``, in process), which
+decides how pushes from workers become steps:
 
 * ``async``: each push is one apply, serialized by the optimizer's lock; ``max_staleness``
   rejects gradients computed more than that many versions ago.
@@ -25,11 +26,9 @@ from __future__ import annotations
 
 import logging
 import threading
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from adamax_server.coordination.host import OptimizerHost
 from adamax_server.coordination.policy import (
     CoordinatorObserver,
     OptimizerStatus,
@@ -49,9 +48,10 @@ from adamax_server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from adamax_server.optim.engine import Adamax
+from adamax_server.sharding.shard_engine import ShardEngine
+from adamax_server.sharding.single import OptimizerHost
 
-# The coordination layer's public face (the types live in ``policy``, the host in ``host``).
+# A server's public face (the types live in ``coordination.policy``, the host in ``single``).
 __all__ = [
     "Coordinator",
     "CoordinatorObserver",
@@ -70,7 +70,7 @@ _log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- the registry
 
 
-EngineFactory = Callable[[Mapping[str, Any]], Adamax]
+EngineFactory = Callable[[Mapping[str, Any]], ShardEngine]
 
 
 class Coordinator:
@@ -86,7 +86,7 @@ class Coordinator:
         observer: CoordinatorObserver | None = None,
     ) -> None:
         self._observer = observer
-        self._engine_factory: EngineFactory = engine_factory or (lambda cfg: Adamax.from_config(cfg, device=device))
+        self._engine_factory: EngineFactory = engine_factory or (lambda cfg: ShardEngine.from_config(cfg, device=device))
         self._dedup_capacity = dedup_capacity
         self._max_optimizers = max_optimizers
         self._lock = threading.Lock()
@@ -134,33 +134,15 @@ class Coordinator:
             elif len(self._hosts) >= self._max_optimizers:
                 raise ResourceExhausted(f"this server hosts at most {self._max_optimizers} optimizers")
             host = OptimizerHost(
-                key, engine, normalized, policy, dedup_capacity=self._dedup_capacity, observer=self._observer
+                key, self._engine_factory, normalized, policy, dedup_capacity=self._dedup_capacity, observer=self._observer
             )
             self._hosts[key] = host
         if replaced is not None:
             replaced.close()
         return True, host
 
-    def engine_from_snapshot(self, snap: OptimizerSnapshot) -> Adamax:
-        """A new engine holding ``snap``'s config, exclusions, variables and store."""
-        engine = self._engine_factory(snap.config)
-        exclusions = snap.exclusions
-        if exclusions.get("var_list") or exclusions.get("var_names"):
-            engine.exclude_from_weight_decay(
-                var_list=exclusions.get("var_list") or None, var_names=exclusions.get("var_names") or None
-            )
-        if snap.built:
-            engine.build(dict(snap.variables))
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                engine.load_own_variables(snap.store)
-            if caught:  # Keras only warns on a variable-count mismatch; a restore must not skip
-                raise InvalidArgument(f"cannot restore optimizer '{snap.key}': {caught[0].message}")
-        return engine
-
     def restore(self, snap: OptimizerSnapshot) -> tuple[OptimizerHost, int, int]:
         """Restore one optimizer: replace a running one (fenced) or create it with the saved version."""
-        engine = self.engine_from_snapshot(snap)  # the slow part, outside every lock
         with self._lock:
             self._require_open()
             host = self._hosts.get(snap.key)
@@ -168,13 +150,13 @@ class Coordinator:
                 if len(self._hosts) >= self._max_optimizers:
                     raise ResourceExhausted(f"this server hosts at most {self._max_optimizers} optimizers")
                 host = OptimizerHost(
-                    snap.key, engine, snap.initial_config, Policy(**snap.policy),
+                    snap.key, self._engine_factory, snap.initial_config, Policy(**snap.policy),
                     dedup_capacity=self._dedup_capacity, observer=self._observer,
                 )
-                version, iterations = host.restore(snap, engine, fence=False)
+                version, iterations = host.restore(snap, fence=False)
                 self._hosts[snap.key] = host
                 return host, version, iterations
-        version, iterations = host.restore(snap, engine, fence=True)
+        version, iterations = host.restore(snap, fence=True)
         return host, version, iterations
 
     def _require_open(self) -> None:
