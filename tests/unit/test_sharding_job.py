@@ -268,3 +268,37 @@ def test_a_loaded_store_sets_the_learning_rate_even_after_set_learning_rate(num_
             assert pulled[name].tobytes() == np.asarray(value).tobytes(), name
     finally:
         job.close()
+
+
+@pytest.mark.parametrize("config", [{"clipnorm": 0.3}, {"global_clipnorm": 0.2, "gradient_accumulation_steps": 2,
+                                                         "loss_scale_factor": 4.0}], ids=["clipnorm", "global-acc-scale"])
+def test_whole_variables_clip_with_the_backends_own_sums(config, monkeypatch):
+    """A one-shard job (a plain server) on a backend without the pairwise-leaf kernel (NumPy
+    here; the GPU's CuPy alike) takes each whole variable's sum of squares from the backend
+    itself, on its device, as ``Adamax`` clips: equal to ``Adamax`` on that backend, bit for bit."""
+    from adamax_server.optim.engine import Adamax
+    from adamax_server.sharding.coordinator import Coordinator
+
+    rng = np.random.default_rng(4)
+    values = {"w": rng.standard_normal((300, 7)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32),
+              "d": rng.standard_normal(50).astype(np.float64)}  # fmt: skip
+    coordinator = Coordinator(device="numpy")
+    try:
+        _, host = coordinator.create("m", {"learning_rate": 0.01, **config}, Policy())
+        host.build(list(values.items()))
+        backend = host._shard.read_engine(lambda e: e._backend)
+        calls = []
+        original = backend.sumsq
+        monkeypatch.setattr(backend, "sumsq", lambda *a: calls.append(1) or original(*a))
+        local = Adamax.from_config({"learning_rate": 0.01, **config, "name": "m"}, device="numpy")
+        local.build(values)
+        for k in range(4):
+            grads = {n: (rng.standard_normal(v.shape) * 3).astype(v.dtype) for n, v in values.items()}
+            host.push("w0", f"r{k}", host.version, lambda lookup, g=grads: list(g.items()))
+            local.apply(dict(grads))
+        assert calls  # the backend's own sums
+        pulled = host.pull([], lambda v, it, items: dict(items)).payload
+        for name, value in local.trainable_variables.items():
+            assert pulled[name].tobytes() == np.asarray(value).tobytes(), name
+    finally:
+        coordinator.close()

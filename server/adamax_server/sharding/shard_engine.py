@@ -159,6 +159,11 @@ class ShardEngine(Adamax):
                 bool(step.use_loss_scale), dt(step.loss_scale), acc_mode, dt(step.acc_steps),
             )  # fmt: skip
             _cpu._combine(leaf, plan.program, plan.seg_prog_start, plan.seg_prog_end, has_grad, sums)
+        elif n_units and not any(v.group == gname and v.name in self._units for v in self._vars):
+            # Every unit is a whole variable (a one-shard job, a GPU server's case): the backend's
+            # own sum of squares per variable, on its device, as ``Adamax`` clips.
+            per_variable = np.asarray(self._backend.sumsq(group, step))  # host, one per variable
+            np.copyto(sums, per_variable[unit_seg].astype(group.dtype, copy=False), where=has_grad.astype(bool))
         elif n_units:
             # Any other backend: the transformed gradient on the host, summed by NumPy itself.
             g = self._backend.to_host(group.buffers["g"])
