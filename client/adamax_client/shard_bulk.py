@@ -89,7 +89,7 @@ class ShardChannels:
             self._channels[shard] = _NONE
             return None
 
-    def stage(self, shard: int, request_id: str, step: int, items: list[tuple[str, Any]], *, wire: str | None,
+    def stage(self, shard: int, request_id: str, step: int, items: Sequence[tuple[str, Any]], *, wire: str | None,
               timeout: float, commit: bool = False) -> Any:  # fmt: skip
         """Stage ``items`` on ``shard`` over its bulk channel: the reply (a ``PushResponse``; with
         ``commit``, the leader's outcome of the whole push), or None: not sent, use gRPC."""
@@ -97,7 +97,8 @@ class ShardChannels:
             return None
         header = pb.PushHeader(optimizer=self.key, worker_id=self.worker_id, step=step, request_id=request_id,
                                num_tensors=len(items), commit=commit)  # fmt: skip
-        return self._via(shard, lambda ch: ch.push(header, items, wire=wire, timeout=timeout))
+        nbytes = getattr(items, "nbytes", None)  # a part still arriving (``sharded_calls.ShardStreams``)
+        return self._via(shard, lambda ch: ch.push(header, items, wire=wire, timeout=timeout, nbytes=nbytes))
 
     def pull(self, shard: int, names: Sequence[str], min_version: int, timeout: float,
              out: Mapping[str, np.ndarray] | None = None) -> tuple[int, int, dict[str, np.ndarray]] | None:  # fmt: skip

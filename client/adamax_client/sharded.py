@@ -24,8 +24,6 @@ otherwise, to all shards in parallel; the commit at the leader and everything el
 
 from __future__ import annotations
 
-import uuid
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,19 +37,18 @@ from adamax_wire.checkpoints import Files, Progress
 from adamax_wire import tensors as _wire
 from adamax_wire.placement import Placement, assemble, assemble_store, place, split_gradients, split_store, split_values
 from adamax_wire import pb
-from adamax_client.errors import AbortedError, InvalidArgumentError, NotFoundError, NotStagedError, UnavailableError, UnimplementedError
+from adamax_client.errors import AbortedError, InvalidArgumentError, NotFoundError, UnavailableError, UnimplementedError
 import adamax_client.checkpoints as _checkpoints
 import adamax_client.remote as _remote
 from adamax_client.remote import _KERAS_DEFAULTS, PushResult, RemoteAdamax, _default_worker_id, _policy_proto, _readonly, _serialize_learning_rate
 from adamax_client.bulk import BULK_MODES
-from adamax_client.shard_bulk import ShardChannels, push_result
+from adamax_client.shard_bulk import ShardChannels
 from adamax_client.sharded_calls import ShardedAdapterCalls
 from adamax_client.transport import RetryPolicy, Transport
 
 CALL_PATH = "/adamax.v1.ShardService/Call"
 ONCE_PATH = "/adamax.v1.ShardService/CallOnce"
 _RECORDS = codec.Records(PushResult)
-_RESTAGE_ATTEMPTS = 3  # a push found unstaged at commit (a shard restarted) is staged and committed again
 
 
 def parse_targets(target: str | Sequence[str]) -> list[str]:
@@ -201,10 +198,17 @@ class ShardedRemoteAdamax(ShardedAdapterCalls, RemoteAdamax):
         """``method`` on every shard in parallel; the first shard's error is raised after all returned."""
         return self._each(lambda i: self._one(i, method, *args_for(i), timeout=timeout, wire=wire))
 
-    def _each(self, call: Callable[[int], Any]) -> list[Any]:
-        """``call(shard)`` for every shard in parallel; the first shard's error is raised after all returned."""
-        futures = [self._pool.submit(call, i) for i in range(self.num_shards)]
+    def _each(self, call: Callable[[int], Any], alongside: Callable[[], None] | None = None,
+              shards: int | None = None) -> list[Any]:
+        """``call(shard)`` for every shard (or the first ``shards``) in parallel; the first error is
+        raised after all returned. ``alongside()`` runs in this thread meanwhile; its error first."""
+        futures = [self._pool.submit(call, i) for i in range(self.num_shards if shards is None else shards)]
         results, first_error = [], None
+        if alongside is not None:
+            try:
+                alongside()
+            except BaseException as exc:  # noqa: BLE001 - raised once every call returned
+                first_error = exc
         for f in futures:
             try:
                 results.append(f.result())
@@ -331,42 +335,7 @@ class ShardedRemoteAdamax(ShardedAdapterCalls, RemoteAdamax):
             if name in gradients:
                 raise InvalidArgumentError(f"The push carries two gradients for variable '{name}'.")
             gradients[name] = g if (g is None or isinstance(g, _wire.RowSparse)) else np.asarray(g)
-        step = self._version if step is None else int(step)
-        request_id = request_id or uuid.uuid4().hex
-        slices = split_gradients(placement, gradients)
-        deadline = timeout or self.timeout
-        channels = self._channels
-        assert channels is not None
-
-        def stage(i: int) -> None:  # over the shard's bulk channel where offered, else gRPC
-            if channels.stage(i, request_id, step, slices[i], wire=self._gradient_wire, timeout=deadline) is None:
-                self._one(i, "stage", self.worker_id, request_id, slices[i], timeout=timeout, wire=self._gradient_wire)
-
-        def stage_and_commit() -> PushResult:  # the only stage, on the leader, carries the commit
-            reply = channels.stage(0, request_id, step, slices[0], wire=self._gradient_wire, timeout=deadline, commit=True)
-            return push_result(reply) if reply is not None else self._one(
-                0, "stage_push", self.worker_id, request_id, slices[0], step, timeout=timeout, wire=self._gradient_wire)
-
-        one_stage = self.num_shards == 1 and bool((self._describe_cache or {}).get("stage_push"))
-        for attempt in range(_RESTAGE_ATTEMPTS):
-            try:
-                if one_stage:
-                    result = stage_and_commit()
-                else:
-                    self._each(stage)
-                    result = self._one(0, "push", self.worker_id, request_id, step, timeout=timeout)
-                break
-            except NotStagedError:  # a shard restarted (or the staged push expired): nothing was applied
-                if attempt == _RESTAGE_ATTEMPTS - 1:
-                    raise
-            except AbortedError as exc:
-                self._taken_back(exc)
-                raise
-        if result.outcome in ("accepted", "round_closed"):
-            self._expect_version = max(self._expect_version, step + 1)
-        elif result.outcome == "dropped_late":
-            warnings.warn(f"worker '{self.worker_id}': {result.detail}", stacklevel=3)
-        return result
+        return self._staged_push(split_gradients(placement, gradients), step, request_id, timeout)
 
     def _taken_back(self, exc: AbortedError) -> None:
         """A (sharded: rewinding) restore: ``pull()`` waits for the restored version from now on."""

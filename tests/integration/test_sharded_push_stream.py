@@ -1,0 +1,135 @@
+"""``push_stream`` on a sharded job streams to every shard at once (``sharding_calls.ShardStreams``).
+
+Each gradient is cut into its shards' slices as the caller's iterable yields it, and every
+shard's bulk channel sends them while the rest are still being produced (what the framework
+adapters rely on to overlap backward with the transfer); the commit follows. Results equal a
+plain ``push`` of the same gradients, bit for bit; a stream that fails half way applies nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from adamax_client import RemoteAdamax
+from adamax_client import errors as client_errors
+from adamax_server.sharding.shard import ShardHost
+from _sharding_helpers import remote_values, start_shard_servers, stop_shard_servers
+
+
+def _dense_grads(values, k):
+    rng = np.random.default_rng(200 + k)
+    return {n: (rng.standard_normal(np.shape(v)) * 3).astype(v.dtype) for n, v in values.items()}
+
+
+def _pair(targets, bulk, **kwargs):
+    common = dict(timeout=30, learning_rate=0.01, global_clipnorm=0.5, bulk=bulk, **kwargs)
+    return (RemoteAdamax(targets, worker_id="w", optimizer="streamed", **common),
+            RemoteAdamax(targets, worker_id="w", optimizer="pushed", **common))  # fmt: skip
+
+
+def _same(a, b, values):
+    got, want = a.pull(), b.pull()
+    for n in values:
+        assert got[n].tobytes() == want[n].tobytes(), n
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_every_shard_receives_while_the_gradients_are_still_arriving(shards, monkeypatch):
+    servers, targets = start_shard_servers(shards)
+    values = remote_values(11)
+    receiving: set[int] = set()
+    all_receiving = threading.Event()
+    original = ShardHost.receive_lookup
+
+    def noting(self, taken):  # a bulk push to this shard started reading its tensors
+        if self.key == "streamed":
+            receiving.add(self.shard_index)
+            if len(receiving) == shards:
+                all_receiving.set()
+        return original(self, taken)
+
+    monkeypatch.setattr(ShardHost, "receive_lookup", noting)
+    streamed, pushed = _pair(targets, "tcp")
+    try:
+        streamed.build(values)
+        pushed.build(values)
+        for k in range(3):
+            grads = _dense_grads(values, k)
+            all_receiving.clear()
+            receiving.clear()
+            waited = []
+
+            def items(grads=grads):
+                names = list(grads)
+                yield names[0], grads[names[0]]
+                waited.append(all_receiving.wait(20))  # every shard is already receiving
+                for name in names[1:]:
+                    yield name, grads[name]
+
+            result = streamed.push_stream(items(), num_tensors=len(values))
+            assert waited == [True], f"shards {sorted(receiving)} of {shards} started before the stream ended"
+            assert result.outcome == pushed.push(grads).outcome == "applied"
+        _same(streamed, pushed, values)
+    finally:
+        streamed.close()
+        pushed.close()
+        stop_shard_servers(servers)
+
+
+@pytest.mark.parametrize("bulk", ["off", "auto"])
+def test_a_stream_that_fails_half_way_applies_nothing_anywhere(bulk):
+    servers, targets = start_shard_servers(3)
+    values = remote_values(12)
+    streamed, pushed = _pair(targets, bulk)
+    try:
+        streamed.build(values)
+        pushed.build(values)
+        grads = _dense_grads(values, 0)
+
+        def broken():
+            names = list(grads)
+            yield names[0], grads[names[0]]
+            raise ValueError("backward failed")
+
+        with pytest.raises(ValueError, match="backward failed"):
+            streamed.push_stream(broken(), num_tensors=len(values))
+
+        def unknown():
+            yield "nope", np.zeros(3, np.float32)
+
+        with pytest.raises(client_errors.NotFoundError, match="no variable 'nope'"):
+            streamed.push_stream(unknown(), num_tensors=len(values))
+        with pytest.raises(client_errors.InvalidArgumentError, match="announced 9 tensors but carried 4"):
+            streamed.push_stream(iter(grads.items()), num_tensors=9)
+        for s in servers:  # nothing was applied, and nothing was left staged (a cut bulk push stages nothing)
+            host = s.shard_registry.host("streamed")
+            assert host.version == 0
+        # The next push goes through, and equals a plain push.
+        assert streamed.push_stream(iter(grads.items()), num_tensors=len(values)).version == 1
+        pushed.push(grads)
+        _same(streamed, pushed, values)
+    finally:
+        streamed.close()
+        pushed.close()
+        stop_shard_servers(servers)
+
+
+def test_a_stream_of_some_variables_is_collected_then_pushed():
+    servers, targets = start_shard_servers(2)
+    values = remote_values(13)
+    streamed, pushed = _pair(targets, "auto")
+    try:
+        streamed.build(values)
+        pushed.build(values)
+        grads = _dense_grads(values, 1)
+        some = {n: grads[n] for n in ("w", "d")}
+        assert streamed.push_stream(iter(some.items()), num_tensors=2).outcome == "applied"
+        pushed.push(some)
+        _same(streamed, pushed, values)
+    finally:
+        streamed.close()
+        pushed.close()
+        stop_shard_servers(servers)
