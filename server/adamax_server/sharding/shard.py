@@ -166,7 +166,8 @@ class ShardHost:
             stats = _gradient_stats(present, getattr(grads, "stats", None))
             counts = _non_finite_counts(stats)
             for name, g in out.items():  # narrowed on the wire (gradient_wire_dtype): widen, exactly
-                out[name] = widened(g, shapes[name][1])
+                if g is not None and getattr(g, "dtype", None) != shapes[name][1]:
+                    out[name] = widened(g, shapes[name][1])
             with self._cond:
                 self._require_built()
                 if self._engine is not engine:  # restored meanwhile: the slices may not fit any more
@@ -184,11 +185,15 @@ class ShardHost:
     def _checked(self, grads: Sequence[tuple[str, Gradient]], shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, Gradient]:
         out: dict[str, Gradient] = {}
         for name, g in grads:
-            if name not in shapes:
+            spec = shapes.get(name)
+            if spec is None:
                 raise NotFound(f"{self._where} holds no piece of '{name}'")
             if name in out:
                 raise InvalidArgument(f"The push carries two gradients for variable '{name}'.")
-            shape = shapes[name][0]
+            shape = spec[0]
+            if g is None or (type(g) is np.ndarray and g.shape == shape):
+                out[name] = g
+                continue
             if isinstance(g, RowSparseGradient):
                 idx = np.asarray(g.indices)
                 if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= shape[0]):
