@@ -51,7 +51,8 @@ class GradientSets:
         self._free.clear()
         self._lent.clear()
 
-    def lookup(self, engine: Any, taken: Taken, *, idle: bool) -> Callable[[str, np.dtype], np.ndarray | None] | None:
+    def lookup(self, engine: Any, taken: Taken, *, idle: bool,
+               dtypes: dict[str, np.dtype] | None = None) -> Callable[[str, np.dtype], np.ndarray | None] | None:  # fmt: skip
         """``lookup(name, dtype)``: receive buffers in one set for a push (recorded in ``taken``),
         or None when the engine has no host staging buffers. ``idle``: no step is prepared, so
         the engine's own buffers may be lent, now (a later copy must see them lent)."""
@@ -60,7 +61,8 @@ class GradientSets:
         layout = engine.gradient_set_layout()
         if not layout:  # a shard that holds no piece of the job
             return None
-        dtypes = {n: np.dtype(d) for n, _, d in engine.variable_specs}
+        if dtypes is None:
+            dtypes = {n: np.dtype(d) for n, _, d in engine.variable_specs}
         current = engine.current_gradient_set()
         if idle and _id(current) not in self._lent:
             self._lent.add(_id(current))

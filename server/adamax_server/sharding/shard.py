@@ -91,6 +91,7 @@ class ShardHost:
         self._held: tuple[Placement, int] | None = None  # (placement, this shard's bytes in it)
         self._sets = GradientSets(keep=int(self.policy.get("num_workers") or 1) + 2)
         self._prepared_stats: dict[str, GradientStats] = {}
+        self._specs_cache: _Specs | None = None
         # Metrics of each applied step: (seconds, its gradients' statistics, iterations after it).
         self.on_apply: Callable[[float, Mapping[str, GradientStats], int], None] | None = None
 
@@ -159,7 +160,7 @@ class ShardHost:
             with self._cond:
                 self._require_built()
                 engine = self._engine
-                shapes = {n: (tuple(s), np.dtype(d)) for n, s, d in engine.variable_specs}
+                shapes = self._spec_maps().shapes
             out = self._checked(grads, shapes)
             # Statistics folded into the receive's copy (bulk channel) are not computed again.
             present = {n: g for n, g in out.items() if g is not None}
@@ -212,7 +213,7 @@ class ShardHost:
         with self._cond:
             if self._closed:
                 return None
-            return self._sets.lookup(self._engine, taken, idle=self._prepared is None)
+            return self._sets.lookup(self._engine, taken, idle=self._prepared is None, dtypes=self._spec_maps().dtypes)
 
     def forget_receive(self, taken: Taken) -> None:
         """A push received through ``receive_lookup`` failed before it was staged: its set is free."""
@@ -293,7 +294,7 @@ class ShardHost:
                 grads = dict(pushes[0].grads)
                 stats, non_finite = pushes[0].stats, dict(pushes[0].non_finite)
             self._prepared_stats = stats
-            present = [n for n, _, _ in self._engine.variable_specs if grads.get(n) is not None]
+            present = [n for n in self._spec_maps().names if grads.get(n) is not None]
             if non_finite:
                 self._prepared = (version, None, keys)
                 return PrepareReply(-1, present, non_finite)
@@ -416,7 +417,17 @@ class ShardHost:
     def piece_specs(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
         """(name, shape, dtype) of the pieces this shard holds, build order ([] before build)."""
         with self._cond:
-            return list(self._engine.variable_specs) if self._engine.built else []
+            return list(self._spec_maps().specs) if self._engine.built else []
+
+    def piece_shapes(self) -> Mapping[str, tuple[tuple[int, ...], np.dtype]]:
+        """name -> (shape, dtype) of this shard's pieces ({} before build; shared: do not change)."""
+        with self._cond:
+            return self._spec_maps().shapes
+
+    def piece_rows(self) -> Mapping[str, int]:
+        """name -> rows (first dimension; 0 for a scalar) of this shard's pieces (shared: do not change)."""
+        with self._cond:
+            return self._spec_maps().rows
 
     def read_pieces_into(self, outs: Mapping[str, np.ndarray]) -> tuple[int, int]:
         """Copy this shard's pieces into ``outs`` (name -> array of the piece's shape and dtype),
@@ -467,7 +478,7 @@ class ShardHost:
     def piece_names(self) -> set[str] | None:
         """Names of the variables this shard holds a piece of (None before build)."""
         with self._cond:
-            return {n for n, _, _ in self._engine.variable_specs} if self._engine.built else None
+            return set(self._spec_maps().names) if self._engine.built else None
 
     def engine_settings(self) -> tuple[dict[str, Any], dict[str, list[str]]]:
         """(the engine's current Keras config, its weight-decay exclusions): the job's, on every shard."""
@@ -581,6 +592,15 @@ class ShardHost:
             self._closed = True
             self._cond.notify_all()
 
+    def _spec_maps(self) -> _Specs:
+        """The engine's variables in the forms every push asks for, made once per engine (its
+        variables never change once built; a restore brings a new engine)."""
+        engine = self._engine
+        cached = self._specs_cache
+        if cached is None or cached.engine is not engine or cached.built != engine.built:
+            cached = self._specs_cache = _Specs(engine)
+        return cached
+
     @property
     def _where(self) -> str:
         """This shard in messages; a one-shard job's shard is simply the optimizer."""
@@ -598,3 +618,16 @@ class ShardHost:
                 "with the model variables' names and initial values first",
                 current_version=self.version,
             )
+
+
+class _Specs:
+    """An engine's variables: (name, shape, dtype) in build order, and by name."""
+
+    def __init__(self, engine: ShardEngine) -> None:
+        self.engine = engine
+        self.built = engine.built
+        self.specs = [(n, tuple(shape), np.dtype(d)) for n, shape, d in engine.variable_specs] if engine.built else []
+        self.names = [n for n, _, _ in self.specs]
+        self.shapes = {n: (shape, d) for n, shape, d in self.specs}
+        self.dtypes = {n: d for n, _, d in self.specs}
+        self.rows = {n: (shape[0] if shape else 0) for n, shape, _ in self.specs}

@@ -216,7 +216,7 @@ class OptimizerHost:
     def check_gradient(self, meta: TensorMeta) -> None:
         """Validate a gradient's header against the variable before its payload is read."""
         self._require_built()
-        specs = {n: (tuple(s), np.dtype(d)) for n, s, d in self._shard.piece_specs()}
+        specs = self._shard.piece_shapes()
         if meta.name not in specs:
             raise NotFound(f"optimizer '{self.key}' has no variable '{meta.name}'. Known variables: {list(specs)}")
         if meta.absent:
@@ -275,8 +275,7 @@ class OptimizerHost:
             grads = receive(self._shard.receive_lookup(taken))
             if progress is not None:  # all arrived: nothing to cancel any more
                 progress.cancel = None
-            rows = {n: (tuple(s)[0] if len(s) else 0) for n, s, _ in self._shard.piece_specs()}
-            _validate_payload(grads, rows)
+            _validate_payload(grads, self._shard.piece_rows())
         except BaseException:
             self._shard.forget_receive(taken)  # the set it was being received into is free again
             raise
@@ -375,7 +374,7 @@ class OptimizerHost:
         every version, under the lock.
         """
         names = key[1]
-        specs = {n: (shape, dtype) for n, shape, dtype in self._shard.piece_specs()}
+        specs: Mapping[str, tuple[tuple[int, ...], np.dtype]] = self._shard.piece_shapes()
         if names:
             missing = [n for n in names if n not in specs]
             if missing:
