@@ -478,3 +478,10 @@ def test_an_overlapping_async_push_is_applied_where_it_landed_without_waiting():
     pulled = host.pull([], lambda v, it, items: dict(items))
     for name, value in engine.trainable_variables.items():
         assert_bitwise_equal(pulled.payload[name], value)
+
+
+def test_a_push_naming_an_unknown_variable_is_refused_in_server_terms():
+    host = make_host()
+    with pytest.raises(NotFound, match=r"optimizer 'm' has no variable 'nope'\. Known variables: \['w', 'b'\]"):
+        host.push("w0", "r", 0, lambda lookup: [("nope", np.zeros(2, np.float32))])
+    assert host.version == 0 and host.in_flight() == [] and host._shard.staged_keys() == []

@@ -275,7 +275,7 @@ class OptimizerHost:
             grads = receive(self._shard.receive_lookup(taken))
             if progress is not None:  # all arrived: nothing to cancel any more
                 progress.cancel = None
-            _validate_payload(grads, self._shard.piece_rows())
+            _validate_payload(self.key, grads, self._shard.piece_rows())
         except BaseException:
             self._shard.forget_receive(taken)  # the set it was being received into is free again
             raise
@@ -522,18 +522,20 @@ class OptimizerHost:
             self._shard.close()
 
 
-def _validate_payload(grads: Sequence[tuple[str, Gradient]], rows: Mapping[str, int]) -> None:
-    """Names unique, row-sparse indices in range; ``rows``: first dimension per variable."""
+def _validate_payload(key: str, grads: Sequence[tuple[str, Gradient]], rows: Mapping[str, int]) -> None:
+    """Names known and unique, row-sparse indices in range; ``rows``: first dimension per variable."""
     seen: set[str] = set()
     for name, g in grads:
+        if name not in rows:
+            raise NotFound(f"optimizer '{key}' has no variable '{name}'. Known variables: {list(rows)}")
         if name in seen:
             raise InvalidArgument(f"The push carries two gradients for variable '{name}'.")
         seen.add(name)
         if isinstance(g, RowSparseGradient) and g.indices.size:
             low, high = int(g.indices.min()), int(g.indices.max())
-            if low < 0 or high >= rows.get(name, 0):
+            if low < 0 or high >= rows[name]:
                 raise InvalidArgument(
-                    f"Row-sparse gradient for variable '{name}': row indices must be in [0, {rows.get(name, 0)}). "
+                    f"Row-sparse gradient for variable '{name}': row indices must be in [0, {rows[name]}). "
                     f"Received min={low}, max={high}."
                 )
 
