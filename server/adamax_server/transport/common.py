@@ -2,7 +2,7 @@
 
 Proto enums <-> policy strings, ``OptimizerStatus`` -> ``OptimizerInfo``, tensor headers ->
 ``TensorMeta``, decoded tensors -> engine values, the receive allocator that lets a push land
-straight in the engine's staging buffer, and ``FoldedStats``, which computes a push's gradient
+straight in its gradient set (the engine's staging buffers once it is applied), and ``FoldedStats``, which computes a push's gradient
 statistics piece by piece as its bytes land (while they are still in the cache), and
 ``PullArena``, the shared-memory segment a bulk listener answers full pulls from. No grpc here:
 the bulk channel uses it without a server.

@@ -156,7 +156,7 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
             return pb.BuildResponse(built_now=built_now, info=info_to_proto(host.status()))
 
     def _wait_budget(self, context: grpc.ServicerContext) -> float:
-        """How long a call may wait (for a version, a staging buffer): its deadline, capped."""
+        """How long a call may wait (for a version): its deadline, capped."""
         return min(context.time_remaining(), self._call_limits.max_wait)
 
     def Push(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
@@ -176,7 +176,7 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
 
             def receive(staging: Any) -> list[tuple[str, Any]]:
                 # On a GPU engine, chunks are copied to the device as they arrive; on the host,
-                # a lone async push is received straight into the engine's staging buffer.
+                # a push is received straight into its gradient set (``sharding.gradient_sets``).
                 # Gradient statistics are folded into the receive (``FoldedStats``).
                 receiver = host.device_receiver()
                 folded = FoldedStats()
