@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from adamax_wire import tensors as _wire
-from adamax_wire.placement import Placement, split_gradients, split_values
+from adamax_wire.placement import Placement, split_gradient, split_values
 from adamax_client.errors import (
     AbortedError, AlreadyExistsError, DeadlineExceededError, InvalidArgumentError, NotFoundError, NotStagedError,
     UnavailableError, UnimplementedError,
@@ -282,10 +282,10 @@ class ShardStreams:
                     raise InvalidArgumentError(f"The push carries two gradients for variable '{name}'.")
                 seen.add(name)
                 value = g if (g is None or isinstance(g, _wire.RowSparse)) else np.asarray(g)
-                cut = split_gradients(self._placement, {name: value})
+                cut = split_gradient(self._known[name], value)  # this variable's pieces only
                 with self._cond:
-                    for i, part in enumerate(cut):
-                        self._slices[i].extend(part)
+                    for shard, piece in cut:
+                        self._slices[shard].append((name, piece))
                     self._cond.notify_all()
             if len(seen) != num_tensors:
                 raise InvalidArgumentError(f"the push announced {num_tensors} tensors but carried {len(seen)}")

@@ -164,7 +164,7 @@ def test_snapshot_copies_staged_gradients_out_of_their_sets():
         np.testing.assert_array_equal(g, _grads(4)[name])
 
 
-def test_gpu_engines_and_closed_hosts_get_no_set():
+def test_a_closed_host_lends_no_set():
     host = _host()
     host.close()
     assert host.receive_lookup([]) is None

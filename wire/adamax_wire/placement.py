@@ -232,23 +232,28 @@ def split_gradients(placement: Placement, grads: Mapping[str, Any]) -> list[list
     """
     out: list[list[tuple[str, Any]]] = [[] for _ in range(placement.num_shards)]
     for v in placement.variables:
-        if v.name not in grads:
-            continue
-        g = grads[v.name]
-        for p in v.pieces:
-            if g is None:
-                out[p.shard].append((v.name, None))
-            elif _is_row_sparse(g):
-                if not v.split:
-                    out[p.shard].append((v.name, g))
-                    continue
-                idx = np.asarray(g.indices)
-                mask = (idx >= p.row_start) & (idx < p.row_stop)
-                local = type(g)((idx[mask] - p.row_start).astype(np.int64), np.asarray(g.values)[mask])
-                out[p.shard].append((v.name, local))
-            else:
-                arr = np.asarray(g) if not hasattr(g, "__cuda_array_interface__") else g
-                out[p.shard].append((v.name, arr[p.row_start : p.row_stop] if (v.shape and v.split) else arr))
+        if v.name in grads:
+            for shard, piece in split_gradient(v, grads[v.name]):
+                out[shard].append((v.name, piece))
+    return out
+
+
+def split_gradient(v: VariablePlacement, g: Any) -> list[tuple[int, Any]]:
+    """(shard, slice) of one variable's gradient ``g``, one per piece (see ``split_gradients``)."""
+    out: list[tuple[int, Any]] = []
+    for p in v.pieces:
+        if g is None:
+            out.append((p.shard, None))
+        elif _is_row_sparse(g):
+            if not v.split:
+                out.append((p.shard, g))
+                continue
+            idx = np.asarray(g.indices)
+            mask = (idx >= p.row_start) & (idx < p.row_stop)
+            out.append((p.shard, type(g)((idx[mask] - p.row_start).astype(np.int64), np.asarray(g.values)[mask])))
+        else:
+            arr = np.asarray(g) if not hasattr(g, "__cuda_array_interface__") else g
+            out.append((p.shard, arr[p.row_start : p.row_stop] if (v.shape and v.split) else arr))
     return out
 
 

@@ -382,7 +382,8 @@ class Leader:
             payload = self._decide(clip_mode, placement, present, prepared)
             action = "apply"
             if len(present) < len(placement.variables):
-                self._log_missing([v.name for v in placement.variables if v.name not in set(present)])
+                have = set(present)
+                self._log_missing([v.name for v in placement.variables if v.name not in have])
         outcome = "round_closed" if combine else "applied"
         try:
             self._deliver(version, action, payload, "commit")

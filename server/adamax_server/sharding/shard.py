@@ -201,7 +201,7 @@ class ShardHost:
                     raise InvalidArgument(f"row-sparse slice of '{name}' has rows outside this shard's piece")
                 if tuple(np.shape(g.values))[1:] != shape[1:]:
                     raise InvalidArgument(f"row-sparse slice of '{name}' has values of shape {np.shape(g.values)}")
-            elif g is not None and tuple(np.shape(g)) != shape:
+            elif tuple(np.shape(g)) != shape:
                 raise InvalidArgument(f"slice of '{name}' has shape {np.shape(g)}; this shard's piece is {shape}")
             out[name] = g
         return out
@@ -299,8 +299,8 @@ class ShardHost:
                 self._prepared = (version, None, keys)
                 return PrepareReply(-1, present, non_finite)
             # The push's own gradient set becomes the staging buffers (no copy); otherwise the
-            # gradients are copied into buffers that no staged push owns.
-            if combine or not self._sets.swap_in(self._engine, pushes[0].taken):
+            # gradients are copied into buffers that no staged push owns (a round's sum already is).
+            if not combine and not self._sets.swap_in(self._engine, pushes[0].taken):
                 self._sets.unshare(self._engine)
             prepared = self._engine.prepare_step({n: grads[n] for n in present})
             self._prepared = (version, prepared, keys)
