@@ -112,6 +112,7 @@ def _worker(spec: dict) -> dict:
     if kind == "ddp":
         import torch.distributed as dist
 
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it (it aborts: "terminate called")
         dist.destroy_process_group()
     return out
 

@@ -42,13 +42,13 @@ def _weights_equal(opt, single, names):
         assert got[n].tobytes() == ref[n].tobytes(), n
 
 
-def _until_reachable(call):
-    """``call()`` once the restarted shard answers: UNAVAILABLE (reconnecting) is retried, bounded."""
+def _until_reachable(call, retry=(client_errors.UnavailableError, client_errors.DeadlineExceededError)):
+    """``call()`` once the restarted shard answers: ``retry`` (reconnecting) is retried, bounded."""
     deadline = time.monotonic() + RECONNECT_S
     while True:
         try:
             return call()
-        except (client_errors.UnavailableError, client_errors.DeadlineExceededError):
+        except retry:
             assert time.monotonic() < deadline, "the restarted shard never became reachable"
             time.sleep(0.5)
 
@@ -146,10 +146,13 @@ def test_shard_lost_between_restore_phases_blocks_the_job_until_the_restore_comp
         proxy.set_cut(False)  # shard 2 answers again: the next push finishes the same restore everywhere
 
         def push_r2():
+            # The deadline outlasts the leader's whole heal (a stage and an activation per shard, each
+            # bounded by call_timeout): a client that gave up first would retry r2 after the heal, and
+            # that retry is rightly applied as a fresh push instead of answered with the restore.
             with pytest.raises(client_errors.AbortedError, match=f"restored on every shard to checkpoint {cut}"):
-                opt.push(grads[2], step=1, request_id="r2", timeout=6)
+                opt.push(grads[2], step=1, request_id="r2", timeout=30)
 
-        _until_reachable(push_r2)  # the leader's channel to shard 2 reconnects with gRPC's backoff
+        _until_reachable(push_r2, retry=(client_errors.UnavailableError,))  # the leader reconnects with backoff
         assert _versions(opt, (0, 1, 2)) == [1, 1, 1]
         opt.pull(min_version=0)
         for k in (1, 2):
@@ -163,6 +166,35 @@ def test_shard_lost_between_restore_phases_blocks_the_job_until_the_restore_comp
         proxy.close()
         for s in servers:
             stop_shard_server(s, grace=0)
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_leader_links_reconnect_within_seconds_of_a_shard_coming_back(monkeypatch, secure):
+    """gRPC's default reconnect backoff grows to 120 s: a shard back after a long outage would keep
+    its job refused for minutes. The leader's links cap it at 2 s (plain and TLS channels alike)."""
+    import grpc
+
+    from adamax_server.sharding.rpc import ShardRegistry
+
+    made = []
+
+    class Channel:  # what a link needs of a channel, without connecting anywhere
+        def stream_stream(self, *args, **kwargs):
+            return None
+
+        unary_unary = stream_unary = unary_stream = stream_stream
+
+    monkeypatch.setattr(grpc, "insecure_channel", lambda target, options=None: made.append(dict(options)) or Channel())
+    monkeypatch.setattr(grpc, "secure_channel", lambda target, creds, options=None: made.append(dict(options)) or Channel())
+    creds = grpc.ssl_channel_credentials() if secure else None
+    registry = ShardRegistry(0, ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], device="cpu", link_credentials=creds)
+    links = registry._links("job")
+    assert len(made) == 2  # one channel per other shard; the leader's own shard is called in place
+    assert type(links[0]).__name__ == "_SelfLink"
+    for options in made:
+        assert options["grpc.max_reconnect_backoff_ms"] <= 2000
+        assert options["grpc.initial_reconnect_backoff_ms"] <= 1000
+        assert options["grpc.max_receive_message_length"] == 256 << 20
 
 
 def test_kill_9_of_the_leader_then_restore_latest_brings_the_job_to_one_cut(job):

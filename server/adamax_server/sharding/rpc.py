@@ -121,6 +121,12 @@ def _decode_call(frames: Iterator[Any]) -> tuple[Any, Any]:
     return head, value
 
 
+# A shard link reconnects within seconds of the shard answering again: gRPC's default backoff
+# grows to 120 s, so a shard back after a long outage would keep its job refused for minutes.
+LINK_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                  ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
 class GrpcLink:
     """The leader's link to shard ``index`` for one optimizer, over a shared channel."""
 
@@ -258,7 +264,8 @@ class ShardRegistry:
         with self._lock:
             channel = self._channels.get(target)
             if channel is None:
-                options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+                options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20),
+                           *LINK_RECONNECT]
                 if self._link_credentials is None:
                     channel = grpc.insecure_channel(target, options=options)
                 else:
