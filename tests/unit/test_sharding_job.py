@@ -8,11 +8,14 @@ mixed dtypes, async and sync rounds.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from _sharding_helpers import MIN_PIECE, compare as _compare, grads_ as _grads, values_ as _values
 from adamax_server.coordination.policy import Policy
+from adamax_server.errors import FailedPrecondition, StaleGradient
 from adamax_server.sharding.job import ShardedJob
 
 CONFIGS = [
@@ -150,6 +153,14 @@ def test_round_timeout_is_one_decision_for_the_job(timeout_policy):
     assert outcomes[0][0] == (1 if timeout_policy == "close" else 0)
 
 
+def _staged_everywhere(job, expected, within=5.0):
+    """Every shard's staged pushes become ``expected`` (the leader drops them without waiting)."""
+    deadline = time.monotonic() + within
+    while any(h.staged_keys() != expected for h in job.hosts):
+        assert time.monotonic() < deadline, [h.staged_keys() for h in job.hosts]
+        time.sleep(0.01)
+
+
 def test_a_retry_of_a_decided_push_leaves_no_staged_copy():
     job = ShardedJob("job", {"learning_rate": 0.1}, Policy(), 3, device="numba", min_piece_bytes=MIN_PIECE)
     try:
@@ -159,7 +170,44 @@ def test_a_retry_of_a_decided_push_leaves_no_staged_copy():
         g = _grads(rng, values)
         job.push("w", "r", 0, g)
         assert job.push("w", "r", 0, g).duplicate
-        assert all(h.staged_keys() == [] for h in job.hosts)
+        _staged_everywhere(job, [])
+    finally:
+        job.close()
+
+
+def test_a_push_refused_for_good_leaves_nothing_staged_on_any_shard():
+    """Stale, ahead, a second push in the round, no gradient at all: the job will never take the
+    push, so its slices are freed on every shard at once instead of held until the staging TTL
+    (a worker retrying stale pushes would otherwise pile up a gradient copy per push)."""
+    rng = np.random.default_rng(4)
+    values = _values(rng)
+    job = ShardedJob("job", {"learning_rate": 0.1}, Policy(max_staleness=1), 3, device="numba", min_piece_bytes=MIN_PIECE)
+    try:
+        job.build(values)
+        for k in range(3):
+            job.push("w", f"r{k}", k, _grads(rng, values))
+        with pytest.raises(StaleGradient):
+            job.push("w", "stale", 0, _grads(rng, values))
+        _staged_everywhere(job, [])
+        with pytest.raises(FailedPrecondition, match="ahead"):
+            job.push("w", "ahead", 9, _grads(rng, values))
+        _staged_everywhere(job, [])
+        with pytest.raises(ValueError, match="No gradients"):
+            job.push("w", "none", 3, {n: None for n in values})
+        _staged_everywhere(job, [])
+        assert job.push("w", "r3", 3, _grads(rng, values)).outcome == "applied"
+    finally:
+        job.close()
+    job = ShardedJob("job", {"learning_rate": 0.1}, Policy(mode="sync", num_workers=2), 3, device="numba",
+                     min_piece_bytes=MIN_PIECE)  # fmt: skip
+    try:
+        job.build(values)
+        assert job.push("a", "a0", 0, _grads(rng, values)).outcome == "accepted"
+        with pytest.raises(FailedPrecondition, match="one push per worker per round"):
+            job.push("a", "a0-again", 0, _grads(rng, values))
+        _staged_everywhere(job, [("a", "a0")])  # the round's push stays; the refused one is gone
+        assert job.push("b", "b0", 0, _grads(rng, values)).outcome == "round_closed"
+        _staged_everywhere(job, [])
     finally:
         job.close()
 

@@ -9,6 +9,7 @@ optimizer's lock. A sync round's combined gradient gets its statistics from the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,3 +65,34 @@ def non_finite_message(bad: Mapping[str, int], *, skipped: bool = False) -> str:
         "and nothing changed. Create the optimizer with non_finite='skip' to skip such steps "
         "like keras.mixed_precision.LossScaleOptimizer."
     )
+
+
+def sum_counts(per_shard: Mapping[int, Mapping[str, int]]) -> dict[str, int]:
+    """Per-variable non-finite counts of every shard, summed (in shard order)."""
+    out: dict[str, int] = {}
+    for i in sorted(per_shard):
+        for name, c in per_shard[i].items():
+            out[name] = out.get(name, 0) + c
+    return out
+
+
+class MissingGradientLog:
+    """A step without a gradient for some variables, said in server terms: WARNING the first time
+    a set of variables goes missing, DEBUG after (a worker that never trains one is not spam)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._seen: set[tuple[str, ...]] = set()
+
+    def __call__(self, names: list[str], iterations: int) -> None:
+        key = tuple(sorted(names))
+        level = logging.DEBUG if key in self._seen else logging.WARNING
+        self._seen.add(key)
+        logging.getLogger("adamax_server.sharding.leader").log(
+            level,
+            "optimizer '%s': step %d had no gradient for variable(s) %s; they keep their values and Adamax "
+            "moments this step (like Keras). Workers push a gradient for every variable they want trained.%s",
+            self.key, iterations, list(names),
+            "" if level == logging.DEBUG else " (logged once for this set of variables; DEBUG shows each step)",
+            extra={"optimizer": self.key},
+        )  # fmt: skip

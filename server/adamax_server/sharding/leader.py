@@ -45,7 +45,9 @@ from typing import Any
 from adamax_server.coordination.dedup import DedupTable as _DedupTable
 from adamax_server.coordination.policy import Policy, PushResult
 from adamax_server.coordination.sequencing import SyncRound, check_step, non_finite_outcome
+from adamax_server.coordination.stats import MissingGradientLog
 from adamax_server.coordination.stats import non_finite_message as _non_finite_message
+from adamax_server.coordination.stats import sum_counts as _sum_counts
 from adamax_server.errors import (
     FailedPrecondition, InvalidArgument, ServiceError, Unavailable, WaitTimeout,
 )
@@ -111,7 +113,7 @@ class Leader:
         self._rewound: tuple[int, int] | None = None  # (highest version before, version after) a restore
         self._verify = False  # a restarted leader compares every shard's version before it decides
         self._closed = False
-        self._missing_reported: set[tuple[str, ...]] = set()  # variable sets logged without a gradient
+        self._log_missing = MissingGradientLog(key)  # steps without a gradient for some variables
         # Metrics of each closed sync round: (seconds since its first push, pushes, num_workers).
         self.on_round_closed: Callable[[float, int, int], None] | None = None
 
@@ -246,11 +248,15 @@ class Leader:
                 if self._lagging:
                     self._require_healthy()  # its outcome is confirmed once every shard has it
                 pending = self._sync.entries.get(worker_id)
-                if pending is None or pending.request_id != request_id:
-                    self._forget_restaged((worker_id, request_id))
+                if pending is None or pending.request_id != request_id:  # a retry re-staged a decided push
+                    self._drop_quietly((worker_id, request_id))
                 return replace(entry.result, duplicate=True)
             self._require_healthy()
-            self._check_step(step)
+            try:
+                self._check_step(step)
+            except ServiceError:
+                self._drop_quietly((worker_id, request_id))  # refused for good: its slices are not kept
+                raise
             self._dedup.begin(worker_id, request_id)
             try:
                 result = self._handle(worker_id, request_id, step)
@@ -285,13 +291,23 @@ class Leader:
         record["pushes"] += 1
         record["last_step"] = int(step)
 
-    def _forget_restaged(self, key: tuple[str, str]) -> None:
-        """A retry re-staged a push that is already decided: free those slices (best effort)."""
-        for i in range(len(self._links)):
+    def _drop_quietly(self, key: tuple[str, str]) -> None:
+        """Free push ``key``'s staged slices on every shard (best effort; the job does not wait
+        for other shards): a push refused for good, or a re-staged copy of a decided one."""
+        def drop(i: int) -> None:
             try:
                 self._call(i, "drop", [key])
             except Exception:  # noqa: BLE001 - they expire after the staging TTL anyway
-                _log.debug("shard %d kept a re-staged copy of %s until it expires", i, key)
+                _log.debug("shard %d keeps staged push %s until it expires", i, key)
+
+        for i, link in enumerate(self._links):
+            if getattr(link, "inline", False):
+                drop(i)
+                continue
+            try:
+                self._pool.submit(drop, i)
+            except RuntimeError:  # closed meanwhile
+                return
 
     def _check_step(self, step: int) -> None:
         check_step(self.key, self.policy, self.version, step, self._rewound, where=" on every shard")
@@ -307,8 +323,12 @@ class Leader:
             self._fan_checked("drop", lambda i: ([key],))
             self._dedup.finish(worker_id, request_id, late)
             return late
-        self._sync.require_new(worker_id, step, self.version)
-        counts = self._merge_counts(self._fan_checked("check", lambda i: ([key],)))
+        try:
+            self._sync.require_new(worker_id, step, self.version)
+        except FailedPrecondition:
+            self._drop_quietly(key)  # a second push of this worker in the round: the first one stays
+            raise
+        counts = _sum_counts(self._fan_checked("check", lambda i: ([key],)))
         if counts and self.policy.non_finite == "reject":
             self._fan_checked("drop", lambda i: ([key],))
             raise InvalidArgument(_non_finite_message(counts))
@@ -332,14 +352,6 @@ class Leader:
         except _PartialFailure as exc:
             raise exc.as_service_error(self.key, "nothing was applied; retry with the same request id", self.version) from exc
 
-    @staticmethod
-    def _merge_counts(per_shard: dict[int, dict[str, int]]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for i in sorted(per_shard):
-            for name, c in per_shard[i].items():
-                out[name] = out.get(name, 0) + c
-        return out
-
     def _event(self, keys: list[tuple[str, str]], *, combine: bool, why: str = "") -> PushResult:
         """Prepare and commit one step event for ``keys`` on every shard (under the lock)."""
         version = self.version + 1
@@ -356,7 +368,7 @@ class Leader:
         assert placement is not None
         order = {v.name: k for k, v in enumerate(placement.variables)}
         present = sorted({n for r in prepared.values() for n in r.present}, key=order.__getitem__)
-        non_finite = self._merge_counts({i: r.non_finite for i, r in prepared.items()})
+        non_finite = _sum_counts({i: r.non_finite for i, r in prepared.items()})
         detail = why
         if non_finite:
             if not combine:
@@ -369,6 +381,7 @@ class Leader:
         elif not present:
             if not combine:
                 self._abort_everywhere(version, prepared)
+                self._drop_quietly(keys[0])
                 raise ValueError("No gradients provided for any variable.")
             action, payload = "bump", None
             detail += "; no worker sent any gradient, step skipped"
@@ -383,7 +396,7 @@ class Leader:
             action = "apply"
             if len(present) < len(placement.variables):
                 have = set(present)
-                self._log_missing([v.name for v in placement.variables if v.name not in have])
+                self._log_missing([v.name for v in placement.variables if v.name not in have], self.iterations)
         outcome = "round_closed" if combine else "applied"
         try:
             self._deliver(version, action, payload, "commit")
@@ -391,20 +404,6 @@ class Leader:
             exc.result = PushResult(outcome, self.version, self.iterations, detail=detail if combine else "")
             raise
         return PushResult(outcome, self.version, self.iterations, detail=detail if combine else "")
-
-    def _log_missing(self, names: list[str]) -> None:
-        """A step without a gradient for some variables: say so once per set, in server terms."""
-        key = tuple(sorted(names))
-        level = logging.DEBUG if key in self._missing_reported else logging.WARNING
-        self._missing_reported.add(key)
-        _log.log(
-            level,
-            "optimizer '%s': step %d had no gradient for variable(s) %s; they keep their values and Adamax "
-            "moments this step (like Keras). Workers push a gradient for every variable they want trained.%s",
-            self.key, self.iterations, list(names),
-            "" if level == logging.DEBUG else " (logged once for this set of variables; DEBUG shows each step)",
-            extra={"optimizer": self.key},
-        )  # fmt: skip
 
     def _decide(self, clip_mode: int, placement: Placement, present: list[str], prepared: dict[int, Any]) -> ClipDecision:
         if clip_mode not in (CLIP_NORM, CLIP_GLOBAL):
