@@ -35,8 +35,8 @@ from adamax_wire import shm as _shm
 from adamax_wire import tensors as _wire
 from adamax_wire.proto.adamax.v1 import adamax_pb2 as pb
 from adamax_client.errors import (
-    AdamaxError, DeadlineExceededError, ProtocolError, ResourceExhaustedError, UnavailableError, UnimplementedError,
-    from_status,
+    AdamaxError, DeadlineExceededError, InvalidArgumentError, ProtocolError, ResourceExhaustedError, UnavailableError,
+    UnimplementedError, from_status,
 )
 
 BulkMode = Literal["auto", "tcp", "shm", "off"]
@@ -311,16 +311,16 @@ class BulkChannel:
             ]
             total = sum(_aligned(sum(len(v) for v in views)) for _, views in payloads)  # type: ignore[union-attr]
         else:
-            payloads = _LazyPayloads(items, wire)
+            payloads = _LazyPayloads(items, wire, int(header.num_tensors))
             total = int(nbytes or 0)
 
         def body(sock: socket.socket, remaining: float) -> Any:
             try:
                 send(sock)
-            except (AdamaxError, OSError):
+            except OSError:
                 raise
-            except BaseException:  # the items failed mid-push: cut it (the server applies nothing)
-                self._drop()
+            except BaseException:  # the items failed mid-push (or were more or fewer than announced): cut it
+                self._drop()  # the server applies nothing
                 raise
             frame = _bulk.recv_frame(sock)
             kind = frame.WhichOneof("frame")
@@ -436,15 +436,37 @@ class BulkChannel:
 
 
 class _LazyPayloads:
-    """(TensorHeader, views) of items as they are produced; iterable again for a retry."""
+    """(TensorHeader, views) of items as they are produced; iterable again for a retry.
 
-    def __init__(self, items: Iterable[tuple[str, Any]], wire: str | None) -> None:
+    Exactly ``count`` (the header's ``num_tensors``): the server acts on a push the moment its
+    last announced tensor arrives, so that tensor is held until ``items`` has ended, and items
+    more or fewer than announced raise (the push is cut: nothing is applied), as over gRPC.
+    """
+
+    def __init__(self, items: Iterable[tuple[str, Any]], wire: str | None, count: int) -> None:
         self._items = items
         self._wire = wire
+        self._count = count
 
     def __iter__(self) -> Iterator[tuple[Any, list[memoryview]]]:
-        for name, value in self._items:
-            yield _wire.tensor_payload(name, value, wire=self._wire)
+        source = iter(self._items)
+        for sent in range(1, self._count + 1):
+            item = next(source, None)
+            if item is None:
+                raise InvalidArgumentError(
+                    f"the push announced {self._count} tensors but its items ended after {sent - 1}; nothing was applied"
+                )
+            if sent == self._count:
+                self._require_end(source)
+            yield _wire.tensor_payload(item[0], item[1], wire=self._wire)
+        if self._count == 0:
+            self._require_end(source)
+
+    def _require_end(self, source: Iterator[tuple[str, Any]]) -> None:
+        if next(source, None) is not None:
+            raise InvalidArgumentError(
+                f"the push announced {self._count} tensors but its items carried more; nothing was applied"
+            )
 
 
 class _OutAllocator:

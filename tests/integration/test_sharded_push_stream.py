@@ -8,6 +8,7 @@ plain ``push`` of the same gradients, bit for bit; a stream that fails half way 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -120,6 +121,45 @@ def test_a_stream_that_fails_half_way_applies_nothing_anywhere(bulk):
         pushed.close()
         stop_shard_servers(servers)
 
+
+@pytest.mark.parametrize("bulk", ["off", "tcp"])
+@pytest.mark.parametrize("where", ["server", "1 shard", "3 shards"])
+def test_items_more_or_fewer_than_announced_apply_nothing(where, bulk):
+    """A server acts on a push the moment its last announced tensor arrives: an iterable that
+    yields one item more after that (or ends early) must still leave nothing applied or staged,
+    and say so, over every path (before: over the bulk channel a plain server applied the push
+    and the client never noticed the extra item; a one-shard job applied it and raised)."""
+    from _ps_helpers import running_server
+
+    values = remote_values(13)
+    grads = _dense_grads(values, 0)
+    first = next(iter(grads))
+
+    def one_more():
+        yield from grads.items()
+        time.sleep(0.2)  # every shard already holds its whole part
+        yield first, grads[first]
+
+    with contextlib.ExitStack() as stack:
+        if where == "server":
+            target, _ = stack.enter_context(running_server())
+            targets, servers = [target], []
+        else:
+            servers, targets = start_shard_servers(int(where[0]))
+            stack.callback(stop_shard_servers, servers)
+        opt = RemoteAdamax(targets, worker_id="w", optimizer="s", timeout=20, learning_rate=0.01, bulk=bulk)
+        stack.callback(opt.close)
+        opt.build(values)
+        with pytest.raises(client_errors.InvalidArgumentError, match=f"announced {len(values)} tensors|two gradients for variable '{first}'"):
+            opt.push_stream(one_more(), num_tensors=len(values))
+        with pytest.raises(client_errors.InvalidArgumentError, match=f"announced {len(values)} tensors"):
+            opt.push_stream(iter(list(grads.items())[:-1]), num_tensors=len(values))
+        time.sleep(0.3)  # a push the server took would show by now
+        hosts = [s.shard_registry.host("s") for s in servers]
+        assert [h.version for h in hosts] == [0] * len(hosts)
+        assert [h.staged_keys() for h in hosts] == [[]] * len(hosts)
+        assert opt.pull(min_version=0)[first].tobytes() == values[first].tobytes()  # nothing applied
+        assert opt.push_stream(iter(grads.items()), num_tensors=len(values)).version == 1  # the channel still works
 
 def test_a_stream_of_some_variables_is_collected_then_pushed():
     servers, targets = start_shard_servers(2)
