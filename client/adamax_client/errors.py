@@ -160,7 +160,16 @@ def from_rpc_error(exc: grpc.RpcError) -> AdamaxError:
     """The AdamaxError for a failed call (use as ``raise from_rpc_error(e) from e``)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     message = (exc.details() if hasattr(exc, "details") else None) or str(code)
+    if code == grpc.StatusCode.CANCELLED and message == "CANCELLED":  # cut by the server, which sends no words
+        message = _SERVER_CANCELLED
     return _build(code, message, _trailing(exc))
+
+
+_SERVER_CANCELLED = (
+    "the server cut the call (CANCELLED): a push or pull that sends nothing for the server's --stall-seconds, or "
+    "runs past --call-floor-seconds plus its size at --min-transfer-mib, is cut (the server logs which), as is "
+    "every call when the server stops. Retry with the same request id: a push is applied at most once"
+)
 
 
 def from_status(code_name: str, message: str, metadata: Mapping[str, str]) -> AdamaxError:

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from adamax_client import RemoteAdamax
+from adamax_client import errors as client_errors
 from adamax_client.transport import RetryPolicy, Transport
 from adamax_server.sharding.coordinator import Coordinator
 from adamax_server.transport import bulk as bulk_server
@@ -201,6 +202,25 @@ def test_a_stalled_grpc_push_does_not_block_the_others_and_is_cancelled():
             release.set()
             staller.join(10)
         assert server.coordinator.get("m").iterations == 30
+
+
+def test_a_worker_whose_push_stalls_learns_why_it_was_cut(caplog):
+    """The server's cut reaches the worker as CANCELLED without words: the client says what the
+    server cuts and that a retry is safe, and the server logs which call it cut and why."""
+    with serving() as (target, server), RemoteAdamax(target, optimizer="m", worker_id="slow", bulk="off", timeout=10) as opt:
+        _build(target)
+
+        def slow_items():
+            yield "a", np.ones(N, np.float32)
+            time.sleep(1.5)  # the stall budget is 0.5 s
+            yield "b", np.ones(N, np.float32)
+
+        with caplog.at_level("WARNING", logger="adamax_server.transport.budget"):
+            with pytest.raises(client_errors.CancelledError, match=r"server cut the call.*--stall-seconds.*same request id"):
+                opt.push_stream(slow_items(), num_tensors=2)
+        assert any("cut a push from" in r.getMessage() and "nothing moved" in r.getMessage() for r in caplog.records)
+        assert server.coordinator.get("m").iterations == 0  # nothing of it was applied
+        assert opt.push([np.ones(N, np.float32)] * 2).outcome == "applied"
 
 
 def test_a_lone_stalled_grpc_push_is_cancelled_by_its_stall_budget():

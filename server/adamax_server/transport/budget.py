@@ -15,6 +15,7 @@ No grpc import here: the watchdog only calls the ``cancel`` it is given.
 
 from __future__ import annotations
 
+import logging
 import math
 import socket
 import threading
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from adamax_server.coordination.policy import ReceiveProgress
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,10 +87,11 @@ class TimedSocket:
 class Watch:
     """One watched call: cancelled once past ``deadline`` or silent for ``stall`` seconds."""
 
-    __slots__ = ("start", "deadline", "stall", "last", "cancel", "fired", "announced", "limits")
+    __slots__ = ("start", "deadline", "stall", "last", "cancel", "fired", "announced", "limits", "what")
 
-    def __init__(self, cancel: Callable[[], None], limits: CallLimits, nbytes: int = 0) -> None:
+    def __init__(self, cancel: Callable[[], None], limits: CallLimits, nbytes: int = 0, what: str = "a call") -> None:
         now = time.monotonic()
+        self.what = what
         self.start = self.last = now
         self.limits = limits
         self.announced = nbytes
@@ -116,8 +120,9 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self.cancelled = 0  # calls cancelled so far (tests, logs)
 
-    def watch(self, cancel: Callable[[], None], limits: CallLimits, nbytes: int = 0) -> Watch:
-        watch = Watch(cancel, limits, nbytes)
+    def watch(self, cancel: Callable[[], None], limits: CallLimits, nbytes: int = 0, what: str = "a call") -> Watch:
+        """Watch a call; ``what`` names it in the log line when it is cut ("a push from ipv4:...")."""
+        watch = Watch(cancel, limits, nbytes, what)
         with self._cond:
             self._watches.add(watch)
             if self._thread is None:
@@ -144,15 +149,17 @@ class Watchdog:
                 due = []
                 for w in list(self._watches):
                     if now > w.deadline:
-                        w.fired = f"it ran past its budget of {w.deadline - w.start:.3g} s"
+                        w.fired = (f"it ran past its budget of {w.deadline - w.start:.3g} s (--call-floor-seconds plus "
+                                   "its size at --min-transfer-mib)")  # fmt: skip
                     elif now - w.last > w.stall:
-                        w.fired = f"nothing moved for {w.stall:.3g} s"
+                        w.fired = f"nothing moved for {w.stall:.3g} s (--stall-seconds)"
                     else:
                         continue
                     self._watches.discard(w)
                     due.append(w)
                 self.cancelled += len(due)
             for w in due:  # outside the lock: cancel may call back into gRPC
+                _log.warning("cut %s: %s", w.what, w.fired)
                 try:
                     w.cancel()
                 except Exception:  # noqa: BLE001 - the call may have ended meanwhile

@@ -160,7 +160,7 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
         return min(context.time_remaining(), self._call_limits.max_wait)
 
     def Push(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        watch = self._watchdog.watch(context.cancel, self._call_limits)
+        watch = self._watchdog.watch(context.cancel, self._call_limits, what=f"a push from {context.peer()}")
         try:
             return self._push(request_iterator, context, watch)
         finally:
@@ -237,7 +237,8 @@ class AdamaxServicer(pb_grpc.AdamaxServiceServicer):
             return
         # A reply the client does not read blocks this thread in gRPC's send: it gets a budget
         # for its size and may not stall (each resume of this generator means a frame went out).
-        watch = self._watchdog.watch(context.cancel, self._call_limits, sum(len(f) for f in result.payload))
+        watch = self._watchdog.watch(context.cancel, self._call_limits, sum(len(f) for f in result.payload),
+                                     what=f"a pull reply to {context.peer()}")  # fmt: skip
         try:
             for frame in result.payload:
                 yield frame
