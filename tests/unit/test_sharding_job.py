@@ -8,6 +8,7 @@ mixed dtypes, async and sync rounds.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -209,6 +210,49 @@ def test_a_push_refused_for_good_leaves_nothing_staged_on_any_shard():
         assert job.push("b", "b0", 0, _grads(rng, values)).outcome == "round_closed"
         _staged_everywhere(job, [])
     finally:
+        job.close()
+
+
+def test_drops_on_a_hung_shard_never_hold_up_the_jobs_calls(monkeypatch):
+    """Refused pushes are dropped on the other shards from a pool of their own, at most 64
+    waiting: a shard whose drop hangs delays no prepare or commit of the job's next push."""
+    rng = np.random.default_rng(6)
+    values = _values(rng)
+    job = ShardedJob("job", {"learning_rate": 0.1}, Policy(max_staleness=0), 3, device="numba", min_piece_bytes=MIN_PIECE)
+    release, hung = threading.Event(), []
+    try:
+        job.build(values)
+        job.push("w", "r0", 0, _grads(rng, values))
+        real_drop = job.hosts[1].drop
+
+        def hanging_drop(keys, abort_message=""):
+            hung.append(keys)
+            release.wait(30)
+            return real_drop(keys, abort_message)
+
+        monkeypatch.setattr(job.hosts[1], "drop", hanging_drop)
+        for k in range(80):  # stale: refused, and dropped everywhere
+            with pytest.raises(StaleGradient):
+                job.push("w", f"stale{k}", 0, _grads(rng, values))
+        done = []
+        pusher = threading.Thread(target=lambda: done.append(job.push("w", "r1", 1, _grads(rng, values))))
+        pusher.start()
+        pusher.join(10)
+        assert done and done[0].outcome == "applied", "the job's push waited behind the hung drops"
+        assert len(hung) == 1  # shard 1's lane: one drop runs (hung), 63 wait, the other 16 were skipped
+        deadline = time.monotonic() + 5  # the other shards' lanes dropped everything meanwhile
+        while job.hosts[0].staged_keys() or job.hosts[2].staged_keys():
+            assert time.monotonic() < deadline, (job.hosts[0].staged_keys(), job.hosts[2].staged_keys())
+            time.sleep(0.01)
+        release.set()
+        deadline = time.monotonic() + 5
+        while len(job.hosts[1].staged_keys()) > 16:  # the skipped ones expire after the staging TTL
+            assert time.monotonic() < deadline, len(job.hosts[1].staged_keys())
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert len(job.hosts[1].staged_keys()) == 16 and len(hung) == 64
+    finally:
+        release.set()
         job.close()
 
 

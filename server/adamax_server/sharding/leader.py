@@ -52,7 +52,7 @@ from adamax_server.errors import (
     FailedPrecondition, InvalidArgument, ServiceError, Unavailable, WaitTimeout,
 )
 from adamax_server.sharding import pairwise
-from adamax_server.sharding.links import DecidedUnconfirmed, ShardLink, ShardUnavailable
+from adamax_server.sharding.links import DecidedUnconfirmed, ShardLink, ShardUnavailable, StagedDrops
 from adamax_server.sharding.links import PartialFailure as _PartialFailure
 from adamax_server.sharding.placement import Placement
 from adamax_server.sharding.shard_engine import CLIP_GLOBAL, CLIP_NORM, ClipDecision, decide_clipping
@@ -96,6 +96,7 @@ class Leader:
         self._timeout = call_timeout
         self._cond = threading.Condition()
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self._links)), thread_name_prefix=f"leader-{key}")
+        self._drop_quietly = StagedDrops(self._links, call_timeout, key)  # staged copies of refused pushes
         self.version = 0
         self.iterations = 0
         # The learning rate last set on the job (None: the config's). Setting it is not an event
@@ -290,24 +291,6 @@ class Leader:
         record = self._workers.setdefault(worker_id, {"last_step": -1, "pushes": 0})
         record["pushes"] += 1
         record["last_step"] = int(step)
-
-    def _drop_quietly(self, key: tuple[str, str]) -> None:
-        """Free push ``key``'s staged slices on every shard (best effort; the job does not wait
-        for other shards): a push refused for good, or a re-staged copy of a decided one."""
-        def drop(i: int) -> None:
-            try:
-                self._call(i, "drop", [key])
-            except Exception:  # noqa: BLE001 - they expire after the staging TTL anyway
-                _log.debug("shard %d keeps staged push %s until it expires", i, key)
-
-        for i, link in enumerate(self._links):
-            if getattr(link, "inline", False):
-                drop(i)
-                continue
-            try:
-                self._pool.submit(drop, i)
-            except RuntimeError:  # closed meanwhile
-                return
 
     def _check_step(self, step: int) -> None:
         check_step(self.key, self.policy, self.version, step, self._rewound, where=" on every shard")
@@ -634,3 +617,4 @@ class Leader:
             self._sync.reset()
             self._cond.notify_all()
         self._pool.shutdown(wait=False)
+        self._drop_quietly.close()
